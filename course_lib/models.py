@@ -216,6 +216,26 @@ def describe(model: nn.Module) -> dict:
     }
 
 
+def gguf_tensor_summary(path: Path | None = None) -> dict:
+    """Per storage type in a GGUF file: tensor count, elements, bytes and bits per element.
+
+    Read from the file's own tensor table (``gguf.GGUFReader``), so it shows what the file
+    really stores, e.g. SmolLM2's Q4_1 linear layers beside a Q8_0 embedding and F32 norms.
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path or smollm2_gguf_path()))
+    summary: dict[str, dict] = {}
+    for tensor in reader.tensors:
+        row = summary.setdefault(tensor.tensor_type.name, {"tensors": 0, "elements": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["elements"] += int(tensor.n_elements)
+        row["bytes"] += int(tensor.n_bytes)
+    for row in summary.values():
+        row["bits_per_element"] = 8 * row["bytes"] / row["elements"]
+    return summary
+
+
 def tiny_bert(seed: int = 0):
     """A randomly initialised 2-layer BERT with MiniLM's module names, for fast unit tests only."""
     from transformers import BertConfig, BertModel

@@ -154,10 +154,17 @@ def evaluate_code_search(model, tokenizer, pairs: Sequence[dict], distractors: S
 # The SmolLM2 instruction task: exact match and perplexity
 # ---------------------------------------------------------------------------------------------
 def normalize_answer(text: str) -> str:
-    """Reduce a generated answer to a bare identifier: first line, no backticks, quotes,
-    trailing ``()`` or punctuation, and only the last dotted component (``json.dumps`` → ``dumps``)."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    line = line.strip().strip("`'\" ").rstrip(".:;,")
+    """Reduce a generated answer to a bare identifier.
+
+    Takes the first backtick-quoted span if there is one (chat models like to write
+    ``The function is `abspath`.``), else the first line; then drops quotes, trailing
+    punctuation, a call's parentheses, and all but the last dotted component
+    (``json.dumps()`` → ``dumps``). Nothing else is guessed: a sentence stays a sentence
+    and does not match.
+    """
+    quoted = re.search(r"`([^`\n]+)`", text)
+    line = quoted.group(1) if quoted else (text.strip().splitlines() or [""])[0]
+    line = line.strip().strip("'\" ").rstrip(".:;,")
     line = re.sub(r"\(.*\)$", "", line).strip()
     return line.split(".")[-1].strip()
 

@@ -131,3 +131,14 @@ def test_tiny_models_share_the_real_module_names():
     assert {"query", "key", "value"} <= bert_names
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= llama_names
     assert models.describe(models.tiny_llama())["parameters"] < 100_000
+
+
+def test_gguf_file_stores_what_its_formats_promise(smollm2):
+    """Q4_1 packs 32 weights in 16 bytes + an fp16 scale + an fp16 minimum (5 bits each);
+    Q8_0 packs 32 int8 weights + an fp16 scale (8.5 bits). The file holds every parameter once."""
+    summary = models.gguf_tensor_summary()
+    assert summary["Q4_1"]["bits_per_element"] == (16 + 2 + 2) * 8 / 32
+    assert summary["Q8_0"]["bits_per_element"] == (32 + 2) * 8 / 32
+    assert summary["F32"]["bits_per_element"] == 32
+    model, _ = smollm2
+    assert sum(row["elements"] for row in summary.values()) == models.describe(model)["parameters"]

@@ -1,0 +1,74 @@
+"""The notebooks are committed executed, and nbval really compares their outputs."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SANITIZE = ROOT / "notebooks" / "sanitize.cfg"
+IGNORE_TAG = "nbval-ignore-output"
+
+
+def test_there_are_chapters():
+    assert NOTEBOOKS, "no notebooks/NN_*.ipynb found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_is_committed_executed_with_claims(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    assert all(c.execution_count is not None for c in code), "commit the notebook executed"
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), "execute top to bottom in one fresh kernel"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"], "an error output"
+    assert sum("assert " in c.source for c in code) >= 2, "claims belong in assert cells"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "title first"
+    # Only cells that legitimately vary may opt out of the comparison.
+    ignored = [c for c in code if IGNORE_TAG in c.metadata.get("tags", [])]
+    assert not [c for c in ignored if "assert " in c.source], "an ignored cell hides its asserts' output"
+    assert len(ignored) <= len(code) // 2
+
+
+def _toy_notebook(path: Path) -> None:
+    """A two-cell notebook computing a number with course_lib, committed with its true output."""
+    nb = new_notebook()
+    first = new_code_cell("import torch\nfrom course_lib.retrieval import relevant_ranks\n"
+                          "ranks = relevant_ranks(torch.eye(3), torch.eye(3), [0, 1, 2])\n"
+                          "print(ranks.tolist(), ranks.float().mean().item())", execution_count=1)
+    first.outputs = [new_output("stream", name="stdout", text="[1, 1, 1] 1.0\n")]
+    timing = new_code_cell("import time\nprint(time.time())", execution_count=2)
+    timing.metadata["tags"] = [IGNORE_TAG]
+    timing.outputs = [new_output("stream", name="stdout", text="1700000000.0\n")]
+    nb.cells = [first, timing]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def _nbval(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", "--nbval-current-env",
+         "--nbval-sanitize-with", str(SANITIZE), str(path)],
+        capture_output=True, text=True, timeout=300, cwd=path.parent)
+
+
+def test_nbval_fails_when_a_committed_number_changes(tmp_path):
+    good = tmp_path / "good.ipynb"
+    _toy_notebook(good)
+    result = _nbval(good)
+    assert result.returncode == 0, result.stdout[-3000:]  # true outputs, a varying timing ignored
+
+    bad = tmp_path / "bad.ipynb"
+    nb = json.loads(good.read_text())
+    changed = copy.deepcopy(nb)
+    changed["cells"][0]["outputs"][0]["text"] = "[1, 1, 1] 1.5\n"  # one number edited
+    bad.write_text(json.dumps(changed))
+    result = _nbval(bad)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "1.5" in result.stdout and "1 failed" in result.stdout

@@ -1,0 +1,116 @@
+"""Retrieval and language-model metrics, checked by hand-made cases and by reference libraries."""
+
+import math
+
+import pytest
+import torch
+
+from course_lib import retrieval
+from course_lib.data import load_code_search
+from course_lib.models import tiny_llama
+
+
+def test_ranks_by_hand():
+    """Three documents on the unit circle; each query's relevant document has a known rank."""
+    docs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    queries = torch.tensor([[1.0, 0.1], [1.0, 0.1], [0.0, -1.0]])
+    # query 0 -> doc 0 is nearest (rank 1); query 1 -> doc 2 is farthest (rank 3);
+    # query 2 scores doc 0 and doc 2 equally at 0 (tie) and doc 1 at -1: doc 0 ties, counts against.
+    ranks = retrieval.relevant_ranks(queries, docs, [0, 2, 0])
+    assert ranks.tolist() == [1, 3, 2]
+    assert retrieval.recall_at_k(ranks, 1, 3) == pytest.approx(1 / 3)
+    assert retrieval.recall_at_k(ranks, 2, 3) == pytest.approx(2 / 3)
+    assert retrieval.mrr(ranks) == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+    assert retrieval.mrr(ranks, k=2, n_docs=3) == pytest.approx((1 + 0 + 1 / 2) / 3)
+
+
+def test_constant_embeddings_get_the_worst_rank_not_the_best():
+    ranks = retrieval.relevant_ranks(torch.ones(4, 3), torch.ones(10, 3), [0, 1, 2, 3])
+    assert ranks.tolist() == [10, 10, 10, 10]
+
+
+@pytest.mark.parametrize("k", [0, -1, 11, 2.5])
+def test_bad_k_is_refused(k):
+    ranks = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="k"):
+        retrieval.recall_at_k(ranks, k, n_docs=10)
+    with pytest.raises(ValueError, match="k"):
+        retrieval.retrieval_metrics(torch.eye(2, 4), torch.eye(10, 4), [0, 1], ks=(k,))
+
+
+def test_mismatched_inputs_are_refused():
+    with pytest.raises(ValueError, match="relevant"):
+        retrieval.relevant_ranks(torch.eye(2, 4), torch.eye(3, 4), [0])
+    with pytest.raises(ValueError, match="relevant indices"):
+        retrieval.relevant_ranks(torch.eye(2, 4), torch.eye(3, 4), [0, 3])
+    with pytest.raises(TypeError, match="list of texts"):
+        retrieval.embed(None, None, "a single string")
+
+
+def test_embed_restores_input_order(minilm):
+    model, tokenizer = minilm
+    texts = ["a", "a much longer text about parsing JSON documents", "mid length text"]
+    together = retrieval.embed(model, tokenizer, texts, batch_size=2)
+    one_by_one = torch.cat([retrieval.embed(model, tokenizer, [t]) for t in texts])
+    torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-4)
+
+
+def test_metrics_agree_with_sentence_transformers_evaluator(minilm, tmp_path):
+    """recall@1/@10 and MRR@10 on real code-search pairs equal InformationRetrievalEvaluator's."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    from course_lib.models import load_minilm_sentence_transformer
+
+    pairs = load_code_search("test")[:60]
+    model, tokenizer = minilm
+    st = load_minilm_sentence_transformer("cpu")
+    st.max_seq_length = retrieval.DOC_MAX_TOKENS
+    # The evaluator embeds with sentence-transformers, so we score the same embeddings it does.
+    q = st.encode([p["query"] for p in pairs], convert_to_tensor=True).cpu()
+    d = st.encode([p["document"] for p in pairs], convert_to_tensor=True).cpu()
+    ours = retrieval.retrieval_metrics(q, d, list(range(len(pairs))), ks=(1, 10))
+    ranks = retrieval.relevant_ranks(q, d, list(range(len(pairs))))
+    evaluator = InformationRetrievalEvaluator(
+        queries={str(i): p["query"] for i, p in enumerate(pairs)},
+        corpus={str(i): p["document"] for i, p in enumerate(pairs)},
+        relevant_docs={str(i): {str(i)} for i in range(len(pairs))},
+        accuracy_at_k=[1, 10], precision_recall_at_k=[1, 10], mrr_at_k=[10], ndcg_at_k=[10],
+        map_at_k=[10], write_csv=False,
+    )
+    ref = evaluator(st, output_path=str(tmp_path))
+    key = next(k for k in ref if k.endswith("recall@1")).removesuffix("recall@1")
+    assert ours["recall@1"] == pytest.approx(ref[key + "recall@1"], abs=1e-6)
+    assert ours["recall@10"] == pytest.approx(ref[key + "recall@10"], abs=1e-6)
+    assert retrieval.mrr(ranks, k=10, n_docs=len(pairs)) == pytest.approx(ref[key + "mrr@10"], abs=1e-6)
+    assert 0.2 < ours["recall@10"] <= 1.0  # a real model on real pairs, far above chance (10/60)
+
+
+def test_exact_match_normalisation():
+    preds = ["`dumps`", "json.loads()", "parse\nmore text", "Parse", "  split.  ",
+             "The function is `os.path.abspath()`.", "The function is abspath."]
+    answers = ["dumps", "loads", "parse", "parse", "split", "abspath", "abspath"]
+    # case matters (Parse != parse) and a sentence without a quoted name is not parsed for one
+    assert retrieval.exact_match(preds, answers) == pytest.approx(5 / 7)
+    with pytest.raises(ValueError):
+        retrieval.exact_match(["a"], ["a", "b"])
+
+
+def test_perplexity_equals_exp_of_the_transformers_loss():
+    """Our answer-only perplexity equals exp(loss) that transformers computes from the same labels."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz_ <>|/")}
+    raw = Tokenizer(tok_models.WordLevel(vocab, unk_token="_"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="_", pad_token="|", eos_token=">")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}/{% endfor %}"
+    model = tiny_llama()
+    instructions, answers = ["find the name"], ["parse"]
+    batch = retrieval.answer_batch(tokenizer, instructions, answers)
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    ppl = retrieval.perplexity(model, tokenizer, instructions, answers)
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
+    n_answer_tokens = (batch["labels"] != -100).sum().item()
+    assert n_answer_tokens == len("parse") + 1  # answer characters + end of turn

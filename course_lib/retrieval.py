@@ -72,6 +72,26 @@ def embed(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
     return result
 
 
+def in_batch_negatives_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, scale: float = 20.0,
+                            symmetric: bool = False) -> torch.Tensor:
+    """Contrastive (InfoNCE) loss with in-batch negatives for a batch of matching pairs.
+
+    Row i of ``query_emb`` matches row i of ``doc_emb``; every other document in the batch is a
+    negative. The logits are ``scale`` × cosine similarity and the loss is the cross-entropy of
+    picking the right document, which is what sentence-transformers'
+    ``MultipleNegativesRankingLoss`` computes (its default scale is 20, i.e. temperature 0.05).
+    ``symmetric=True`` averages it with the same loss from documents to queries.
+    """
+    if query_emb.shape != doc_emb.shape:
+        raise ValueError(f"queries {tuple(query_emb.shape)} and documents {tuple(doc_emb.shape)} must pair up")
+    logits = scale * F.normalize(query_emb, dim=-1) @ F.normalize(doc_emb, dim=-1).T
+    labels = torch.arange(len(logits), device=logits.device)
+    loss = F.cross_entropy(logits, labels)
+    if symmetric:
+        loss = (loss + F.cross_entropy(logits.T, labels)) / 2
+    return loss
+
+
 # ---------------------------------------------------------------------------------------------
 # Retrieval metrics
 # ---------------------------------------------------------------------------------------------

@@ -114,3 +114,19 @@ def test_perplexity_equals_exp_of_the_transformers_loss():
     assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
     n_answer_tokens = (batch["labels"] != -100).sum().item()
     assert n_answer_tokens == len("parse") + 1  # answer characters + end of turn
+
+
+def test_in_batch_negatives_loss_equals_sentence_transformers():
+    """Our InfoNCE equals MultipleNegativesRankingLoss (scale 20, cosine) on the same embeddings."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    torch.manual_seed(0)
+    q, d = torch.randn(16, 384), torch.randn(16, 384)
+    reference = MultipleNegativesRankingLoss(model=None, scale=20.0)
+    expected = reference.compute_loss_from_embeddings([q, d], labels=None)
+    torch.testing.assert_close(retrieval.in_batch_negatives_loss(q, d, scale=20.0), expected)
+    # perfect, well-separated pairs give a loss near 0; identical documents give log(batch)
+    eye = torch.eye(16, 384)
+    assert retrieval.in_batch_negatives_loss(eye, eye).item() < 1e-6
+    same = torch.ones(16, 384)
+    assert retrieval.in_batch_negatives_loss(torch.randn(16, 384), same).item() == pytest.approx(math.log(16), rel=1e-5)

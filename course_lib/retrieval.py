@@ -92,6 +92,15 @@ def in_batch_negatives_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, scal
     return loss
 
 
+def code_search_loss(model, tokenizer, rows: Sequence[dict], scale: float = 20.0,
+                     doc_max_tokens: int = DOC_MAX_TOKENS) -> torch.Tensor:
+    """The training loss of one batch of code-search pairs: embed the queries and their
+    documents with the same encoder, then `in_batch_negatives_loss`."""
+    q = encode_batch(model, tokenizer, [r["query"] for r in rows], QUERY_MAX_TOKENS)
+    d = encode_batch(model, tokenizer, [r["document"] for r in rows], doc_max_tokens)
+    return in_batch_negatives_loss(q, d, scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # Retrieval metrics
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +248,14 @@ def answer_batch(tokenizer, instructions: Sequence[str], answers: Sequence[str],
         "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
         "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
     }
+
+
+def answer_loss(model, tokenizer, rows: Sequence[dict]) -> torch.Tensor:
+    """The training loss of one batch of instruction rows: next-token cross-entropy on the
+    answer tokens only (the prompt is context, not target)."""
+    device = next(model.parameters()).device
+    batch = answer_batch(tokenizer, [r["instruction"] for r in rows], [r["answer"] for r in rows])
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
 @torch.no_grad()

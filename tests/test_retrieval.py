@@ -112,6 +112,9 @@ def test_perplexity_equals_exp_of_the_transformers_loss():
         loss = model(**batch).loss.item()
     ppl = retrieval.perplexity(model, tokenizer, instructions, answers)
     assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
+    with torch.no_grad():  # the training loss is log(perplexity) on one example
+        train_loss = retrieval.answer_loss(model, tokenizer, [{"instruction": "find the name", "answer": "parse"}])
+    assert train_loss.item() == pytest.approx(math.log(ppl), rel=1e-5)
     n_answer_tokens = (batch["labels"] != -100).sum().item()
     assert n_answer_tokens == len("parse") + 1  # answer characters + end of turn
 
@@ -130,3 +133,14 @@ def test_in_batch_negatives_loss_equals_sentence_transformers():
     assert retrieval.in_batch_negatives_loss(eye, eye).item() < 1e-6
     same = torch.ones(16, 384)
     assert retrieval.in_batch_negatives_loss(torch.randn(16, 384), same).item() == pytest.approx(math.log(16), rel=1e-5)
+
+
+def test_training_losses_are_the_metrics_losses(minilm):
+    """code_search_loss is in_batch_negatives_loss of the embeddings `embed` returns."""
+    model, tokenizer = minilm
+    rows = load_code_search("train")[:4]
+    with torch.no_grad():
+        loss = retrieval.code_search_loss(model, tokenizer, rows)
+    q = retrieval.embed(model, tokenizer, [r["query"] for r in rows], max_length=retrieval.QUERY_MAX_TOKENS)
+    d = retrieval.embed(model, tokenizer, [r["document"] for r in rows])
+    assert loss.item() == pytest.approx(retrieval.in_batch_negatives_loss(q, d).item(), rel=1e-4)

@@ -30,6 +30,7 @@ def test_chapter_is_committed_executed_with_claims(path):
     assert not [o for c in code for o in c.outputs if o.output_type == "error"], "an error output"
     assert sum("assert " in c.source for c in code) >= 2, "claims belong in assert cells"
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "title first"
+    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), "a chapter shows a plot"
     # Only cells that legitimately vary may opt out of the comparison.
     ignored = [c for c in code if IGNORE_TAG in c.metadata.get("tags", [])]
     assert not [c for c in ignored if "assert " in c.source], "an ignored cell hides its asserts' output"

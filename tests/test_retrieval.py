@@ -55,14 +55,13 @@ def test_embed_restores_input_order(minilm):
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-4)
 
 
-def test_metrics_agree_with_sentence_transformers_evaluator(minilm, tmp_path):
+def test_metrics_agree_with_sentence_transformers_evaluator(tmp_path):
     """recall@1/@10 and MRR@10 on real code-search pairs equal InformationRetrievalEvaluator's."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     from course_lib.models import load_minilm_sentence_transformer
 
     pairs = load_code_search("test")[:60]
-    model, tokenizer = minilm
     st = load_minilm_sentence_transformer("cpu")
     st.max_seq_length = retrieval.DOC_MAX_TOKENS
     # The evaluator embeds with sentence-transformers, so we score the same embeddings it does.
@@ -97,8 +96,9 @@ def test_exact_match_normalisation():
 
 def test_perplexity_equals_exp_of_the_transformers_loss():
     """Our answer-only perplexity equals exp(loss) that transformers computes from the same labels."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
     vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz_ <>|/")}
     raw = Tokenizer(tok_models.WordLevel(vocab, unk_token="_"))

@@ -6,8 +6,8 @@
 2. SmolLM2 on the instruction task: LoRA r=8 on q_proj/v_proj vs full fine-tuning, same steps
    and batches; exact match and perplexity on the test instructions, seconds per step.
 
-Run:  .venv/bin/python benchmarks/lora_training.py [--minilm-steps 60] [--smollm-steps 30]
-(about 25 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
+Run:  .venv/bin/python benchmarks/lora_training.py [--minilm-steps 40] [--smollm-steps 40]
+(about 20 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def run_smollm(base, tokenizer, method: str, steps: int, batch: int, test: list)
     model = copy.deepcopy(base)
     if method == "lora":
         lora.inject_lora(model, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
-        lr = 1e-3
+        lr = 2e-3
     else:
         lr = 2e-5
     trainable, total = lora.count_parameters(model)
@@ -84,11 +84,11 @@ def figure(name: str, value: float, op: str, target: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minilm-steps", type=int, default=60)
+    parser.add_argument("--minilm-steps", type=int, default=40)
     parser.add_argument("--minilm-batch", type=int, default=32)
-    parser.add_argument("--smollm-steps", type=int, default=30)
+    parser.add_argument("--smollm-steps", type=int, default=40)
     parser.add_argument("--smollm-batch", type=int, default=8)
-    parser.add_argument("--n-instruct", type=int, default=200)
+    parser.add_argument("--n-instruct", type=int, default=100)
     args = parser.parse_args()
     started = time.time()
 

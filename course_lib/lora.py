@@ -1,14 +1,14 @@
 """LoRA from scratch: a low-rank update beside a frozen linear layer.
 
-A linear layer computes ``y = W0 x``. LoRA freezes ``W0`` and learns ``ΔW = B A`` with
-``A: r × in`` and ``B: out × r``, so the layer computes ``W0 x + scaling · B (A x)`` with
-``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)``, rank-stabilised LoRA). ``B`` starts at
-zero, so a freshly wrapped model is exactly the pretrained one.
+A linear layer computes ``y = W0 x``. LoRA freezes ``W0`` and learns ``ΔW = scaling · B A`` with
+``A: r × in`` and ``B: out × r``, so the layer computes ``W0 x + scaling · B (A x)``, where
+``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rank-stabilised LoRA, ``use_rslora``).
+``A`` starts Kaiming-uniform and ``B`` at zero, so a freshly wrapped model *is* the pretrained one.
 
-The names follow peft (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
-``lora_A``/``lora_B`` sub-modules keyed by adapter name), and adapters are saved in peft's file
-layout, so ``peft.PeftModel.from_pretrained`` loads an adapter trained here and
-``load_adapter`` loads one trained with peft.
+The vocabulary is peft's (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; ``lora_A`` /
+``lora_B`` sub-modules keyed by adapter name), and adapters are saved in peft's file layout, so
+``peft.PeftModel.from_pretrained`` loads an adapter trained here and `load_adapter` loads one
+trained with peft.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,205 +28,309 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 class LoRALinear(nn.Module):
-    """An ``nn.Linear`` (kept as ``base_layer``, frozen) plus any number of named LoRA adapters.
+    """An ``nn.Linear`` (kept frozen as ``base_layer``) plus any number of named LoRA adapters.
 
-    Only the active adapter contributes to the output; ``disabled`` turns all of them off.
-    Merged adapters live inside ``base_layer.weight`` and are listed in ``merged_adapters``.
+    Per adapter ``name``: ``lora_A[name]`` (``nn.Linear(in, r)``), ``lora_B[name]``
+    (``nn.Linear(r, out)``), ``lora_dropout[name]``, and the numbers ``r[name]``,
+    ``lora_alpha[name]``, ``scaling[name]``. The output is ``base_layer(x)`` plus
+    ``scaling · B(A(dropout(x)))`` for every adapter in ``active_adapters`` that is not already
+    merged into ``base_layer.weight`` (those are listed in ``merged_adapters``). With
+    ``disable_adapters`` set the layer computes the base model's output.
     """
 
     def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                  adapter_name: str = "default", use_rslora: bool = False):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}; "
+                            "choose target_modules that name linear layers")
         self.base_layer = base_layer.requires_grad_(False)
-        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.r: dict[str, int] = {}
-        self.active_adapter = adapter_name
-        self.disabled = False
+        self.lora_alpha: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.disable_adapters = False
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
+    in_features = property(lambda self: self.base_layer.in_features)
+    out_features = property(lambda self: self.base_layer.out_features)
 
     @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
+    def active_adapter(self) -> str | None:
+        """The (first) active adapter, or None."""
+        return self.active_adapters[0] if self.active_adapters else None
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False) -> None:
-        """Add adapter ``name``: A Kaiming-uniform (as peft and nn.Linear do), B zero."""
+        """Add adapter ``name`` and make it the active one: A Kaiming-uniform as in peft, B zero."""
         _check_hyperparameters(r, lora_alpha, lora_dropout, self.in_features, self.out_features)
+        _check_name(name)
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
         weight = self.base_layer.weight
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device)
+        # peft keeps adapters in float32 when the base is half precision or quantized
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, lora_alpha, use_rslora
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.r[name] = r
+        self.active_adapters = [name]
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it must not be merged); if it was active, none is active now."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge() before deleting it")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.use_rslora,
+                      self.scaling):
+            del table[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``scaling · B @ A``: the update this adapter adds to ``W0`` (shape out × in)."""
+        """``scaling · B @ A``: the update adapter ``name`` adds to ``W0`` (shape out × in)."""
         return self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        name = self.active_adapter
-        if self.disabled or name is None or name in self.merged_adapters:
-            return out  # a merged adapter is already inside base_layer.weight
-        if self.merged_adapters:  # another adapter is merged in: serve exactly the active one
-            raise RuntimeError("an adapter is merged into this layer; unmerge() before switching adapters")
-        a, b = self.lora_A[name], self.lora_B[name]
-        h = self.lora_dropout[name](x.to(a.weight.dtype))
-        return out + (b(a(h)) * self.scaling[name]).to(out.dtype)
+        if self.disable_adapters and self.merged_adapters:
+            self.unmerge()  # as peft does: a disabled layer must compute W0 x
+        result = self.base_layer(x)
+        if self.disable_adapters:
+            return result
+        dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue  # already inside base_layer.weight
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))  # LoRA runs in the adapter's dtype
+            result = result + lora_B(lora_A(h)) * self.scaling[name]
+        return result.to(dtype)
 
-    def merge(self, safe_merge: bool = False) -> None:
-        """Fold the active adapter into ``base_layer.weight`` (``W = W0 + scaling·B@A``)."""
-        name = self.active_adapter
-        if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is already merged; merging twice would add it twice")
+    def _to_merge(self, adapter_names) -> list[str]:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            if name not in self.lora_A:
+                raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
+            if name in self.merged_adapters:
+                raise ValueError(f"adapter {name!r} is already merged (merged: {self.merged_adapters}); merging "
+                                 "it again would add its update twice. Call unmerge() first")
+        return names
+
+    def _merged_weight(self, names: list[str]) -> torch.Tensor:
+        """``W + Σ ΔW`` computed on a copy; raises if it holds NaN or inf."""
         weight = self.base_layer.weight
-        delta = self.delta_weight(name).detach().to(weight.dtype)
-        if safe_merge:
-            merged = weight.data + delta
-            if not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} gives NaN/inf weights; the layer is left unchanged")
-            weight.data.copy_(merged)
-        else:
-            weight.data += delta
-        self.merged_adapters.append(name)
+        if not weight.is_floating_point():
+            raise TypeError(f"cannot merge into a {weight.dtype} (quantized) weight; dequantize the base first")
+        merged = weight.detach().clone()
+        for name in names:
+            merged += self.delta_weight(name).detach().to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging adapter(s) {names} gives NaN/inf weights; the layer is left unchanged. "
+                             "Check the adapter's A and B (did training diverge?)")
+        return merged
 
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into ``base_layer.weight``: ``W += scaling · B @ A``.
+
+        With ``safe_merge`` the sum is computed on a copy first and the layer is left untouched if it
+        holds NaN/inf. Merging an adapter that is already merged raises ``ValueError``.
+        """
+        names = self._to_merge(adapter_names)
+        weight = self.base_layer.weight
+        if safe_merge:
+            weight.copy_(self._merged_weight(names))
+        else:
+            for name in names:
+                weight += self.delta_weight(name).to(weight.dtype)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract every merged adapter back out, restoring ``W0`` (to float rounding)."""
         weight = self.base_layer.weight
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight.data -= self.delta_weight(name).detach().to(weight.dtype)
+            weight -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"adapters={list(self.lora_A)}, active={self.active_adapter!r}, merged={self.merged_adapters}"
+        return f"adapters={list(self.lora_A)}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
 
 
 def _check_hyperparameters(r, lora_alpha, lora_dropout, in_features, out_features) -> None:
-    if not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer (typically 4-64), got {r!r}")
     if r > min(in_features, out_features):
-        raise ValueError(f"r={r} exceeds min(in_features, out_features) = {min(in_features, out_features)}: "
-                         "a rank that large is no longer low-rank; use a smaller r")
-    if lora_alpha <= 0:
-        raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}")
+        raise ValueError(f"r={r} exceeds min(in_features, out_features) = {min(in_features, out_features)} "
+                         f"of a {in_features}->{out_features} layer; that is no longer low-rank: use a smaller r")
+    if not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
+        raise ValueError(f"lora_alpha must be a positive number (often 2*r), got {lora_alpha!r}")
     if not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        raise ValueError(f"lora_dropout must be in [0, 1) (0.0 disables it), got {lora_dropout!r}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Injecting adapters into a model
+# Injecting adapters into a model, and switching between them
 # ---------------------------------------------------------------------------------------------
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear in ``model`` by its dotted module name."""
+    """Every `LoRALinear` in ``model`` by its dotted module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def _matches(name: str, target_modules) -> bool:
-    if target_modules == "all-linear":
-        return name.split(".")[-1] != "lm_head"
-    if isinstance(target_modules, str):  # a regex matched against the full name, as peft does
+    """peft's rule: a string is a regex on the full dotted name; a list matches by name or suffix."""
+    if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Named modules of ``model``, leaving out the insides of LoRALinear layers."""
+    wrapped = lora_layers(model)
+    out = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if name and not any(".".join(parts[:i]) in wrapped for i in range(1, len(parts))):
+            out[name] = module
+    return out
+
+
+def _select(model: nn.Module, target_modules) -> list[str]:
+    modules = _candidates(model)
+    linear = [n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))]
+    if target_modules == "all-linear":
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [n for n in linear if modules[n] is not output and n.split(".")[-1] != "lm_head"]
+    if not isinstance(target_modules, str) and not (
+            isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in target_modules)):
+        raise TypeError(f"target_modules must be a list of module names, a regex string or 'all-linear', "
+                        f"got {target_modules!r}")
+    chosen = [n for n in modules if _matches(n, target_modules)]
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in chosen if n not in linear]
+    if wrong:
+        raise TypeError(f"target_modules {target_modules!r} matches modules that are not nn.Linear: "
+                        f"{_abbreviate(wrong)}; LoRA here wraps linear layers only, so name those")
+    if not chosen:
+        suffixes = sorted({n.split(".")[-1] for n in linear})
+        raise ValueError(f"target_modules {target_modules!r} matches no module. The model's nn.Linear layers "
+                         f"are {_abbreviate(linear)}; by last name: {suffixes}")
+    return chosen
+
+
+def _abbreviate(names: list[str], keep: int = 6) -> str:
+    return str(names) if len(names) <= keep else f"{names[:keep]} ... ({len(names)} in all)"
+
+
+def _wrap(model: nn.Module, names: list[str], settings: dict[str, tuple], adapter_name: str) -> None:
+    """Add ``adapter_name`` to each named layer with its (r, lora_alpha, lora_dropout, use_rslora).
+
+    Everything is checked before anything changes, so a bad argument leaves the model as it was.
+    """
+    modules = dict(model.named_modules())
+    _check_name(adapter_name)
+    for name in names:
+        r, alpha, dropout, _ = settings[name]
+        _check_hyperparameters(r, alpha, dropout, modules[name].in_features, modules[name].out_features)
+        if isinstance(modules[name], LoRALinear) and adapter_name in modules[name].lora_A:
+            raise ValueError(f"{name} already has an adapter {adapter_name!r}; pick another adapter_name")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        if isinstance(modules[name], LoRALinear):
+            modules[name].add_adapter(adapter_name, *settings[name])
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(modules[name], *settings[name][:3],
+                                                                   adapter_name, settings[name][3]))
+    set_adapter(model, adapter_name)
 
 
 def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 16,
                 lora_dropout: float = 0.0, adapter_name: str = "default", use_rslora: bool = False) -> nn.Module:
     """Wrap the linear layers named by ``target_modules`` with LoRA and freeze everything else.
 
-    ``target_modules`` is a list of names (a module matches if its dotted name equals one or
-    ends with ``"." + name``, e.g. ``["query", "value"]`` or ``["q_proj", "v_proj"]``), a regex
-    string matched against the full dotted name, or ``"all-linear"`` (every ``nn.Linear`` but
-    the output layer ``lm_head``). Called again with a new ``adapter_name`` on an injected model,
-    it adds a second adapter to the same layers. Returns ``model``, changed in place.
+    ``target_modules`` is matched as peft does: a list of names (a module matches if its dotted
+    name equals one or ends with ``"." + name``, e.g. ``["query", "value"]`` or
+    ``["q_proj", "v_proj"]``), a regex string that must match the *full* dotted name, or
+    ``"all-linear"`` (every ``nn.Linear`` except the output layer ``lm_head``).
+    Called again on an injected model, it adds the new adapter to the same ``LoRALinear`` layers.
+    The new adapter becomes the active, trainable one. Returns ``model``, changed in place.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))
-             and not n.endswith(".base_layer") and ".lora_" not in n]
-    chosen = [n for n in names if _matches(n, target_modules)]
-    if not chosen:
-        other = [n for n, m in model.named_modules() if n and _matches(n, target_modules)]
-        if other:
-            raise TypeError(f"target_modules {target_modules!r} matches {other[:3]}, which are not nn.Linear; "
-                            "LoRA here wraps linear layers only")
-        short = sorted({n.split(".")[-1] for n in names})
-        raise ValueError(f"target_modules {target_modules!r} matches no linear layer; "
-                         f"the model's linear layers are named {short}")
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, child)
-        if isinstance(module, LoRALinear):
-            module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
-        else:
-            setattr(parent, child, LoRALinear(module, r, lora_alpha, lora_dropout, adapter_name, use_rslora))
-    set_adapter(model, adapter_name)
+    names = _select(model, target_modules)
+    _wrap(model, names, dict.fromkeys(names, (r, lora_alpha, lora_dropout, use_rslora)), adapter_name)
     return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, each shared tensor counted once."""
-    params = list(model.parameters())
+    """``(trainable, total)`` parameter counts; a tensor shared by two modules is counted once."""
+    params = list(model.parameters())  # parameters() yields each tensor once
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def set_adapter(model: nn.Module, name: str) -> None:
-    """Make adapter ``name`` the active one in every layer; only its parameters train."""
-    layers = lora_layers(model)
-    known = {n for layer in layers.values() for n in layer.lora_A}
-    if name not in known:
-        raise ValueError(f"unknown adapter {name!r}; this model has {sorted(known)}")
-    for layer in layers.values():
-        layer.active_adapter = name if name in layer.lora_A else None
+def _known(layers) -> list[str]:
+    return sorted({n for layer in layers for n in layer.lora_A})
+
+
+def set_adapter(model: nn.Module, name: str | list[str]) -> None:
+    """Make adapter ``name`` (or a list of them, whose outputs add up) active; only they train."""
+    names = [name] if isinstance(name, str) else list(name)
+    layers = lora_layers(model).values()
+    unknown = [n for n in names if n not in _known(layers)]
+    if unknown:
+        raise ValueError(f"unknown adapter {unknown[0]!r}; this model has {_known(layers)}")
+    for layer in layers:
+        layer.active_adapters = [n for n in names if n in layer.lora_A]
         for adapter in layer.lora_A:
-            trainable = adapter == name
-            layer.lora_A[adapter].requires_grad_(trainable)
-            layer.lora_B[adapter].requires_grad_(trainable)
+            layer.lora_A[adapter].requires_grad_(adapter in names)
+            layer.lora_B[adapter].requires_grad_(adapter in names)
 
 
 @contextmanager
 def disable_adapters(model: nn.Module):
-    """Inside this block the model computes as the base model (unmerged adapters switched off)."""
+    """``with disable_adapters(model):`` the model computes as the base model.
+
+    Merged adapters are unmerged on the first forward inside the block (as in peft).
+    """
     layers = list(lora_layers(model).values())
-    for layer in layers:
-        layer.disabled = True
     try:
+        for layer in layers:
+            layer.disable_adapters = True
         yield model
     finally:
         for layer in layers:
-            layer.disabled = False
+            layer.disable_adapters = False
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` (it must not be merged) from every layer."""
-    for layer in lora_layers(model).values():
-        if name in layer.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
-        if name in layer.lora_A:
-            del layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
-            del layer.scaling[name], layer.r[name]
-            if layer.active_adapter == name:
-                layer.active_adapter = next(iter(layer.lora_A), None)
+    """Remove adapter ``name`` and its parameters from every layer."""
+    layers = [layer for layer in lora_layers(model).values() if name in layer.lora_A]
+    if not layers:
+        raise ValueError(f"unknown adapter {name!r}; this model has {_known(lora_layers(model).values())}")
+    for layer in layers:
+        layer.delete_adapter(name)
 
 
-def merge(model: nn.Module, safe_merge: bool = False) -> nn.Module:
-    """Merge the active adapter into the base weights of every layer; returns ``model``."""
-    for layer in lora_layers(model).values():
-        if layer.active_adapter is not None:
-            layer.merge(safe_merge)
+def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
+    """Merge adapters (default: the active ones) into the base weights of every layer; returns ``model``.
+
+    With ``safe_merge`` every layer is checked for NaN/inf before any weight changes.
+    """
+    layers = lora_layers(model).values()
+    plan = [(layer, layer._to_merge(None if adapter_names is None else
+                                    [n for n in adapter_names if n in layer.lora_A])) for layer in layers]
+    if safe_merge:
+        for layer, names in plan:
+            layer._merged_weight(names)
+    for layer, names in plan:
+        layer.merge(names)
     return model
 
 
@@ -236,13 +341,21 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapter and put plain ``nn.Linear`` layers back: a model without LoRA."""
-    merge(model, safe_merge=True)
+def _put_back_linear(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base_layer)
     return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Unmerge, then put the plain ``nn.Linear`` layers back: the base model without LoRA."""
+    return _put_back_linear(unmerge(model))
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
+    """Merge the active adapters and put plain ``nn.Linear`` layers back: a model without LoRA."""
+    return _put_back_linear(merge(model, safe_merge=safe_merge))
 
 
 def delta_weight(layer: LoRALinear, name: str) -> torch.Tensor:
@@ -251,114 +364,177 @@ def delta_weight(layer: LoRALinear, name: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Weighted combination of adapters
+# Weighted combination of adapters (peft's add_weighted_adapter, "cat" and "linear")
 # ---------------------------------------------------------------------------------------------
+@torch.no_grad()
 def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], new_name: str,
                          combination_type: str = "cat") -> None:
-    """Combine adapters into a new one, as peft's ``add_weighted_adapter`` does.
+    """Combine adapters into a new adapter ``new_name`` (made active), as peft does.
 
-    ``"cat"`` (exact): stack ``w_i · scaling_i · A_i`` along the rank and the ``B_i`` beside each
-    other, so ``B_new A_new = Σ w_i ΔW_i`` exactly (rank = Σ r_i, scaling 1).
-    ``"linear"``: needs equal ranks; ``A_new = Σ sqrt(w_i·scaling_i) A_i`` and
-    ``B_new = Σ sqrt(w_i·scaling_i) B_i`` (peft's choice of splitting the weight between A and
-    B). Their product has cross terms ``B_i A_j``: it is *not* ``Σ w_i ΔW_i``.
+    Write ``s_i`` for adapter i's scaling, so ``ΔW_i = s_i B_i A_i``. The new adapter has
+    scaling 1 (peft gives it ``lora_alpha = r``) and adapter 0's dropout.
+
+    * ``"cat"`` (exact): ``A_new = [w_1 s_1 A_1; w_2 s_2 A_2; ...]`` stacked along the rank and
+      ``B_new = [B_1, B_2, ...]`` side by side, so ``B_new A_new = Σ w_i ΔW_i`` exactly; the rank
+      is ``Σ r_i``.
+    * ``"linear"``: needs equal ranks. With ``c_i = sqrt(|w_i s_i|)``,
+      ``A_new = Σ sign(w_i s_i) c_i A_i`` and ``B_new = Σ c_i B_i``. The product has cross terms
+      ``c_i c_j B_i A_j`` (i ≠ j), so it is *not* ``Σ w_i ΔW_i``; it keeps rank r.
+
+    With a single adapter peft always uses "linear" (then both give ``w ΔW``); so do we.
+    Unlike peft, an existing ``new_name`` raises instead of being silently kept, and the new
+    adapter's scaling is 1 even when the inputs used rsLoRA (peft 0.21 gives it
+    ``sqrt(r_new)`` then, which scales the blend by ``sqrt(r_new)``).
     """
+    layers = lora_layers(model).values()
     if len(adapters) != len(weights) or not adapters:
-        raise ValueError("give one weight per adapter")
+        raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    unknown = [a for a in adapters if a not in _known(layers)]
+    if unknown:
+        raise ValueError(f"unknown adapter {unknown[0]!r}; this model has {_known(layers)}")
+    if new_name in _known(layers):
+        raise ValueError(f"adapter {new_name!r} already exists; delete it first or pick another name")
     if combination_type not in ("cat", "linear"):
-        raise ValueError(f"combination_type must be 'cat' or 'linear', got {combination_type!r}")
-    for layer in lora_layers(model).values():
-        if not all(a in layer.lora_A for a in adapters):
-            continue
-        ranks = [layer.r[a] for a in adapters]
+        raise ValueError(f"combination_type must be 'cat' (exact) or 'linear', got {combination_type!r}")
+    if len(adapters) == 1:
+        combination_type = "linear"
+    plan = []  # check every layer before changing any
+    for layer in layers:
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+        ranks = [layer.r[a] for a, _ in present]
         if combination_type == "linear" and len(set(ranks)) > 1:
-            raise ValueError(f"'linear' needs adapters of equal rank, got {ranks}; use 'cat'")
-        r = sum(ranks) if combination_type == "cat" else ranks[0]
-        layer.add_adapter(new_name, r, lora_alpha=r)  # scaling 1: the weights carry the scale
-        with torch.no_grad():
-            new_a, new_b = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight
-            if combination_type == "cat":
-                new_a.copy_(torch.cat([w * layer.scaling[a] * layer.lora_A[a].weight
-                                       for a, w in zip(adapters, weights)]))
-                new_b.copy_(torch.cat([layer.lora_B[a].weight for a in adapters], dim=1))
-            else:
-                factors = [math.copysign(math.sqrt(abs(w * layer.scaling[a])), w) for a, w in zip(adapters, weights)]
-                new_a.copy_(sum(f * layer.lora_A[a].weight for a, f in zip(adapters, factors)))
-                new_b.copy_(sum(math.sqrt(abs(w * layer.scaling[a])) * layer.lora_B[a].weight
-                                for a, w in zip(adapters, weights)))
+            raise ValueError(f"'linear' needs adapters of equal rank, got ranks {ranks}; use 'cat'")
+        r = sum(ranks) if combination_type == "cat" else ranks[0] if ranks else 0
+        if r > min(layer.in_features, layer.out_features):
+            raise ValueError(f"'cat' of ranks {ranks} gives rank {r} > min(in_features, out_features) = "
+                             f"{min(layer.in_features, layer.out_features)}; combine fewer adapters or use 'linear'")
+        if present:
+            plan.append((layer, present, r))
+    for layer, present, r in plan:
+        dropout = layer.lora_dropout[present[0][0]]
+        layer.add_adapter(new_name, r, lora_alpha=r, lora_dropout=getattr(dropout, "p", 0.0))
+        new_A, new_B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight
+        A = {a: layer.lora_A[a].weight for a, _ in present}
+        B = {a: layer.lora_B[a].weight for a, _ in present}
+        if combination_type == "cat":
+            new_A.copy_(torch.cat([w * layer.scaling[a] * A[a] for a, w in present], dim=0))
+            new_B.copy_(torch.cat([B[a] for a, _ in present], dim=1))
+        else:
+            c = {a: math.sqrt(abs(w * layer.scaling[a])) for a, w in present}
+            new_A.copy_(sum(math.copysign(c[a], w * layer.scaling[a]) * A[a] for a, w in present))
+            new_B.copy_(sum(c[a] * B[a] for a, _ in present))
     set_adapter(model, new_name)
 
 
 # ---------------------------------------------------------------------------------------------
 # Saving and loading in peft's layout
 # ---------------------------------------------------------------------------------------------
+def _most_common_and_pattern(values: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """peft's config holds one r / lora_alpha plus a pattern of per-module exceptions."""
+    common = Counter(values.values()).most_common(1)[0][0]
+    return common, {re.escape(n): v for n, v in values.items() if v != common}
+
+
 def save_adapter(model: nn.Module, directory, adapter_name: str = "default",
                  base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` as peft does.
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` as peft's ``save_pretrained`` does.
 
-    Keys are ``base_model.model.<module>.lora_A.weight`` (peft drops the adapter name on save).
+    Tensor keys are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (peft drops
+    the adapter name on save); layers whose rank or alpha differ from the most common one go to
+    the config's ``rank_pattern`` / ``alpha_pattern``. ``task_type`` is peft's (e.g.
+    ``"CAUSAL_LM"``, ``"FEATURE_EXTRACTION"``) or None. Returns the directory.
     """
     from safetensors.torch import save_file
 
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
     if not layers:
-        raise ValueError(f"no layer holds adapter {adapter_name!r}")
-    state, ranks, alphas = {}, set(), set()
-    for name, layer in layers.items():
-        for part in ("lora_A", "lora_B"):
-            tensor = getattr(layer, part)[adapter_name].weight.detach()
-            state[f"base_model.model.{name}.{part}.weight"] = tensor.contiguous().cpu()
-        ranks.add(layer.r[adapter_name])
-        alphas.add(layer.scaling[adapter_name] * layer.r[adapter_name])
-    if len(ranks) > 1:
-        raise ValueError(f"adapter {adapter_name!r} has several ranks {sorted(ranks)}; peft's config holds one")
-    first = next(iter(layers.values()))
-    dropout = first.lora_dropout[adapter_name]
+        raise ValueError(f"no layer holds adapter {adapter_name!r}; "
+                         f"this model has {_known(lora_layers(model).values())}")
+    if len({m.use_rslora[adapter_name] for m in layers.values()}) > 1:
+        raise ValueError(f"adapter {adapter_name!r} mixes use_rslora True and False; peft's config holds one value")
+    state = {f"base_model.model.{name}.{part}.weight": getattr(m, part)[adapter_name].weight.detach().cpu()
+             .contiguous() for name, m in layers.items() for part in ("lora_A", "lora_B")}
+    r, rank_pattern = _most_common_and_pattern({n: m.r[adapter_name] for n, m in layers.items()})
+    alpha, alpha_pattern = _most_common_and_pattern({n: m.lora_alpha[adapter_name] for n, m in layers.items()})
+    # target_modules: the short names if they pick exactly these layers, else the full names
+    short = sorted({n.split(".")[-1] for n in layers})
+    linear = [n for n, m in _candidates(model).items() if isinstance(m, (nn.Linear, LoRALinear))]
+    targets = short if {n for n in linear if _matches(n, short)} == set(layers) else sorted(layers)
+    dropout = next(iter(layers.values())).lora_dropout[adapter_name]
     config = {
-        "peft_type": "LORA", "task_type": task_type, "r": ranks.pop(), "lora_alpha": alphas.pop(),
-        "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-        "target_modules": sorted({n.split(".")[-1] for n in layers}), "bias": "none",
-        "use_rslora": False, "fan_in_fan_out": False, "init_lora_weights": True,
-        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
-        "modules_to_save": None, "use_dora": False,
+        "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
+        "lora_dropout": getattr(dropout, "p", 0.0), "target_modules": targets,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "use_rslora": next(iter(layers.values())).use_rslora[adapter_name], "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False, "lora_bias": False,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
+        "inference_mode": True,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
 
+def _pattern_value(pattern: dict, name: str, default):
+    """peft's lookup: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)`` wins."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_[AB])(?:\.[^.]+)?\.weight$")
+
+
 def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
-    """Inject and fill an adapter saved by `save_adapter` or by peft's ``save_pretrained``."""
+    """Inject and fill an adapter saved by `save_adapter` or by peft's ``save_pretrained``.
+
+    Everything is checked before the model changes: the config must be a plain LoRA one, every
+    key must name a linear layer of ``model``, and every A / B must fit that layer's shape.
+    Returns ``model`` with the adapter active.
+    """
     from safetensors.torch import load_file
 
     directory = Path(directory)
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory} holds a {config.get('peft_type')} adapter, not LORA")
+        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter, not 'LORA'; load it with peft")
+    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "modules_to_save", "lora_bias") if config.get(k)]
+    unsupported += ["bias"] if config.get("bias", "none") != "none" else []
+    if unsupported:
+        raise ValueError(f"the adapter uses {unsupported}, which course_lib.lora does not implement; load it with peft")
+    trained_on = config.get("base_model_name_or_path")
     state = load_file(str(directory / ADAPTER_WEIGHTS))
-    modules = sorted({re.sub(r"^base_model\.model\.|\.lora_[AB](\.\w+)?\.weight$", "", k) for k in state})
-    missing = [m for m in modules if m not in dict(model.named_modules())]
-    if missing:
-        raise ValueError(f"the adapter names modules this model lacks, e.g. {missing[:3]}: "
-                         "is it an adapter for another base model?")
-    inject_lora(model, _exact(modules),
-                r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config.get("lora_dropout", 0.0),
-                adapter_name=adapter_name, use_rslora=config.get("use_rslora", False))
+    modules = _candidates(model)
+    linear = {n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(f"unexpected key {key!r} in {ADAPTER_WEIGHTS}: not a LoRA A/B weight")
+        name = match["module"]
+        if name not in linear:
+            raise ValueError(f"key {key!r} names module {name!r}, which is not a linear layer of this model: the "
+                             f"adapter belongs to another base model (it was trained on {trained_on!r})")
+        tensors.setdefault(name, {})[match["part"]] = tensor
+    settings = {}
+    for name, parts in tensors.items():
+        if set(parts) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{name}: the adapter holds {sorted(parts)} but needs both lora_A and lora_B")
+        module, r = modules[name], parts["lora_A"].shape[0]
+        for part, expected in (("lora_A", (r, module.in_features)), ("lora_B", (module.out_features, r))):
+            if tuple(parts[part].shape) != expected:
+                raise ValueError(f"{name}.{part}: the adapter has shape {tuple(parts[part].shape)}, this model needs "
+                                 f"{expected}: the adapter belongs to another base model (trained on {trained_on!r})")
+        alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
+        settings[name] = (r, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False))
+    _wrap(model, list(tensors), settings, adapter_name)
     layers = lora_layers(model)
     with torch.no_grad():
-        for key, tensor in state.items():
-            name = re.sub(r"^base_model\.model\.", "", key)
-            module, part = re.match(r"(.*)\.(lora_[AB])(?:\.\w+)?\.weight$", name).groups()
-            target = getattr(layers[module], part)[adapter_name].weight
-            if target.shape != tensor.shape:
-                raise ValueError(f"{module}.{part}: the adapter has shape {tuple(tensor.shape)}, the model "
-                                 f"expects {tuple(target.shape)}: the adapter belongs to another base model")
-            target.copy_(tensor)
+        for name, parts in tensors.items():
+            for part, tensor in parts.items():
+                getattr(layers[name], part)[adapter_name].weight.copy_(tensor)
     return model
-
-
-def _exact(modules: list[str]) -> str:
-    """A regex that matches exactly these dotted module names."""
-    return "|".join(re.escape(m) for m in modules)

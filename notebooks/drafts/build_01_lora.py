@@ -1,5 +1,5 @@
 import sys
-sys.path.insert(0, "/tmp/nbgen")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from nbtools import build
 
 IGN = "nbval-ignore-output"

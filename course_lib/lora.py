@@ -9,6 +9,10 @@ The vocabulary is peft's (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modu
 ``lora_B`` sub-modules keyed by adapter name), and adapters are saved in peft's file layout, so
 ``peft.PeftModel.from_pretrained`` loads an adapter trained here and `load_adapter` loads one
 trained with peft.
+
+The base layer may also be a 4-bit `course_lib.quant.Linear4bit`: that is QLoRA (chapter 02).
+Its weight is packed codes, so merging into it is refused; `course_lib.qlora` has the explicit
+ways (dequantize then merge, or merge and re-quantize, lossy and measured).
 """
 
 from __future__ import annotations
@@ -23,12 +27,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .quant import Linear4bit
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+BASE_TYPES = (nn.Linear, Linear4bit)  # the layers LoRA can wrap
+
+
 class LoRALinear(nn.Module):
-    """An ``nn.Linear`` (kept frozen as ``base_layer``) plus any number of named LoRA adapters.
+    """An ``nn.Linear`` or 4-bit ``Linear4bit`` (kept frozen as ``base_layer``) plus any number of named LoRA adapters.
 
     Per adapter ``name``: ``lora_A[name]`` (``nn.Linear(in, r)``), ``lora_B[name]``
     (``nn.Linear(r, out)``), ``lora_dropout[name]``, and the numbers ``r[name]``,
@@ -38,12 +47,12 @@ class LoRALinear(nn.Module):
     ``disable_adapters`` set the layer computes the base model's output.
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+    def __init__(self, base_layer: nn.Linear | Linear4bit, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                  adapter_name: str = "default", use_rslora: bool = False):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}; "
-                            "choose target_modules that name linear layers")
+        if not isinstance(base_layer, BASE_TYPES):
+            raise TypeError(f"LoRALinear wraps an nn.Linear or a course_lib.quant.Linear4bit, got "
+                            f"{type(base_layer).__name__}; choose target_modules that name linear layers")
         self.base_layer = base_layer.requires_grad_(False)
         self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -71,7 +80,7 @@ class LoRALinear(nn.Module):
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
         weight = self.base_layer.weight
-        # peft keeps adapters in float32 when the base is half precision or quantized
+        # peft keeps adapters in float32 when the base is half precision or quantized (uint8 codes)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
@@ -111,6 +120,12 @@ class LoRALinear(nn.Module):
         return result.to(dtype)
 
     def _to_merge(self, adapter_names) -> list[str]:
+        if isinstance(self.base_layer, Linear4bit):
+            raise TypeError(
+                "cannot merge into a 4-bit base (Linear4bit): its weight is packed codes, and dequantize -> add ΔW "
+                "-> re-quantize rounds most of the adapter's update away. Serve the adapter unmerged on the 4-bit "
+                "base, or call course_lib.qlora.dequantize_model(model) first and merge into float weights "
+                "(exact), or, knowingly, course_lib.qlora.merge_and_requantize(model) (lossy; it reports the error)")
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         for name in names:
             if name not in self.lora_A:
@@ -123,8 +138,6 @@ class LoRALinear(nn.Module):
     def _merged_weight(self, names: list[str]) -> torch.Tensor:
         """``W + Σ ΔW`` computed on a copy; raises if it holds NaN or inf."""
         weight = self.base_layer.weight
-        if not weight.is_floating_point():
-            raise TypeError(f"cannot merge into a {weight.dtype} (quantized) weight; dequantize the base first")
         merged = weight.detach().clone()
         for name in names:
             merged += self.delta_weight(name).detach().to(weight.dtype)
@@ -205,7 +218,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
 
 def _select(model: nn.Module, target_modules) -> list[str]:
     modules = _candidates(model)
-    linear = [n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))]
+    linear = [n for n, m in modules.items() if isinstance(m, (*BASE_TYPES, LoRALinear))]
     if target_modules == "all-linear":
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return [n for n in linear if modules[n] is not output and n.split(".")[-1] != "lm_head"]
@@ -216,7 +229,7 @@ def _select(model: nn.Module, target_modules) -> list[str]:
     chosen = [n for n in modules if _matches(n, target_modules)]
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in chosen if n not in linear]
     if wrong:
-        raise TypeError(f"target_modules {target_modules!r} matches modules that are not nn.Linear: "
+        raise TypeError(f"target_modules {target_modules!r} matches modules that are not linear layers: "
                         f"{_abbreviate(wrong)}; LoRA here wraps linear layers only, so name those")
     if not chosen:
         suffixes = sorted({n.split(".")[-1] for n in linear})
@@ -458,7 +471,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default",
     alpha, alpha_pattern = _most_common_and_pattern({n: m.lora_alpha[adapter_name] for n, m in layers.items()})
     # target_modules: the short names if they pick exactly these layers, else the full names
     short = sorted({n.split(".")[-1] for n in layers})
-    linear = [n for n, m in _candidates(model).items() if isinstance(m, (nn.Linear, LoRALinear))]
+    linear = [n for n, m in _candidates(model).items() if isinstance(m, (*BASE_TYPES, LoRALinear))]
     targets = short if {n for n in linear if _matches(n, short)} == set(layers) else sorted(layers)
     dropout = next(iter(layers.values())).lora_dropout[adapter_name]
     config = {
@@ -509,7 +522,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
     trained_on = config.get("base_model_name_or_path")
     state = load_file(str(directory / ADAPTER_WEIGHTS))
     modules = _candidates(model)
-    linear = {n for n, m in modules.items() if isinstance(m, (nn.Linear, LoRALinear))}
+    linear = {n for n, m in modules.items() if isinstance(m, (*BASE_TYPES, LoRALinear))}
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = _KEY.match(key)

@@ -277,3 +277,30 @@ def perplexity(model, tokenizer, instructions: Sequence[str], answers: Sequence[
         total_nll += nll.item()
         total_tokens += (shift_labels != -100).sum().item()
     return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def text_perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 128, batch_size: int = 8) -> float:
+    """exp(mean negative log-likelihood per predicted token) of plain ``texts`` under a causal LM.
+
+    Each text is truncated to ``max_length`` tokens; every token after the first is predicted
+    from those before it (padding excluded). This is the held-out-text perplexity used to
+    compare quantized copies of one model (chapter 02).
+    """
+    if not texts:
+        raise ValueError("perplexity of zero texts is undefined")
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts[start:start + batch_size]]
+        if min(len(r) for r in rows) < 2:
+            raise ValueError("every text needs at least two tokens to predict one")
+        width, pad = max(len(r) for r in rows), tokenizer.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                     ignore_index=-100, reduction="sum").item()
+        total_tokens += (labels != -100).sum().item()
+    return math.exp(total_nll / total_tokens)

@@ -115,8 +115,34 @@ def test_perplexity_equals_exp_of_the_transformers_loss():
     with torch.no_grad():  # the training loss is log(perplexity) on one example
         train_loss = retrieval.answer_loss(model, tokenizer, [{"instruction": "find the name", "answer": "parse"}])
     assert train_loss.item() == pytest.approx(math.log(ppl), rel=1e-5)
+
     n_answer_tokens = (batch["labels"] != -100).sum().item()
     assert n_answer_tokens == len("parse") + 1  # answer characters + end of turn
+
+
+def test_text_perplexity_equals_transformers_loss_token_weighted():
+    """Padding in a batch changes nothing: the batched perplexity is exp of the token-weighted mean
+    of transformers' own per-text losses (labels = input_ids, computed one text at a time)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz_ |")}
+    raw = Tokenizer(tok_models.WordLevel(vocab, unk_token="_"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="_", pad_token="|")
+    model = tiny_llama()
+    texts = ["def parse the file", "ab", "return the sum of two numbers"]
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            nll += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    assert retrieval.text_perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(
+        math.exp(nll / tokens), rel=1e-5)
+    with pytest.raises(ValueError, match="two tokens"):
+        retrieval.text_perplexity(model, tokenizer, ["a"])
 
 
 def test_in_batch_negatives_loss_equals_sentence_transformers():

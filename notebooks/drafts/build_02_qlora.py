@@ -139,7 +139,8 @@ wins = sum(a < b for a, b in zip(errors["nf4"]["mse"], errors["fp4"]["mse"]))
 print("mean relative MSE over layers:", {t.upper(): f"{v:.2e}" for t, v in mean_mse.items()})
 print(f"NF4 has a lower error than FP4 on {wins} of {len(linear_names)} layers, lower than INT4 on "
       f"{sum(a < b for a, b in zip(errors['nf4']['mse'], errors['int4']['mse']))}")
-assert mean_mse["int8"] < mean_mse["nf4"] < mean_mse["fp4"] < mean_mse["int4"]
+assert mean_mse["int8"] < mean_mse["nf4"] < min(mean_mse["fp4"], mean_mse["int4"])
+assert wins == len(linear_names)   # NF4 beats FP4 on every single layer
 """),
 ("md", r"""
 ## Bits per parameter, and what the model weighs
@@ -416,11 +417,45 @@ table = f'''
 display(Markdown(table))
 """),
 ("md", r"""
-PROSE02
+## What the seeds and the paper claim, and what we measured
+
+* **NF4 levels are normal quantiles, bit-exact with bitsandbytes:** our construction from
+  `scipy.stats.norm.ppf` reproduces bitsandbytes' 16 values to 1e-6, and our codes are identical
+  to `quantize_4bit`'s (the tests check every layer type of SmolLM2).
+* **NF4 suits normally distributed weights:** on SmolLM2's weights NF4 uses its 16 codes most
+  evenly (3.86 bits of entropy of 4, against 3.70 for FP4 and 3.61 for INT4) and has the lowest
+  quantization error of the three on all 210 layers (mean relative MSE 8.8e-03, against 1.6e-02
+  for FP4 and 1.3e-02 for INT4). Note that bitsandbytes' FP4 has a *larger* mean squared error than
+  plain INT4 here, yet a lower perplexity: where the error falls matters, not only its size.
+* **Bits per parameter:** 4.500 without and 4.127 with double quantization, from the stored
+  tensors, as the paper computes; SmolLM2's linear layers go from 405 MiB to 52.2 MiB.
+* **The paper's ordering of data types:** perplexity 14.17 in float32, 17.47 NF4, 17.49 NF4 + DQ,
+  17.80 FP4, 18.90 INT4. NF4 is the best 4-bit type and double quantization costs 0.1%. A 135M
+  model loses far more to 4 bits (+23%) than the 7B-65B models of the paper, which have more
+  redundancy per weight.
+* **"A 4-bit base matches 16-bit LoRA":** after 8 identical steps, answer perplexity 39.18 with
+  the NF4 base against 36.46 with the float32 base (7% apart), both from about 1400 zero-shot.
+* **Our QLoRA equals the production one:** the same initial adapter on our `Linear4bit` and on
+  transformers' `BitsAndBytesConfig` + peft gives the same losses to 4 decimals and adapters
+  within 1e-4.
+* **8-bit AdamW:** 2.04 bytes per parameter of state for all of SmolLM2 (261 MiB against
+  1026 MiB); for LoRA's small adapters only 3.03 bytes, since bitsandbytes keeps 32-bit state for
+  tensors under 4096 values. Paged AdamW holds exactly AdamW's bytes.
+* **Merging into a 4-bit base:** re-quantizing after the merge kept 1% of the adapter's update
+  and changed under 0.005% of the 4-bit codes; the perplexity went back to 1683 (the untuned NF4 model: 1883),
+  while dequantize-then-merge reproduced the adapter's 39.18 exactly.
 """),
 ("code", r"""
 # The figures quoted in the paragraph above, checked against what this run computed.
-PROSEASSERT02
+assert (round(entropy["nf4"], 2), round(entropy["fp4"], 2), round(entropy["int4"], 2)) == (3.86, 3.70, 3.61)
+assert [f"{mean_mse[t]:.1e}" for t in ("nf4", "fp4", "int4")] == ["8.8e-03", "1.6e-02", "1.3e-02"]
+assert round(r["weight_bytes_before"] / 2**20) == 405 and round(r["weight_bytes_after"] / 2**20, 1) == 52.2
+assert [round(v, 2) for v in ppl.values()] == [14.17, 17.47, 17.49, 17.80, 18.90]
+assert (round(lo["perplexity"], 2), round(ql["perplexity"], 2)) == (36.46, 39.18)
+assert round(full["AdamW8bit"] / full["n"], 2) == 2.04 and round(full["AdamW8bit"] / 2**20) == 261
+assert round(optim_bytes["QLoRA adapters"]["AdamW8bit"] / optim_bytes["QLoRA adapters"]["n"], 2) == 3.03
+assert f"{report['update_kept']:.0%}" == "1%" and f"{report['codes_changed']:.2%}" == "0.00%"
+assert round(c["perplexity"]) == 1683 and round(base_scores["NF4 + DQ"]["perplexity"]) == 1883
 """),
 ("md", r"""
 ## Exercises

@@ -37,7 +37,7 @@ BASE_TYPES = (nn.Linear, Linear4bit)  # the layers LoRA can wrap
 
 
 class LoRALinear(nn.Module):
-    """An ``nn.Linear`` or 4-bit ``Linear4bit`` (kept frozen as ``base_layer``) plus any number of named LoRA adapters.
+    """An ``nn.Linear`` or 4-bit ``Linear4bit`` (kept frozen as ``base_layer``) plus named LoRA adapters.
 
     Per adapter ``name``: ``lora_A[name]`` (``nn.Linear(in, r)``), ``lora_B[name]``
     (``nn.Linear(r, out)``), ``lora_dropout[name]``, and the numbers ``r[name]``,
@@ -47,8 +47,8 @@ class LoRALinear(nn.Module):
     ``disable_adapters`` set the layer computes the base model's output.
     """
 
-    def __init__(self, base_layer: nn.Linear | Linear4bit, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                 adapter_name: str = "default", use_rslora: bool = False):
+    def __init__(self, base_layer: nn.Linear | Linear4bit, r: int = 8, lora_alpha: float = 16,
+                 lora_dropout: float = 0.0, adapter_name: str = "default", use_rslora: bool = False):
         super().__init__()
         if not isinstance(base_layer, BASE_TYPES):
             raise TypeError(f"LoRALinear wraps an nn.Linear or a course_lib.quant.Linear4bit, got "

@@ -1,7 +1,9 @@
 """Memory measurement: what a training set-up holds, counted from the tensors themselves.
 
-Chapter 01 uses the optimizer-state count to compare LoRA with full fine-tuning; chapters 03
-and 05 extend this module with activation accounting and an estimator.
+Chapter 01 compares LoRA with full fine-tuning by `optimizer_state_bytes`; chapter 03 measures
+whole training steps with `SavedActivations` (the tensors autograd keeps for backward, through
+`torch.autograd.graph.saved_tensors_hooks`) and `measure_step` (parameters + gradients +
+optimizer state + peak saved activations, and on CUDA the allocator's peak beside them).
 """
 
 from __future__ import annotations
@@ -25,3 +27,108 @@ def parameter_bytes(model: nn.Module, trainable_only: bool = False) -> int:
     """Bytes of the model's parameters (each shared tensor once), or of the trainable ones."""
     return sum(p.numel() * p.element_size() for p in model.parameters()
                if p.requires_grad or not trainable_only)
+
+
+def gradient_bytes(model: nn.Module) -> int:
+    """Bytes of the ``.grad`` tensors currently held by the model's parameters."""
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    storage = t.untyped_storage()
+    return (t.device.type, t.device.index, storage.data_ptr())
+
+
+class _Saved:
+    """What the pack hook hands autograd: the tensor plus a ticket that is returned on release."""
+    __slots__ = ("tensor", "_release", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, release) -> None:
+        self.tensor = tensor
+        self._release = release
+
+    def __del__(self) -> None:
+        if self._release is not None:
+            self._release()
+
+
+class SavedActivations:
+    """Exact accounting of the tensors autograd saves for the backward pass.
+
+    Inside ``with SavedActivations(model) as saved:``, every tensor a forward pass stores for
+    backward goes through `torch.autograd.graph.saved_tensors_hooks`. Each distinct storage is
+    counted once, by its full size in bytes, while any graph node still holds it; a storage
+    leaves the count when the graph that saved it is freed (after ``backward``, or when the
+    output is dropped). ``saved.peak`` is the most bytes alive at once, ``saved.current`` what is
+    alive now. The model's own parameters (and any tensors in ``exclude``) are not activations and
+    are not counted: they are counted by `parameter_bytes`.
+
+    This is the memory that grows with the batch; transient buffers freed inside one operation
+    are not included, so the figure is a lower bound of the allocator's peak (on CUDA
+    `measure_step` also reports ``torch.cuda.max_memory_allocated`` for comparison).
+    """
+
+    def __init__(self, *models: nn.Module, exclude: tuple = ()) -> None:
+        tensors = [p for m in models for p in m.parameters()] + [b for m in models for b in m.buffers()]
+        self._excluded = {_storage_key(t) for t in [*tensors, *exclude]}
+        self._live: dict[tuple, list] = {}   # storage key -> [references, bytes]
+        self.current = 0
+        self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor):
+        key = _storage_key(tensor)
+        if key in self._excluded or tensor.untyped_storage().nbytes() == 0:
+            return _Saved(tensor, None)
+        entry = self._live.get(key)
+        if entry is None:
+            entry = self._live[key] = [0, tensor.untyped_storage().nbytes()]
+            self.current += entry[1]
+            self.peak = max(self.peak, self.current)
+        entry[0] += 1
+
+        def release(key=key) -> None:
+            e = self._live.get(key)
+            if e is None:
+                return
+            e[0] -= 1
+            if e[0] == 0:
+                self.current -= e[1]
+                del self._live[key]
+        return _Saved(tensor, release)
+
+    @staticmethod
+    def _unpack(saved: _Saved) -> torch.Tensor:
+        return saved.tensor
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __enter__(self) -> "SavedActivations":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def measure_step(step, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Run ``step()`` (forward + backward, and ``optimizer.step()`` if it does that) once and report
+    its memory in bytes, counted from the tensors: ``parameters``, ``gradients`` (after the step),
+    ``optimizer_state``, ``activations_peak`` (saved for backward, `SavedActivations`) and their
+    ``total``. On CUDA also ``cuda_max_allocated``, the allocator's peak during the step.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with SavedActivations(model) as saved:
+        step()
+    result = {"parameters": parameter_bytes(model), "gradients": gradient_bytes(model),
+              "optimizer_state": optimizer_state_bytes(optimizer) if optimizer is not None else 0,
+              "activations_peak": saved.peak}
+    result["total"] = sum(result.values())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        result["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+    return result

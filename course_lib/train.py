@@ -93,12 +93,18 @@ def train(
     seed: int = 0,
     progress: bool = True,
     desc: str = "training",
+    loss_fn_does_backward: bool = False,
 ) -> History:
     """Train ``model`` for ``steps`` optimizer steps of ``grad_accum`` micro-batches each.
 
     ``data`` yields micro-batches (see `batches`); ``loss_fn(model, batch)`` returns the loss of
     one micro-batch. The loss is divided by ``grad_accum`` so accumulated gradients average
     over micro-batches. ``eval_fn(model)`` runs every ``eval_every`` steps and at the end.
+
+    With ``loss_fn_does_backward`` the loss function back-propagates itself (GradCache, whose
+    backward runs chunk by chunk): it is called as ``loss_fn(model, batch, loss_scale)``, must add
+    ``loss_scale`` × its gradients to ``.grad`` and returns the (unscaled) loss value; it handles
+    its own mixed precision, so no autocast or gradient scaler is applied around it.
     """
     if steps <= 0 or grad_accum <= 0:
         raise ValueError(f"steps and grad_accum must be positive, got {steps} and {grad_accum}")
@@ -113,6 +119,8 @@ def train(
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         autocast = lambda: torch.autocast("cuda", dtype=dtype)
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    if loss_fn_does_backward:   # it runs its own precision and backward
+        autocast, scaler = nullcontext, None
     history = History()
     stream = iter(data)
     model.train()
@@ -121,6 +129,9 @@ def train(
         start = time.perf_counter()
         total = 0.0
         for _ in range(grad_accum):
+            if loss_fn_does_backward:
+                total += float(loss_fn(model, next(stream), 1.0 / grad_accum)) / grad_accum
+                continue
             with autocast():
                 loss = loss_fn(model, next(stream)) / grad_accum
             (scaler.scale(loss) if scaler else loss).backward()

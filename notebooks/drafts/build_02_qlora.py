@@ -21,13 +21,15 @@ weights, and measures the claims:
 5. optimizer memory: 32-bit AdamW, 8-bit AdamW, paged AdamW;
 6. the deployment trap: merging an adapter into a 4-bit base.
 
-**Time:** about 3.5 minutes on 2 CPU cores.
+**Time:** about 4 minutes on 2 CPU cores.
 """),
 ("code", r"""
 import copy
+import json
 import logging
 import time
 import warnings
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -47,11 +49,11 @@ SEED = 0
 DEVICE = models.default_device()
 PPL_TEXTS = 8        # held-out code documents for perplexity
 PPL_TOKENS = 128     # tokens per document
-QLORA_STEPS = 8      # training steps of the QLoRA and the 32-bit LoRA run
+QLORA_STEPS = 5      # training steps of the QLoRA and the 32-bit LoRA run
 AGREE_STEPS = 2      # of those, the steps bitsandbytes + peft runs too, for the comparison
 SMOLLM_BATCH = 8
-N_INSTRUCT = 32      # test instructions scored by answer perplexity
-N_EXAMPLES = 6       # of those, answers generated and shown
+N_INSTRUCT = 16      # test instructions scored by answer perplexity
+N_EXAMPLES = 4       # of those, answers generated and shown
 _ = torch.manual_seed(SEED)
 """),
 ("md", r"""
@@ -254,7 +256,7 @@ The paper's headline: LoRA on a 4-bit NF4 base matches LoRA on a 16-bit base. We
 adapter (r = 8 on q and v, same initial A, same batches, learning rate 2e-3) on the float32
 SmolLM2 and on the NF4 + double-quantization copy for the same number of steps and score both on
 chapter 00's instruction task by the perplexity of the right answers (exact match needs far more
-steps than this notebook's budget; chapter 01's benchmark reaches 0.12 after 40).
+steps than this notebook's budget: the benchmark below compares it after 40).
 """),
 ("code", r"""
 instruct_test = data.load_instruct("test")[:N_INSTRUCT]
@@ -299,6 +301,22 @@ for gold, a, b in zip(answers, *(run["examples"] for run in runs.values())):
 lo, ql = runs["LoRA, float32 base"], runs["QLoRA, NF4 + DQ base"]
 assert ql["perplexity"] < base_scores["NF4 + DQ"]["perplexity"] / 5     # QLoRA learned the task
 assert abs(ql["perplexity"] / lo["perplexity"] - 1) < 0.15                # and about as well as 32-bit LoRA
+"""),
+("md", r"""
+### Exact match after 40 steps (benchmark)
+
+`benchmarks/qlora_training.py` runs the same comparison for 40 steps, with bitsandbytes + peft
+as a third run, and scores exact match of the generated answers on 100 test instructions. Too
+long for this notebook; its committed results:
+"""),
+("code", r"""
+bench = json.loads(Path("../benchmarks/results/qlora_training.json").read_text())
+print(f"benchmark run: {bench['command']}  ({bench['date']}, {bench['seconds'] // 60} min on {bench['threads']} CPU threads)")
+print(f"{'':18s} {'exact match':>11s} {'answer ppl':>10s} {'s/step':>7s} {'final loss':>10s}")
+for run in bench["runs"]:
+    print(f"{run['method']:18s} {run['exact_match']:11.2f} {run['perplexity']:10.2f} "
+          f"{run['seconds_per_step']:7.1f} {run['loss'][-1]:10.4f}")
+bench_runs = {run["method"]: run for run in bench["runs"]}
 """),
 ]
 cells += [
@@ -433,17 +451,18 @@ display(Markdown(table))
   17.80 FP4, 18.90 INT4. NF4 is the best 4-bit type and double quantization costs 0.1%. A 135M
   model loses far more to 4 bits (+23%) than the 7B-65B models of the paper, which have more
   redundancy per weight.
-* **"A 4-bit base matches 16-bit LoRA":** after 8 identical steps, answer perplexity 39.18 with
-  the NF4 base against 36.46 with the float32 base (7% apart), both from about 1400 zero-shot.
+* **"A 4-bit base matches 16-bit LoRA":** after 5 identical steps, answer perplexity 54.19 with
+  the NF4 base against 48.13 with the float32 base (13% apart), from 1744 and 1372 zero-shot:
+  the NF4 base starts further away. The benchmark's 40 steps compare exact match.
 * **Our QLoRA equals the production one:** the same initial adapter on our `Linear4bit` and on
   transformers' `BitsAndBytesConfig` + peft gives the same losses to 4 decimals and adapters
   within 1e-4.
 * **8-bit AdamW:** 2.04 bytes per parameter of state for all of SmolLM2 (261 MiB against
   1026 MiB); for LoRA's small adapters only 3.03 bytes, since bitsandbytes keeps 32-bit state for
   tensors under 4096 values. Paged AdamW holds exactly AdamW's bytes.
-* **Merging into a 4-bit base:** re-quantizing after the merge kept 1% of the adapter's update
-  and changed under 0.005% of the 4-bit codes; the perplexity went back to 1683 (the untuned NF4 model: 1883),
-  while dequantize-then-merge reproduced the adapter's 39.18 exactly.
+* **Merging into a 4-bit base:** re-quantizing after the merge kept under 1% of the adapter's
+  update and changed under 0.005% of the 4-bit codes; the perplexity went back to 1607 (the untuned
+  NF4 model: 1744), while dequantize-then-merge reproduced the adapter's 54.19 exactly.
 """),
 ("code", r"""
 # The figures quoted in the paragraph above, checked against what this run computed.
@@ -451,11 +470,12 @@ assert (round(entropy["nf4"], 2), round(entropy["fp4"], 2), round(entropy["int4"
 assert [f"{mean_mse[t]:.1e}" for t in ("nf4", "fp4", "int4")] == ["8.8e-03", "1.6e-02", "1.3e-02"]
 assert round(r["weight_bytes_before"] / 2**20) == 405 and round(r["weight_bytes_after"] / 2**20, 1) == 52.2
 assert [round(v, 2) for v in ppl.values()] == [14.17, 17.47, 17.49, 17.80, 18.90]
-assert (round(lo["perplexity"], 2), round(ql["perplexity"], 2)) == (36.46, 39.18)
+assert (round(lo["perplexity"], 2), round(ql["perplexity"], 2)) == (48.13, 54.19)
+assert (round(base_scores["float32"]["perplexity"]), round(base_scores["NF4 + DQ"]["perplexity"])) == (1372, 1744)
 assert round(full["AdamW8bit"] / full["n"], 2) == 2.04 and round(full["AdamW8bit"] / 2**20) == 261
 assert round(optim_bytes["QLoRA adapters"]["AdamW8bit"] / optim_bytes["QLoRA adapters"]["n"], 2) == 3.03
-assert f"{report['update_kept']:.0%}" == "1%" and f"{report['codes_changed']:.2%}" == "0.00%"
-assert round(c["perplexity"]) == 1683 and round(base_scores["NF4 + DQ"]["perplexity"]) == 1883
+assert report["update_kept"] < 0.01 and report["codes_changed"] < 0.00005
+assert round(c["perplexity"]) == 1607 and round(a["perplexity"], 2) == round(b["perplexity"], 2) == 54.19
 """),
 ("md", r"""
 ## Exercises

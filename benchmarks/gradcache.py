@@ -1,0 +1,170 @@
+"""GradCache on MiniLM: memory and time side by side, and what a larger batch buys (chapter 03).
+
+1. At batch 256 (MiniLM + LoRA r=8 on query/value, code-search pairs, documents cut to 128
+   tokens): the peak of the activations saved for backward (`course_lib.memory.SavedActivations`)
+   for GradCache with chunk 32, an ordinary step at batch 32 and at batch 256; seconds per step
+   of GradCache, of the ordinary batch-256 step, and of sentence-transformers'
+   ``CachedMultipleNegativesRankingLoss`` (mini-batch 32) on the same tokenized batch.
+2. Recall@10 on the code-search test split after one epoch of the training split (4,048 pairs)
+   with batch 16, 64 and 256 (GradCache, chunk 16), LoRA r=8, the same learning rate.
+
+Run:  .venv/bin/python benchmarks/gradcache.py [--batch 256] [--chunk 32] [--repeats 3]
+(about 25 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from course_lib import data, gradcache, lora, models, retrieval, train
+from course_lib.memory import SavedActivations
+
+RESULTS = Path(__file__).parent / "results" / "gradcache.json"
+
+
+def with_lora(base):
+    model = copy.deepcopy(base)
+    lora.inject_lora(model, target_modules=["query", "value"], r=8, lora_alpha=16)
+    return model.train()
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def memory_and_time(base, tokenizer, st_model, batch: int, chunk: int, repeats: int) -> dict:
+    rows = data.load_code_search("train")[:batch]
+    queries, docs = [r["query"] for r in rows], [r["document"] for r in rows]
+    model = with_lora(base)
+    q_enc = lambda t: retrieval.encode_batch(model, tokenizer, t, retrieval.QUERY_MAX_TOKENS)  # noqa: E731
+    d_enc = lambda t: retrieval.encode_batch(model, tokenizer, t, retrieval.DOC_MAX_TOKENS)  # noqa: E731
+
+    def peak(step) -> int:
+        with SavedActivations(model) as saved:
+            step()
+        model.zero_grad(set_to_none=True)
+        return saved.peak
+
+    result = {
+        "activations_gradcache": peak(lambda: gradcache.gradcache_step(q_enc, queries, docs, chunk, doc_encoder=d_enc)),
+        "activations_naive_small": peak(lambda: gradcache.naive_step(q_enc, queries[:chunk], docs[:chunk],
+                                                                     doc_encoder=d_enc)),
+        "activations_naive_full": peak(lambda: gradcache.naive_step(q_enc, queries, docs, doc_encoder=d_enc)),
+    }
+
+    # time: the same tokenized batch for all three, through the sentence-transformers model
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+    lora.inject_lora(st_model[0].auto_model, target_modules=["query", "value"], r=8, lora_alpha=16)
+    st_model.train()
+    st_model.max_seq_length = retrieval.DOC_MAX_TOKENS
+    features = [st_model.tokenize(queries), st_model.tokenize(docs)]
+    encode = lambda f: st_model(dict(f))["sentence_embedding"]  # noqa: E731
+    cached = CachedMultipleNegativesRankingLoss(st_model, scale=20.0, mini_batch_size=chunk)
+
+    def st_step():
+        cached([dict(f) for f in features], None).backward()
+        st_model.zero_grad(set_to_none=True)
+
+    def ours():
+        gradcache.gradcache_step(encode, dict(features[0]), dict(features[1]), chunk)
+        st_model.zero_grad(set_to_none=True)
+
+    def naive():
+        gradcache.naive_step(encode, dict(features[0]), dict(features[1]))
+        st_model.zero_grad(set_to_none=True)
+
+    for name, fn in [("seconds_naive", naive), ("seconds_gradcache", ours), ("seconds_st_cached", st_step)]:
+        result[name] = round(timed(fn, repeats), 3)
+    return result
+
+
+def batch_sweep(base, tokenizer, batches: list[int], chunk: int, lr: float) -> list[dict]:
+    train_rows = data.load_code_search("train")
+    test = data.load_code_search("test")
+    out = []
+    for batch in batches:
+        model = with_lora(base)
+        steps = len(train_rows) // batch
+        q_enc = lambda t, m=model: retrieval.encode_batch(m, tokenizer, t, retrieval.QUERY_MAX_TOKENS)  # noqa: E731
+        d_enc = lambda t, m=model: retrieval.encode_batch(m, tokenizer, t, retrieval.DOC_MAX_TOKENS)  # noqa: E731
+
+        def step(m, rows, scale, q_enc=q_enc, d_enc=d_enc):
+            return gradcache.gradcache_step(q_enc, [r["query"] for r in rows], [r["document"] for r in rows],
+                                            chunk, doc_encoder=d_enc, loss_scale=scale).loss
+
+        history = train.train(model, step, train.batches(train_rows, batch, seed=0), steps=steps, lr=lr,
+                              warmup_steps=max(1, steps // 10), desc=f"batch {batch}", loss_fn_does_backward=True)
+        metrics = retrieval.evaluate_code_search(model, tokenizer, test)
+        out.append({"batch": batch, "steps": steps, "pairs_seen": steps * batch,
+                    "seconds_per_step": round(history.seconds_per_step, 3),
+                    "loss_first": round(history.loss[0], 4), "loss_last": round(history.loss[-1], 4),
+                    **{k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}})
+    return out
+
+
+def figure(name: str, value: float, op: str, target: float) -> str:
+    ok = {"<=": value <= target, ">=": value >= target, ">": value > target, "<": value < target}[op]
+    return f"FIGURE {name}: {value:.3g} (target {op} {target}) {'met' if ok else 'missed'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep", type=int, nargs="*", default=[16, 64, 256])
+    parser.add_argument("--sweep-chunk", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args()
+    started = time.time()
+    torch.manual_seed(0)
+
+    base, tokenizer = models.load_minilm("cpu")
+    st_model = models.load_minilm_sentence_transformer("cpu")
+    baseline = retrieval.evaluate_code_search(base, tokenizer, data.load_code_search("test"))
+    step = memory_and_time(base, tokenizer, st_model, args.batch, args.chunk, args.repeats)
+    sweep = batch_sweep(base, tokenizer, args.sweep, args.sweep_chunk, args.lr) if args.sweep else []
+
+    result = {
+        "command": "python benchmarks/gradcache.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()),
+        "date": str(date.today()), "seconds": round(time.time() - started),
+        "device": "cpu", "threads": torch.get_num_threads(),
+        "step": {"batch": args.batch, "chunk": args.chunk, **step},
+        "baseline": {k: round(v, 4) for k, v in baseline.items() if isinstance(v, float)},
+        "sweep": sweep,
+    }
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+    print(figure("gradcache_over_naive_small_activation_peak",
+                 step["activations_gradcache"] / step["activations_naive_small"], "<=", 1.1))
+    print(figure("naive_full_over_gradcache_activation_peak",
+                 step["activations_naive_full"] / step["activations_gradcache"], ">=", args.batch / args.chunk * 0.8))
+    print(figure("gradcache_over_naive_seconds_per_step", step["seconds_gradcache"] / step["seconds_naive"], "<=", 1.35))
+    print(figure("ours_over_st_cached_seconds_per_step", step["seconds_gradcache"] / step["seconds_st_cached"], "<=", 1.0))
+    if len(sweep) >= 2:
+        print(figure("largest_minus_smallest_batch_recall10", sweep[-1]["recall@10"] - sweep[0]["recall@10"], ">", 0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+import sys
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from nbtools import build
+
+IGN = "nbval-ignore-output"
+cells = [
+("md", r"""
+# 03 · GradCache: a large contrastive batch in the memory of a small one
+
+A retrieval encoder trained with in-batch negatives (chapter 01's code search, the seeds'
+CLIP-style dual encoders) scores every query against every document of its batch: a batch of
+256 pairs gives each query 255 negatives. Larger batches give more negatives, but the
+activations saved for the backward pass grow with the batch. **GradCache** (Gao et al., 2021)
+splits the *step* rather than the batch:
+
+1. embed every chunk of queries and documents **without** an autograd graph;
+2. compute the loss over the whole batch of embeddings and its gradient with respect to each
+   embedding (a tiny graph: the embeddings are its leaves);
+3. embed each chunk again **with** a graph and back-propagate the cached embedding gradients
+   through it, one chunk at a time.
+
+This chapter builds it (`course_lib.gradcache`), proves its gradients are the full batch's with
+dropout on, measures its memory with exact tensor accounting (`course_lib.memory`) and its time
+against the ordinary step and sentence-transformers' `CachedMultipleNegativesRankingLoss`, and
+shows why accumulating small batches is not the same as one large batch.
+
+**Time:** about 3 minutes on 2 CPU cores. The batch-size experiment (one epoch per batch size)
+comes from `benchmarks/gradcache.py`, whose committed results are shown labelled.
+"""),
+("code", r"""
+import copy
+import json
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import Markdown, display
+from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+from course_lib import data, gradcache, lora, memory, models, retrieval
+
+SEED = 0
+DEVICE = models.default_device()
+GRAD_BATCH = 32              # pairs in the gradient-equality demonstration
+GRAD_CHUNK = 8
+MEMORY_BATCHES = [8, 16, 32, 64]   # batch sizes whose step memory is measured
+MEMORY_CHUNK = 16            # GradCache's chunk in that measurement
+TIME_BATCH = 32              # batch of the timing comparison
+TIME_REPEATS = 2
+_ = torch.manual_seed(SEED)
+"""),
+("md", r"""
+## The encoder: MiniLM with LoRA, dropout on
+
+MiniLM embeds a text as the mean of its token vectors (chapter 00); LoRA r = 8 on the query and
+value projections (chapter 01). The model stays in training mode, so dropout (p = 0.1 in
+MiniLM's attention and hidden layers) is active, as it is in a real training step.
+"""),
+("code", r"""
+base, tok = models.load_minilm(DEVICE)
+model = copy.deepcopy(base)
+lora.inject_lora(model, target_modules=["query", "value"], r=8, lora_alpha=16)
+with torch.no_grad():            # B starts at zero, which would make A's gradient zero: give it values
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.02)
+model.train()
+encode_queries = lambda texts: retrieval.encode_batch(model, tok, texts, retrieval.QUERY_MAX_TOKENS)
+encode_docs = lambda texts: retrieval.encode_batch(model, tok, texts, retrieval.DOC_MAX_TOKENS)
+rows = data.load_code_search("train")
+queries, docs = [r["query"] for r in rows], [r["document"] for r in rows]
+print(f"{len(rows)} training pairs; trainable parameters {lora.count_parameters(model)[0]:,d}")
+"""),
+("md", r"""
+## Same gradients as the full batch, exactly
+
+`gradcache.naive_step` is the ordinary step: embed with a graph, loss, `backward`. We run it
+and GradCache from the same seed on the same 32 pairs and compare the gradients of every LoRA
+parameter. The chunks also go through the naive step one at a time (with every graph kept), so
+that both draw their dropout masks in the same order.
+
+The second pass must replay the first pass's dropout masks: GradCache remembers the random
+state at the start of each chunk and restores it (`gradcache.RandomState`). With
+`restore_rng=False` the cached gradients, computed at the first pass's embeddings, are pushed
+through a network with other masks.
+"""),
+("code", r"""
+def lora_grads():
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+def gap(a, b):   # largest relative difference over the parameter tensors
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+
+q, d = queries[:GRAD_BATCH], docs[:GRAD_BATCH]
+torch.manual_seed(SEED)
+naive = gradcache.naive_step(encode_queries, q, d, chunk_size=GRAD_CHUNK, doc_encoder=encode_docs)
+g_naive = lora_grads()
+torch.manual_seed(SEED)
+cached = gradcache.gradcache_step(encode_queries, q, d, GRAD_CHUNK, doc_encoder=encode_docs)
+g_cached = lora_grads()
+torch.manual_seed(SEED)
+gradcache.gradcache_step(encode_queries, q, d, GRAD_CHUNK, doc_encoder=encode_docs, restore_rng=False)
+g_unrestored = lora_grads()
+equal_gap, unrestored_gap = gap(g_cached, g_naive), gap(g_unrestored, g_naive)
+print(f"loss: naive {naive.loss:.6f}, GradCache {cached.loss:.6f}")
+print(f"largest relative gradient difference, GradCache vs naive: {equal_gap:.1e}")
+print(f"the same without restoring the random state:         {unrestored_gap:.1e}")
+assert abs(cached.loss - naive.loss) < 1e-6
+assert equal_gap < 1e-5            # the same gradient up to float32 rounding
+assert unrestored_gap > 1e-2       # a different, wrong gradient
+""", IGN),
+("md", r"""
+The gaps vary in their last digits from machine to machine (float32 sums in another order);
+the assertions hold the claims: GradCache's gradient equals the full batch's to float32
+rounding, and without the random state restored it does not.
+
+## Memory: what a training step holds
+
+`memory.SavedActivations` counts, through `torch.autograd.graph.saved_tensors_hooks`, every
+tensor the forward pass saves for backward (each storage once, until the graph that saved it is
+freed); `memory.measure_step` adds the parameters, the gradients and the optimizer state. We
+measure one optimizer step at several batch sizes, ordinary and GradCache with chunk 16.
+"""),
+("code", r"""
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+def step_memory(batch, chunk=None):
+    q, d = queries[:batch], docs[:batch]
+    def step():
+        if chunk is None:
+            gradcache.naive_step(encode_queries, q, d, doc_encoder=encode_docs)
+        else:
+            gradcache.gradcache_step(encode_queries, q, d, chunk, doc_encoder=encode_docs)
+        optimizer.step()
+    result = memory.measure_step(step, model, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+measured = {"naive": {b: step_memory(b) for b in MEMORY_BATCHES},
+            f"GradCache, chunk {MEMORY_CHUNK}": {b: step_memory(b, MEMORY_CHUNK) for b in MEMORY_BATCHES}}
+mib = lambda x: x / 2**20
+fig, ax = plt.subplots(figsize=(6.5, 3.5))
+for label, by_batch in measured.items():
+    ax.plot(MEMORY_BATCHES, [mib(m["activations_peak"]) for m in by_batch.values()], "o-", label=label)
+ax.set(xlabel="batch size (pairs)", ylabel="activations saved for backward, peak (MiB)",
+       title="MiniLM + LoRA, one training step", xticks=MEMORY_BATCHES)
+ax.legend()
+plt.show()
+print(f"{'batch':>5s} {'naive':>12s} {'GradCache':>12s}   (peak saved activations, MiB)")
+for b in MEMORY_BATCHES:
+    print(f"{b:5d} {mib(measured['naive'][b]['activations_peak']):12.1f} "
+          f"{mib(measured[f'GradCache, chunk {MEMORY_CHUNK}'][b]['activations_peak']):12.1f}")
+"""),
+("code", r"""
+naive_peak = {b: m["activations_peak"] for b, m in measured["naive"].items()}
+gc_peak = {b: m["activations_peak"] for b, m in measured[f"GradCache, chunk {MEMORY_CHUNK}"].items()}
+big, small = MEMORY_BATCHES[-1], MEMORY_BATCHES[0]
+assert naive_peak[big] / naive_peak[small] > 0.8 * big / small      # naive grows with the batch
+assert gc_peak[big] <= 1.1 * naive_peak[MEMORY_CHUNK]                  # GradCache stays at one chunk's
+assert max(gc_peak.values()) / gc_peak[MEMORY_CHUNK] < 1.1             # ... whatever the batch
+"""),
+("md", r"""
+The whole step at the largest batch: the parameters and their optimizer state do not depend on
+the batch, the activations do. GradCache's own cache (the embeddings and their gradients) is
+tiny by comparison: two matrices of batch × 384 floats per side.
+"""),
+("code", r"""
+rows_table = []
+for label, by_batch in measured.items():
+    m = by_batch[big]
+    rows_table.append(f"| {label} | {mib(m['parameters']):.1f} | {mib(m['gradients']):.2f} | "
+                      f"{mib(m['optimizer_state']):.2f} | {mib(m['activations_peak']):.1f} | {mib(m['total']):.1f} |")
+cache_bytes = 2 * 2 * big * 384 * 4    # query and document embeddings, and their gradients, float32
+display(Markdown(f"Batch {big}, MiB:\n\n| step | parameters | gradients | AdamW state | saved activations (peak) | total |\n"
+                 "|---|---|---|---|---|---|\n" + "\n".join(rows_table)))
+total_naive, total_gc = measured["naive"][big]["total"], measured[f"GradCache, chunk {MEMORY_CHUNK}"][big]["total"]
+print(f"GradCache's embedding cache at batch {big}: {cache_bytes / 2**10:.0f} KiB")
+print(f"total step memory saved by GradCache at batch {big}: {1 - total_gc / total_naive:.0%}")
+"""),
+("md", r"""
+## Time: one extra forward pass
+
+GradCache embeds every text twice, once without and once with a graph, so a step should cost
+about one extra forward pass: forward + backward is roughly three forwards, so about 4/3 of the
+ordinary step. sentence-transformers implements the same method as
+`CachedMultipleNegativesRankingLoss`; we time the three on the same tokenized batch through the
+sentence-transformers model (the tests check that its loss and gradients equal ours).
+"""),
+("code", r"""
+st = models.load_minilm_sentence_transformer(DEVICE)
+lora.inject_lora(st[0].auto_model, target_modules=["query", "value"], r=8, lora_alpha=16)
+st.train()
+st.max_seq_length = retrieval.DOC_MAX_TOKENS
+features = [st.tokenize(queries[:TIME_BATCH]), st.tokenize(docs[:TIME_BATCH])]
+st_encode = lambda f: st(dict(f))["sentence_embedding"]
+st_loss = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=MEMORY_CHUNK)
+
+def seconds(fn):
+    fn()                                   # warm-up
+    times = []
+    for _ in range(TIME_REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        st.zero_grad(set_to_none=True)
+    return min(times)
+
+timing = {
+    "naive": seconds(lambda: gradcache.naive_step(st_encode, dict(features[0]), dict(features[1]))),
+    "GradCache (course_lib)": seconds(lambda: gradcache.gradcache_step(
+        st_encode, dict(features[0]), dict(features[1]), MEMORY_CHUNK)),
+    "CachedMNRL (sentence-transformers)": seconds(lambda: st_loss([dict(f) for f in features], None).backward()),
+}
+for label, s in timing.items():
+    print(f"{label:36s} {s:6.2f} s per step ({s / timing['naive']:.2f}x naive)")
+""", IGN),
+("code", r"""
+ratio = timing["GradCache (course_lib)"] / timing["naive"]
+assert 1.0 < ratio < 2.0     # an extra forward pass: more than the naive step, far less than twice
+"""),
+("md", r"""
+## Accumulating small batches is not one large batch
+
+Gradient accumulation sums the gradients of several small batches before one optimizer step,
+and people expect it to reproduce the large batch. For a loss that compares each query with
+the *other* documents of its batch it cannot: two accumulated batches of 32 give each query 31
+negatives, one batch of 64 gives 63. For the same embeddings the large batch's loss is larger
+(each softmax denominator has more terms) and its gradient points elsewhere. GradCache gives the
+large batch's gradient in the small batch's memory. Dropout is off here so both see the same
+embeddings.
+"""),
+("code", r"""
+model.eval()
+large = gradcache.gradcache_step(encode_queries, queries[:64], docs[:64], 16, doc_encoder=encode_docs)
+g_large = lora_grads()
+small = [gradcache.gradcache_step(encode_queries, queries[s], docs[s], 16, doc_encoder=encode_docs, loss_scale=0.5)
+         for s in (slice(0, 32), slice(32, 64))]
+g_accumulated = lora_grads()
+model.train()
+flat = lambda g: torch.cat([v.flatten() for v in g.values()])
+cosine = torch.nn.functional.cosine_similarity(flat(g_large), flat(g_accumulated), dim=0).item()
+accumulated_loss = (small[0].loss + small[1].loss) / 2
+print(f"loss: one batch of 64 {large.loss:.4f}, two accumulated batches of 32 {accumulated_loss:.4f}")
+print(f"gradients: relative difference {gap(g_accumulated, g_large):.2f}, cosine {cosine:.3f}")
+assert large.loss > accumulated_loss
+assert gap(g_accumulated, g_large) > 0.05
+"""),
+("md", r"""
+## Does a larger batch help? (benchmark)
+
+Is it worth it? `benchmarks/gradcache.py` trains MiniLM + LoRA for one epoch of the training
+split (the same pairs seen, so fewer steps for larger batches) with batch 16, 64 and 256, using
+GradCache with chunk 16 so that every run fits the memory of a batch of 16, then scores the
+code-search test split. Too long for this notebook; its committed results:
+"""),
+("code", r"""
+bench = json.loads(Path("../benchmarks/results/gradcache.json").read_text())
+print(f"benchmark run: {bench['command']}  ({bench['date']}, {bench['seconds'] // 60} min on {bench['threads']} CPU threads)")
+fig, ax = plt.subplots(figsize=(6, 3.2))
+sweep = bench["sweep"]
+ax.plot([s["batch"] for s in sweep], [s["recall@10"] for s in sweep], "o-", label="after one epoch")
+ax.axhline(bench["baseline"]["recall@10"], color="gray", ls=":", label="pretrained MiniLM")
+ax.set(xscale="log", xticks=[s["batch"] for s in sweep], xticklabels=[s["batch"] for s in sweep],
+       xlabel="batch size (pairs), GradCache chunk 16", ylabel="test recall@10",
+       title="MiniLM + LoRA r=8, code search (benchmark)")
+ax.legend()
+plt.show()
+print(f"{'batch':>5s} {'steps':>5s} {'recall@10':>9s} {'MRR':>6s} {'s/step':>7s}")
+for s in sweep:
+    print(f"{s['batch']:5d} {s['steps']:5d} {s['recall@10']:9.3f} {s['mrr']:6.3f} {s['seconds_per_step']:7.1f}")
+st_ = bench["step"]
+print(f"\nbatch {st_['batch']}: saved activations GradCache (chunk {st_['chunk']}) {st_['activations_gradcache'] / 2**20:.0f} MiB, "
+      f"naive {st_['activations_naive_full'] / 2**20:.0f} MiB, naive at batch {st_['chunk']} {st_['activations_naive_small'] / 2**20:.0f} MiB")
+print(f"seconds per step: naive {st_['seconds_naive']:.1f}, GradCache {st_['seconds_gradcache']:.1f}, "
+      f"sentence-transformers cached {st_['seconds_st_cached']:.1f}")
+"""),
+("md", r"""
+## What we measured
+"""),
+("code", r"""
+display(Markdown(f'''
+| quantity | measured here |
+|---|---|
+| GradCache vs full-batch gradient, dropout on | equal to float32 rounding (< 1e-5 relative) |
+| the same without restoring the random state | wrong by more than 1e-2 relative |
+| peak saved activations, naive, batch {small} → {big} | {mib(naive_peak[small]):.0f} → {mib(naive_peak[big]):.0f} MiB |
+| peak saved activations, GradCache chunk {MEMORY_CHUNK}, batch {small} → {big} | {mib(gc_peak[small]):.0f} → {mib(gc_peak[big]):.0f} MiB |
+| total step memory saved at batch {big} | {1 - total_gc / total_naive:.0%} |
+| one batch of 64 vs two accumulated batches of 32: loss | {large.loss:.3f} vs {accumulated_loss:.3f} |
+'''))
+"""),
+("md", r"""
+## What the seeds claim, and what we measured
+
+* **"GradCache caches the intermediate activations"** (the seed's diagram): it caches the
+  opposite, the gradient of the loss with respect to each *embedding*, a batch × 384 matrix per
+  side; the activations are recomputed, chunk by chunk, in a second forward pass.
+* **"Exactly equivalent to training without it"**: true, and measured above to float32
+  rounding, with dropout on, *if* the random state of each chunk is replayed; without that the
+  gradient is wrong by more than 1%.
+* **"Saves 30-40% of memory"**: the saving depends on the batch and the chunk, not on a fixed
+  percentage. The saved activations stay at one chunk's (flat in the plot) while the naive
+  step's grow linearly with the batch; the whole step's saving at batch 64 with chunk 16 is
+  printed above, and it grows with the batch.
+* **"Training speed: fast"**: GradCache is *slower* per step than the ordinary step it replaces,
+  by about one extra forward pass (timing above); it buys memory, not speed.
+* **Gradient accumulation** is not a substitute: accumulated small batches have fewer in-batch
+  negatives, a smaller loss and a different gradient.
+"""),
+("md", r"""
+## Exercises
+
+Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
+`BEGIN SOLUTION` / `END SOLUTION` markers.
+
+**Exercise 1: the cache by hand.** Write `embedding_gradients(qe, de)`: the gradient of
+`retrieval.in_batch_negatives_loss(qe, de)` with respect to the query and the document
+embeddings, the two matrices GradCache caches in step 2. The check pushes them through a linear
+encoder by the chain rule ($\partial L / \partial W = G_q^\top X_q + G_d^\top X_d$) and compares
+with the ordinary backward pass.
+"""),
+("code", r"""
+def embedding_gradients(qe, de):
+    # BEGIN SOLUTION
+    qe, de = qe.detach().requires_grad_(True), de.detach().requires_grad_(True)
+    return torch.autograd.grad(retrieval.in_batch_negatives_loss(qe, de), [qe, de])
+    # END SOLUTION
+
+g = torch.Generator().manual_seed(1)
+print([tuple(t.shape) for t in embedding_gradients(torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g))])
+"""),
+("code", r"""
+layer = torch.nn.Linear(16, 8, bias=False)
+qx, dx = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+gradcache.naive_step(layer, qx, dx)
+with torch.no_grad():
+    qe, de = layer(qx), layer(dx)
+q_cache, d_cache = embedding_gradients(qe, de)
+assert torch.allclose(q_cache.T @ qx + d_cache.T @ dx, layer.weight.grad, atol=1e-6)
+"""),
+("md", r"""
+**Exercise 2: a loss of your own.** GradCache accepts any loss over the two embedding matrices.
+Write the symmetric (CLIP) loss as a function `clip_loss(q, d)` and check that a GradCache step
+with it gives the naive step's gradient on a small linear encoder.
+"""),
+("code", r"""
+# BEGIN SOLUTION
+def clip_loss(q, d):
+    logits = 20.0 * torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(d, dim=-1).T
+    labels = torch.arange(len(q))
+    return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+# END SOLUTION
+print(clip_loss(torch.eye(4), torch.eye(4)).item() < 1e-3)
+"""),
+("code", r"""
+enc = torch.nn.Linear(16, 8)
+x_q, x_d = torch.randn(12, 16, generator=g), torch.randn(12, 16, generator=g)
+gradcache.naive_step(enc, x_q, x_d, loss_fn=clip_loss)
+expected = enc.weight.grad.clone()
+enc.zero_grad()
+gradcache.gradcache_step(enc, x_q, x_d, 5, loss_fn=clip_loss)
+assert torch.allclose(enc.weight.grad, expected, atol=1e-6)
+assert abs(clip_loss(x_q, x_d).item() - retrieval.in_batch_negatives_loss(x_q, x_d, symmetric=True).item()) < 1e-5
+"""),
+("md", r"""
+**Exercise 3 (open).** Re-run the memory measurement with `MEMORY_CHUNK = 4` and with 32. How
+does the peak change, and what does the step time do? Where would you set the chunk on a GPU
+with 8 GB?
+"""),
+]
+
+build(cells, sys.argv[1])

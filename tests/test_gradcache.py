@@ -1,0 +1,224 @@
+"""GradCache (course_lib.gradcache) against the full-batch gradient and sentence-transformers.
+
+The references are independent of the implementation: the ordinary full-batch backward pass
+(`naive_step`, which keeps every chunk's graph) and sentence-transformers'
+``CachedMultipleNegativesRankingLoss``. Dropout stays **on** in the gradient tests.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from course_lib import data, gradcache, lora, retrieval
+
+MAX_TOKENS = 32  # short sequences keep a batch-64 step of the real MiniLM to a few seconds
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    rows = data.load_code_search("train")[:64]
+    return [r["query"] for r in rows], [r["document"] for r in rows]
+
+
+@pytest.fixture()
+def encoder(minilm):
+    model, tokenizer = minilm
+    model = copy.deepcopy(model).train()          # dropout on (hidden and attention, p=0.1)
+    return model, lambda texts: retrieval.encode_batch(model, tokenizer, texts, MAX_TOKENS)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def relative_gap(a: dict, b: dict) -> float:
+    """‖a − b‖ / ‖b‖ over all parameters' gradients together. (Per tensor it would be noise for
+    tensors whose true gradient is zero, e.g. attention key biases: softmax ignores a constant.)"""
+    assert a.keys() == b.keys() and a
+    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(g)])  # noqa: E731
+    return ((flat(a) - flat(b)).norm() / flat(b).norm()).item()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 24, 64])   # 24 does not divide 64
+def test_gradients_equal_the_full_batch_with_dropout_on(encoder, pairs, chunk_size):
+    model, encode = encoder
+    queries, docs = pairs
+    torch.manual_seed(1)
+    reference = gradcache.naive_step(encode, queries, docs, chunk_size=chunk_size)
+    expected = grads(model)
+    torch.manual_seed(1)
+    result = gradcache.gradcache_step(encode, queries, docs, chunk_size)
+    assert result.n_chunks == 2 * -(-64 // chunk_size)
+    assert result.loss == pytest.approx(reference.loss, rel=1e-6)
+    assert relative_gap(grads(model), expected) < 1e-5
+    # every encoder parameter that the loss reaches got a gradient (the pooler is not used)
+    assert len(expected) == sum(1 for n, _ in model.named_parameters() if "pooler" not in n)
+
+
+def test_one_chunk_is_the_plain_batch(encoder, pairs):
+    """chunk_size = batch: the reference is the ordinary single forward over all 64 pairs."""
+    model, encode = encoder
+    queries, docs = pairs
+    torch.manual_seed(2)
+    q = encode(queries)
+    d = encode(docs)
+    retrieval.in_batch_negatives_loss(q, d).backward()
+    expected = grads(model)
+    torch.manual_seed(2)
+    gradcache.gradcache_step(encode, queries, docs, chunk_size=64)
+    assert relative_gap(grads(model), expected) < 1e-5
+
+
+def test_without_restoring_the_random_state_the_gradient_is_wrong(encoder, pairs):
+    model, encode = encoder
+    queries, docs = pairs
+    torch.manual_seed(3)
+    gradcache.naive_step(encode, queries[:32], docs[:32], chunk_size=8)
+    expected = grads(model)
+    torch.manual_seed(3)
+    gradcache.gradcache_step(encode, queries[:32], docs[:32], 8, restore_rng=False)
+    assert relative_gap(grads(model), expected) > 1e-2    # other dropout masks: not the loss's gradient
+
+
+def test_lora_encoder_and_accumulation(minilm, pairs):
+    """LoRA-wrapped MiniLM (lora_dropout on too), two GradCache steps accumulated with
+    loss_scale 1/2 equal two accumulated ordinary steps."""
+    base, tokenizer = minilm
+    model = copy.deepcopy(base).train()
+    lora.inject_lora(model, target_modules=["query", "value"], r=8, lora_alpha=16, lora_dropout=0.1)
+    with torch.no_grad():   # B = 0 at init would make A's gradient zero: give B values
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    encode = lambda texts: retrieval.encode_batch(model, tokenizer, texts, MAX_TOKENS)  # noqa: E731
+    queries, docs = pairs
+    torch.manual_seed(4)
+    for half in (slice(0, 32), slice(32, 64)):
+        gradcache.naive_step(encode, queries[half], docs[half], chunk_size=8, loss_scale=0.5)
+    expected = grads(model)
+    torch.manual_seed(4)
+    for half in (slice(0, 32), slice(32, 64)):
+        gradcache.gradcache_step(encode, queries[half], docs[half], 8, loss_scale=0.5)
+    got = grads(model)
+    assert all("lora_" in k for k in got) and len(got) == 2 * 2 * 6   # A and B, q and v, 6 layers
+    assert relative_gap(got, expected) < 1e-5
+
+
+def test_accumulating_small_batches_is_not_one_large_batch(encoder, pairs):
+    """Two accumulated batches of 32 see 31 negatives per query, one batch of 64 sees 63: a
+    different loss (a larger softmax denominator, so the large batch's loss is larger for the
+    same embeddings) and a different gradient."""
+    model, encode = encoder
+    model.eval()                                     # dropout off: the embeddings are the same in both
+    queries, docs = pairs
+    large = gradcache.gradcache_step(encode, queries, docs, 16)
+    g_large = grads(model)
+    small = [gradcache.gradcache_step(encode, queries[s], docs[s], 16, loss_scale=0.5)
+             for s in (slice(0, 32), slice(32, 64))]
+    g_small = grads(model)
+    assert large.loss > (small[0].loss + small[1].loss) / 2
+    assert relative_gap(g_small, g_large) > 0.05
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_symmetric_loss_option(encoder, pairs, symmetric):
+    model, encode = encoder
+    model.eval()
+    queries, docs = pairs[0][:16], pairs[1][:16]
+    loss_fn = gradcache.contrastive_loss(scale=20.0, symmetric=symmetric)
+    reference = gradcache.naive_step(encode, queries, docs, loss_fn=loss_fn)
+    expected = grads(model)
+    result = gradcache.gradcache_step(encode, queries, docs, 4, loss_fn=loss_fn)
+    assert result.loss == pytest.approx(reference.loss, rel=1e-6)
+    assert relative_gap(grads(model), expected) < 1e-5
+
+
+def test_separate_query_and_document_encoders(minilm, pairs):
+    base, tokenizer = minilm
+    q_model, d_model = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
+    q_enc = lambda t: retrieval.encode_batch(q_model, tokenizer, t, MAX_TOKENS)  # noqa: E731
+    d_enc = lambda t: retrieval.encode_batch(d_model, tokenizer, t, MAX_TOKENS)  # noqa: E731
+    queries, docs = pairs[0][:16], pairs[1][:16]
+    gradcache.naive_step(q_enc, queries, docs, doc_encoder=d_enc)
+    expected_q, expected_d = grads(q_model), grads(d_model)
+    gradcache.gradcache_step(q_enc, queries, docs, 4, doc_encoder=d_enc)
+    assert relative_gap(grads(q_model), expected_q) < 1e-5
+    assert relative_gap(grads(d_model), expected_d) < 1e-5
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_equals_sentence_transformers_cached_mnrl(pairs, train_mode):
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    from course_lib.models import load_minilm_sentence_transformer
+
+    st = load_minilm_sentence_transformer("cpu")
+    st.max_seq_length = MAX_TOKENS
+    st.train(train_mode)
+    queries, docs = pairs[0][:32], pairs[1][:32]
+    features = [st.tokenize(queries), st.tokenize(docs)]
+    loss_fn = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=8)
+    torch.manual_seed(5)
+    theirs = loss_fn([dict(f) for f in features], None)
+    theirs.backward()
+    expected = grads(st)
+    encode = lambda f: st(dict(f))["sentence_embedding"]  # noqa: E731  (ST adds keys to the dict it gets)
+    torch.manual_seed(5)
+    ours = gradcache.gradcache_step(encode, dict(features[0]), dict(features[1]), 8)
+    assert ours.loss == pytest.approx(theirs.item(), rel=1e-5)
+    assert relative_gap(grads(st), expected) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+def _toy():
+    layer = torch.nn.Linear(4, 3)
+    return layer, (lambda x: layer(x)), torch.randn(6, 4), torch.randn(6, 4)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -2, 1.5, True])
+def test_bad_chunk_size(chunk_size):
+    _, enc, q, d = _toy()
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        gradcache.gradcache_step(enc, q, d, chunk_size)
+
+
+def test_mismatched_pairs():
+    _, enc, q, d = _toy()
+    with pytest.raises(ValueError, match="must match"):
+        gradcache.gradcache_step(enc, q, d[:5], 2)
+    with pytest.raises(ValueError, match="must match"):
+        gradcache.naive_step(enc, ["a", "b"], ["c"])
+
+
+def test_encoder_must_return_2d_embeddings():
+    layer, _, q, d = _toy()
+    with pytest.raises(ValueError, match="2-D tensor of embeddings"):
+        gradcache.gradcache_step(lambda x: layer(x).unsqueeze(1), q, d, 2)
+    with pytest.raises(ValueError, match="2-D tensor of embeddings"):
+        gradcache.gradcache_step(lambda x: {"emb": layer(x)}, q, d, 2)
+
+
+def test_loss_must_be_a_scalar():
+    _, enc, q, d = _toy()
+    with pytest.raises(ValueError, match="scalar"):
+        gradcache.gradcache_step(enc, q, d, 2, loss_fn=lambda a, b: (a * b).sum(1))
+    with pytest.raises(ValueError, match="scalar"):
+        gradcache.naive_step(enc, q, d, loss_fn=lambda a, b: (a * b).sum(1))
+
+
+def test_random_state_is_replayed_and_caller_stream_untouched():
+    torch.manual_seed(0)
+    state = gradcache.RandomState()
+    first = torch.rand(3)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    torch.rand(3)
+    with state:
+        replay = torch.rand(3)
+    assert torch.equal(replay, first)
+    assert torch.equal(torch.rand(3), after)     # the replay did not advance the caller's stream

@@ -8,6 +8,8 @@ optimizer state + peak saved activations, and on CUDA the allocator's peak besid
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import nn
 
@@ -41,7 +43,7 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 class _Saved:
     """What the pack hook hands autograd: the tensor plus a ticket that is returned on release."""
-    __slots__ = ("tensor", "_release", "__weakref__")
+    __slots__ = ("__weakref__", "_release", "tensor")
 
     def __init__(self, tensor: torch.Tensor, release) -> None:
         self.tensor = tensor
@@ -104,7 +106,7 @@ class SavedActivations:
     def reset_peak(self) -> None:
         self.peak = self.current
 
-    def __enter__(self) -> "SavedActivations":
+    def __enter__(self) -> Self:
         self._hooks.__enter__()
         return self
 

@@ -164,6 +164,17 @@ def retrieval_metrics(query_emb: torch.Tensor, doc_emb: torch.Tensor, relevant: 
     return out
 
 
+def embed_code_search(model, tokenizer, pairs: Sequence[dict], distractors: Sequence[dict] = (),
+                      batch_size: int = 64, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query embeddings of ``pairs`` and document embeddings of the corpus: the pairs' own
+    documents first (query i's document is row i), then the distractors."""
+    queries = [p["query"] for p in pairs]
+    docs = [p["document"] for p in pairs] + [d["document"] for d in distractors]
+    q = embed(model, tokenizer, queries, batch_size, QUERY_MAX_TOKENS, progress=progress and "queries")
+    d = embed(model, tokenizer, docs, batch_size, DOC_MAX_TOKENS, progress=progress and "documents")
+    return q, d
+
+
 def evaluate_code_search(model, tokenizer, pairs: Sequence[dict], distractors: Sequence[dict] = (),
                          ks: Sequence[int] = (1, 10), batch_size: int = 64,
                          progress: bool = False) -> dict:
@@ -171,12 +182,9 @@ def evaluate_code_search(model, tokenizer, pairs: Sequence[dict], distractors: S
 
     Returns the metrics plus ``n_queries`` and ``n_docs`` so a reader knows the corpus size.
     """
-    queries = [p["query"] for p in pairs]
-    docs = [p["document"] for p in pairs] + [d["document"] for d in distractors]
-    q = embed(model, tokenizer, queries, batch_size, QUERY_MAX_TOKENS, progress=progress and "queries")
-    d = embed(model, tokenizer, docs, batch_size, DOC_MAX_TOKENS, progress=progress and "documents")
+    q, d = embed_code_search(model, tokenizer, pairs, distractors, batch_size, progress)
     metrics = retrieval_metrics(q, d, list(range(len(pairs))), ks)
-    return {**metrics, "n_queries": len(queries), "n_docs": len(docs)}
+    return {**metrics, "n_queries": len(q), "n_docs": len(d)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def relative_gap(a: dict, b: dict) -> float:
     """‖a − b‖ / ‖b‖ over all parameters' gradients together. (Per tensor it would be noise for
     tensors whose true gradient is zero, e.g. attention key biases: softmax ignores a constant.)"""
     assert a.keys() == b.keys() and a
-    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(g)])  # noqa: E731
+    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(g)])
     return ((flat(a) - flat(b)).norm() / flat(b).norm()).item()
 
 
@@ -93,7 +93,7 @@ def test_lora_encoder_and_accumulation(minilm, pairs):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    encode = lambda texts: retrieval.encode_batch(model, tokenizer, texts, MAX_TOKENS)  # noqa: E731
+    encode = lambda texts: retrieval.encode_batch(model, tokenizer, texts, MAX_TOKENS)
     queries, docs = pairs
     torch.manual_seed(4)
     for half in (slice(0, 32), slice(32, 64)):
@@ -139,8 +139,8 @@ def test_symmetric_loss_option(encoder, pairs, symmetric):
 def test_separate_query_and_document_encoders(minilm, pairs):
     base, tokenizer = minilm
     q_model, d_model = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
-    q_enc = lambda t: retrieval.encode_batch(q_model, tokenizer, t, MAX_TOKENS)  # noqa: E731
-    d_enc = lambda t: retrieval.encode_batch(d_model, tokenizer, t, MAX_TOKENS)  # noqa: E731
+    q_enc = lambda t: retrieval.encode_batch(q_model, tokenizer, t, MAX_TOKENS)
+    d_enc = lambda t: retrieval.encode_batch(d_model, tokenizer, t, MAX_TOKENS)
     queries, docs = pairs[0][:16], pairs[1][:16]
     gradcache.naive_step(q_enc, queries, docs, doc_encoder=d_enc)
     expected_q, expected_d = grads(q_model), grads(d_model)
@@ -165,7 +165,7 @@ def test_equals_sentence_transformers_cached_mnrl(pairs, train_mode):
     theirs = loss_fn([dict(f) for f in features], None)
     theirs.backward()
     expected = grads(st)
-    encode = lambda f: st(dict(f))["sentence_embedding"]  # noqa: E731  (ST adds keys to the dict it gets)
+    encode = lambda f: st(dict(f))["sentence_embedding"]
     torch.manual_seed(5)
     ours = gradcache.gradcache_step(encode, dict(features[0]), dict(features[1]), 8)
     assert ours.loss == pytest.approx(theirs.item(), rel=1e-5)
@@ -222,3 +222,30 @@ def test_random_state_is_replayed_and_caller_stream_untouched():
         replay = torch.rand(3)
     assert torch.equal(replay, first)
     assert torch.equal(torch.rand(3), after)     # the replay did not advance the caller's stream
+
+
+def test_tokenized_chunks_drop_only_the_padding_they_share():
+    ids = torch.tensor([[5, 6, 0, 0, 0], [7, 0, 0, 0, 0], [1, 2, 3, 4, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).long(), "lengths": [2, 1, 4]}
+    first, second = gradcache.chunks(batch, 2)
+    assert torch.equal(first["input_ids"], ids[:2, :2]) and first["attention_mask"].shape == (2, 2)
+    assert torch.equal(second["input_ids"], ids[2:, :4])
+    assert first["lengths"] == [2, 1, 4]      # non-tensor entries pass through untouched
+
+
+def test_code_search_step_gradcache_equals_ordinary(minilm):
+    """The step the chapters train with: GradCache (chunk 3) and the ordinary step give the same
+    loss and gradients (dropout off, so any chunking embeds alike), with an MRL loss too."""
+    from course_lib.matryoshka import MatryoshkaLoss
+
+    base, tokenizer = minilm
+    model = copy.deepcopy(base).eval()
+    rows = data.load_code_search("train")[:8]
+    for loss_fn in (None, MatryoshkaLoss(matryoshka_dims=(384, 64))):
+        plain = gradcache.code_search_step(tokenizer, None, loss_fn)(model, rows, 0.5)
+        expected = grads(model)
+        cached = gradcache.code_search_step(tokenizer, 3, loss_fn)(model, rows, 0.5)
+        assert cached == pytest.approx(plain, rel=1e-5)
+        assert relative_gap(grads(model), expected) < 1e-5
+    with pytest.raises(ValueError, match="positive integer or None"):
+        gradcache.code_search_step(tokenizer, 0)

@@ -70,3 +70,35 @@ def test_frozen_model_is_refused():
     model = nn.Linear(2, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         train.train(model, _mse, iter([]), steps=1, progress=False)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_a_loss_that_does_its_own_backward_trains_like_the_plain_loss(grad_accum):
+    """GradCache plugs into the loop with loss_fn_does_backward: the same parameters after three
+    steps as the ordinary loss (with accumulation too: it must honour loss_scale)."""
+    from course_lib import gradcache, retrieval
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(6, generator=g), torch.randn(6, generator=g)) for _ in range(48)]
+
+    def run(own_backward: bool):
+        torch.manual_seed(0)
+        model = nn.Linear(6, 4)
+
+        def plain(m, rows):
+            return retrieval.in_batch_negatives_loss(m(torch.stack([q for q, _ in rows])),
+                                                     m(torch.stack([d for _, d in rows])))
+
+        def cached(m, rows, scale):
+            return gradcache.gradcache_step(m, torch.stack([q for q, _ in rows]), torch.stack([d for _, d in rows]),
+                                            3, loss_scale=scale).loss
+
+        history = train.train(model, cached if own_backward else plain, train.batches(pairs, 8, seed=0), steps=3,
+                              lr=1e-2, grad_accum=grad_accum, progress=False, loss_fn_does_backward=own_backward)
+        return model, history
+
+    (a, ha), (b, hb) = run(False), run(True)
+    assert ha.loss == pytest.approx(hb.loss, rel=1e-6)
+    assert torch.allclose(a.weight, b.weight, atol=1e-6) and torch.allclose(a.bias, b.bias, atol=1e-6)
+    torch.manual_seed(0)
+    assert not torch.allclose(a.weight, nn.Linear(6, 4).weight, atol=1e-3)   # it did train

@@ -292,7 +292,7 @@ plt.show()
 print(f"answer perplexity on {N_INSTRUCT} test instructions")
 for label, s in [("zero-shot, float32", base_scores["float32"]), ("zero-shot, NF4 + DQ", base_scores["NF4 + DQ"])] + \
         [(label, run) for label, run in runs.items()]:
-    print(f"  {label:22s} {s['perplexity']:8.2f}")
+    print(f"  {label:22s} {s['perplexity']:8.4g}")
 print(f"\n{'gold':16s} {'LoRA, float32 base':24s} QLoRA, NF4 + DQ base")
 for gold, a, b in zip(answers, *(run["examples"] for run in runs.values())):
     print(f"{gold:16s} {a!r:24s} {b!r}")
@@ -317,6 +317,7 @@ for run in bench["runs"]:
     print(f"{run['method']:18s} {run['exact_match']:11.2f} {run['perplexity']:10.2f} "
           f"{run['seconds_per_step']:7.1f} {run['loss'][-1]:10.4f}")
 bench_runs = {run["method"]: run for run in bench["runs"]}
+lora_b, ours_b, bnb_b = (bench_runs[k] for k in ("lora_fp32", "qlora_course_lib", "qlora_bnb_peft"))
 """),
 ]
 cells += [
@@ -397,8 +398,8 @@ print(f"\n{'':30s} {'perplexity':>10s} {'linear layers':>16s}")
 sizes = {"unmerged on NF4 (as trained)": "4.1 bits + LoRA", "dequantize + merge (float32)": "32 bits",
          "merge + re-quantize (NF4)": "4.1 bits"}
 for label, s in deploy_scores.items():
-    print(f"{label:30s} {s['perplexity']:10.2f} {sizes[label]:>16s}")
-print(f"{'no adapter (NF4 + DQ base)':30s} {base_scores['NF4 + DQ']['perplexity']:10.2f}")
+    print(f"{label:30s} {s['perplexity']:10.4g} {sizes[label]:>16s}")
+print(f"{'no adapter (NF4 + DQ base)':30s} {base_scores['NF4 + DQ']['perplexity']:10.4g}")
 """),
 ("code", r"""
 a, b, c = (deploy_scores[k] for k in deploy)
@@ -427,10 +428,11 @@ table = f'''
 | mean relative MSE, NF4 / FP4 / INT4 / INT8 | {mean_mse["nf4"]:.1e} / {mean_mse["fp4"]:.1e} / {mean_mse["int4"]:.1e} / {mean_mse["int8"]:.1e} |
 | bits per weight, NF4 / NF4 + DQ | {reports["NF4"]["bits_per_parameter"]:.3f} / {reports["NF4 + DQ"]["bits_per_parameter"]:.3f} |
 | linear layers, float32 → NF4 + DQ | {r["weight_bytes_before"] / 2**20:.0f} MiB → {r["weight_bytes_after"] / 2**20:.1f} MiB |
-| perplexity float32 / NF4 / NF4+DQ / FP4 / INT4 | {" / ".join(f"{v:.2f}" for v in ppl.values())} |
-| answer perplexity after {QLORA_STEPS} steps, LoRA float32 / QLoRA | {lo["perplexity"]:.2f} / {ql["perplexity"]:.2f} |
+| perplexity float32 / NF4 / NF4+DQ / FP4 / INT4 | {" / ".join(f"{v:.3f}" for v in ppl.values())} |
+| answer perplexity after {QLORA_STEPS} steps, LoRA float32 / QLoRA | {lo["perplexity"]:.4g} / {ql["perplexity"]:.4g} |
 | AdamW state for all SmolLM2 parameters, 32-bit / 8-bit | {full["AdamW"] / 2**20:.0f} MiB / {full["AdamW8bit"] / 2**20:.0f} MiB |
-| merge + re-quantize: share of ΔW kept / perplexity | {report["update_kept"]:.0%} / {c["perplexity"]:.2f} (unmerged {a["perplexity"]:.2f}) |
+| exact match after 40 steps (benchmark), LoRA float32 / QLoRA ours / QLoRA bnb + peft | {lora_b["exact_match"]:.2f} / {ours_b["exact_match"]:.2f} / {bnb_b["exact_match"]:.2f} |
+| merge + re-quantize: share of ΔW kept / perplexity | {report["update_kept"]:.0%} / {c["perplexity"]:.4g} (unmerged {a["perplexity"]:.4g}) |
 '''
 display(Markdown(table))
 """),
@@ -451,12 +453,17 @@ display(Markdown(table))
   17.80 FP4, 18.90 INT4. NF4 is the best 4-bit type and double quantization costs 0.1%. A 135M
   model loses far more to 4 bits (+23%) than the 7B-65B models of the paper, which have more
   redundancy per weight.
-* **"A 4-bit base matches 16-bit LoRA":** after 5 identical steps, answer perplexity 54.19 with
-  the NF4 base against 48.13 with the float32 base (13% apart), from 1744 and 1372 zero-shot:
-  the NF4 base starts further away. The benchmark's 40 steps compare exact match.
+* **"A 4-bit base matches 16-bit LoRA":** not on this model at these budgets. After 5 identical
+  steps, answer perplexity 54.19 with the NF4 base against 48.13 with the float32 base (13%
+  apart), from 1744 and 1372 zero-shot: the NF4 base starts further away. After the benchmark's
+  40 steps the gap remains: exact match 0.07 against 0.14 and answer perplexity 12.39 against
+  10.52 (its `FIGURE` lines report both targets as missed). The paper's claim is for 7B-65B
+  models trained to convergence, where a 4-bit base loses far less than our 135M model (+23%
+  perplexity here); we cannot test that on a CPU, and do not claim it.
 * **Our QLoRA equals the production one:** the same initial adapter on our `Linear4bit` and on
   transformers' `BitsAndBytesConfig` + peft gives the same losses to 4 decimals and adapters
-  within 1e-4.
+  within 1e-4 here, and in the benchmark the same loss at every one of 40 steps and the same
+  exact match and perplexity; ours took 1.22x bitsandbytes' time per step.
 * **8-bit AdamW:** 2.04 bytes per parameter of state for all of SmolLM2 (261 MiB against
   1026 MiB); for LoRA's small adapters only 3.03 bytes, since bitsandbytes keeps 32-bit state for
   tensors under 4096 values. Paged AdamW holds exactly AdamW's bytes.
@@ -469,13 +476,18 @@ display(Markdown(table))
 assert (round(entropy["nf4"], 2), round(entropy["fp4"], 2), round(entropy["int4"], 2)) == (3.86, 3.70, 3.61)
 assert [f"{mean_mse[t]:.1e}" for t in ("nf4", "fp4", "int4")] == ["8.8e-03", "1.6e-02", "1.3e-02"]
 assert round(r["weight_bytes_before"] / 2**20) == 405 and round(r["weight_bytes_after"] / 2**20, 1) == 52.2
-assert [round(v, 2) for v in ppl.values()] == [14.17, 17.47, 17.49, 17.80, 18.90]
-assert (round(lo["perplexity"], 2), round(ql["perplexity"], 2)) == (48.13, 54.19)
+# (tolerances of 0.01 where a float32 sum in another order on another CPU may move the last digit)
+close = lambda got, want, tol=0.01: all(abs(a - b) <= tol for a, b in zip(got, want, strict=True))
+assert close(ppl.values(), [14.17, 17.47, 17.49, 17.80, 18.90])
+assert close((lo["perplexity"], ql["perplexity"]), (48.13, 54.19), 0.05)
 assert (round(base_scores["float32"]["perplexity"]), round(base_scores["NF4 + DQ"]["perplexity"])) == (1372, 1744)
 assert round(full["AdamW8bit"] / full["n"], 2) == 2.04 and round(full["AdamW8bit"] / 2**20) == 261
 assert round(optim_bytes["QLoRA adapters"]["AdamW8bit"] / optim_bytes["QLoRA adapters"]["n"], 2) == 3.03
 assert report["update_kept"] < 0.01 and report["codes_changed"] < 0.00005
-assert round(c["perplexity"]) == 1607 and round(a["perplexity"], 2) == round(b["perplexity"], 2) == 54.19
+assert (ours_b["exact_match"], lora_b["exact_match"], ours_b["perplexity"], lora_b["perplexity"]) == (0.07, 0.14, 12.386, 10.519)
+assert ours_b["loss"] == bnb_b["loss"] and ours_b["exact_match"] == bnb_b["exact_match"]
+assert round(ours_b["seconds_per_step"] / bnb_b["seconds_per_step"], 2) == 1.22
+assert close((c["perplexity"], a["perplexity"], b["perplexity"]), (1607, 54.19, 54.19), 0.5)
 """),
 ("md", r"""
 ## Exercises

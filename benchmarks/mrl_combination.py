@@ -1,0 +1,148 @@
+"""The seeds' combination table at the course's scale: full fine-tuning, LoRA, LoRA + GradCache,
+LoRA + MRL and all three on MiniLM code search (chapter 04).
+
+Every method sees the same training pairs in the same order (``--pairs`` of the training split,
+batch ``--batch``), LoRA r=16 on query/value (the seeds' table uses r=16), GradCache with chunk
+``--chunk``, MRL over dimensions 384/256/128/64/32 with weight 1 each. Reported per method:
+recall@1/@10 and MRR on the code-search test split against its 506 documents plus
+``--distractors`` distractors, at every MRL dimension; trainable parameters; the memory of one
+training step by exact accounting (`course_lib.memory.measure_step`: parameters, gradients, AdamW
+state, peak saved activations); seconds per step and the time of one epoch of the training split
+(seconds per step × steps per epoch).
+
+Run:  .venv/bin/python benchmarks/mrl_combination.py [--pairs 2048] [--batch 64] [--distractors 2000]
+(about 20 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from course_lib import data, gradcache, lora, matryoshka, memory, models, retrieval, train
+
+RESULTS = Path(__file__).parent / "results" / "mrl_combination.json"
+DIMS = (384, 256, 128, 64, 32)
+METHODS = {  # name: (LoRA?, GradCache?, MRL?)
+    "full fine-tuning": (False, False, False),
+    "LoRA": (True, False, False),
+    "LoRA + GradCache": (True, True, False),
+    "LoRA + MRL": (True, False, True),
+    "LoRA + GradCache + MRL": (True, True, True),
+}
+# The seeds' table (Flickr30k, CLIP, 3 epochs on a GPU): recall@1, memory, training time.
+SEEDS = {
+    "full fine-tuning": {"recall@1": 0.712, "memory_gb": 24, "hours": 3.5},
+    "LoRA": {"recall@1": 0.710, "memory_gb": 8, "hours": 2.0},
+    "LoRA + GradCache": {"recall@1": 0.709, "memory_gb": 5, "hours": 2.2},
+    "LoRA + MRL": {"recall@1": 0.728, "memory_gb": 10, "hours": 2.5},
+    "LoRA + GradCache + MRL": {"recall@1": 0.726, "memory_gb": 6, "hours": 2.1},
+}
+
+
+def build(base, use_lora: bool, r: int):
+    model = copy.deepcopy(base)
+    if use_lora:
+        lora.inject_lora(model, target_modules=["query", "value"], r=r, lora_alpha=2 * r)
+    return model.train()
+
+
+def step_memory(model, step, rows, lr: float) -> dict:
+    """One optimizer step of a copy of ``model`` on ``rows``, measured by exact accounting."""
+    probe = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW([p for p in probe.parameters() if p.requires_grad], lr=lr)
+
+    def one_step():
+        step(probe, rows, 1.0)
+        optimizer.step()
+
+    return memory.measure_step(one_step, probe, optimizer)
+
+
+def scores(model, tokenizer, test, distractors) -> dict:
+    q, d = retrieval.embed_code_search(model, tokenizer, test, distractors)
+    by_dim = matryoshka.metrics_by_dim(q, d, list(range(len(test))), DIMS)
+    return {str(dim): {k: round(v, 4) for k, v in m.items()} for dim, m in by_dim.items()}
+
+
+def figure(name: str, value: float, op: str, target: float) -> str:
+    ok = {"<=": value <= target, ">=": value >= target, ">": value > target, "<": value < target}[op]
+    return f"FIGURE {name}: {value:.3g} (target {op} {target}) {'met' if ok else 'missed'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=2048, help="training pairs seen by every method")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=16)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--lr-lora", type=float, default=1e-3)
+    parser.add_argument("--lr-full", type=float, default=2e-5)
+    parser.add_argument("--distractors", type=int, default=2000)
+    args = parser.parse_args()
+    started = time.time()
+
+    base, tokenizer = models.load_minilm("cpu")
+    train_rows = data.load_code_search("train")
+    test = data.load_code_search("test")
+    distractors = data.load_distractors(n=args.distractors, seed=0)
+    steps = args.pairs // args.batch
+    first_batch = next(train.batches(train_rows, args.batch, seed=0))
+    result = {
+        "command": "python benchmarks/mrl_combination.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "date": str(date.today()), "device": "cpu", "threads": torch.get_num_threads(),
+        "steps": steps, "steps_per_epoch": len(train_rows) // args.batch, "train_pairs": len(train_rows),
+        "n_queries": len(test), "n_docs": len(test) + len(distractors), "dims": list(DIMS),
+        "seeds_flickr30k": SEEDS,
+        "untrained": scores(base, tokenizer, test, distractors),
+        "methods": {},
+    }
+    for name, (use_lora, use_gc, use_mrl) in METHODS.items():
+        torch.manual_seed(0)
+        model = build(base, use_lora, args.r)
+        loss_fn = matryoshka.MatryoshkaLoss(matryoshka_dims=DIMS) if use_mrl else None
+        step = gradcache.code_search_step(tokenizer, args.chunk if use_gc else None, loss_fn)
+        lr = args.lr_lora if use_lora else args.lr_full
+        mem = step_memory(model, step, first_batch, lr)
+        history = train.train(model, step, train.batches(train_rows, args.batch, seed=0), steps=steps, lr=lr,
+                              warmup_steps=max(1, steps // 10), desc=name, loss_fn_does_backward=True)
+        result["methods"][name] = {
+            "trainable": lora.count_parameters(model)[0],
+            "memory": mem,
+            "seconds_per_step": round(history.seconds_per_step, 3),
+            "epoch_seconds": round(history.seconds_per_step * result["steps_per_epoch"]),
+            "loss_first": round(history.loss[0], 4), "loss_last": round(history.loss[-1], 4),
+            "scores": scores(model, tokenizer, test, distractors),
+        }
+        print(name, json.dumps(result["methods"][name]["scores"]["384"]), json.dumps(result["methods"][name]["scores"]["64"]))
+        del model
+    result["seconds"] = round(time.time() - started)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+    m = result["methods"]
+    r_at = lambda name, dim, k: m[name]["scores"][str(dim)][f"recall@{k}"]
+    total = lambda name: m[name]["memory"]["total"]
+    print(figure("lora_minus_full_recall10_at_384", r_at("LoRA", 384, 10) - r_at("full fine-tuning", 384, 10), ">=", -0.02))
+    print(figure("gradcache_minus_lora_recall1_at_384_abs",
+                 abs(r_at("LoRA + GradCache", 384, 1) - r_at("LoRA", 384, 1)), "<=", 0.02))
+    print(figure("gradcache_over_lora_step_memory", total("LoRA + GradCache") / total("LoRA"), "<=", 0.5))
+    print(figure("mrl_over_lora_step_memory", total("LoRA + MRL") / total("LoRA"), "<=", 1.05))
+    print(figure("mrl_minus_lora_recall10_at_64", r_at("LoRA + MRL", 64, 10) - r_at("LoRA", 64, 10), ">", 0))
+    print(figure("mrl_minus_lora_recall10_at_384", r_at("LoRA + MRL", 384, 10) - r_at("LoRA", 384, 10), ">=", -0.01))
+    print(figure("gradcache_over_lora_epoch_time", m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"],
+                 "<=", 1.5))
+
+
+if __name__ == "__main__":
+    main()

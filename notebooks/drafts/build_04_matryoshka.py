@@ -1,0 +1,375 @@
+import sys
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from nbtools import build
+
+IGN = "nbval-ignore-output"
+cells = [
+("md", r"""
+# 04 · Matryoshka embeddings: one vector, many sizes
+
+MiniLM embeds a text as 384 numbers. Cut that vector to its first 64 and search quality
+collapses: the model spread what it knows over all 384. **Matryoshka Representation Learning**
+(MRL, Kusupati et al., 2022) trains the embedding so that its prefixes (the first 32, 64, 128,
+256 numbers) are each good embeddings, like nested dolls. The network does not change; only the
+loss does: the same contrastive loss is computed on every prefix, each re-normalised, and summed.
+
+What that buys is at search time: a 64-number prefix is a six times smaller index, and a
+**two-stage search** shortlists candidates cheaply at the small size, then re-ranks only the
+shortlist at full size. This chapter
+
+1. builds the Matryoshka loss (`course_lib.matryoshka`, checked against sentence-transformers'
+   `MatryoshkaLoss` in the tests) and trains MiniLM + LoRA with and without it,
+2. measures recall@10 at every prefix size: where MRL keeps its accuracy and plain truncation
+   loses it,
+3. measures two-stage search: recall against shortlist size and time, index bytes per vector,
+4. shows the seeds' headline table (full fine-tuning, LoRA, LoRA + GradCache, LoRA + MRL, all
+   three) reproduced at this scale, and checks which of its conclusions hold.
+
+**Time:** about 3 minutes on 2 CPU cores. The search speed-up on the full 20,506-document corpus
+and the combination table come from `benchmarks/mrl_search.py` and
+`benchmarks/mrl_combination.py`, whose committed results are shown labelled.
+"""),
+("code", r"""
+import copy
+import json
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import Markdown, display
+
+from course_lib import data, gradcache, lora, matryoshka, models, retrieval, train
+
+SEED = 0
+DEVICE = models.default_device()
+TRAIN_STEPS = 24         # contrastive steps for each model (LoRA with and without MRL)
+BATCH = 32               # pairs per step
+N_DISTRACTORS = 1000     # distractors added to the 506 test documents (the benchmark uses all 20,000)
+MRL_DIMS = (384, 256, 128, 64, 32)                  # the nested dimensions the loss trains
+EVAL_DIMS = [32, 48, 64, 96, 128, 192, 256, 384]   # prefix sizes we score
+SHORTLIST_DIM = 64
+KS = [10, 20, 50, 100, 200, 500]                    # shortlist sizes of the two-stage search
+_ = torch.manual_seed(SEED)
+"""),
+("md", r"""
+## The loss: the same loss on every prefix
+
+For a batch of query embeddings $q$ and document embeddings $d$ (384 numbers each) and nested
+dimensions $m_1 > m_2 > \dots$, the Matryoshka loss is
+
+$$L = \sum_i w_i \; \ell\big(\mathrm{norm}(q_{:, :m_i}),\ \mathrm{norm}(d_{:, :m_i})\big)$$
+
+where $\ell$ is the in-batch-negatives loss of chapters 01 and 03 and $\mathrm{norm}$ rescales
+each prefix to unit length (a unit vector's prefix is shorter than 1, by a different amount for
+each vector). It costs no extra forward pass: the prefixes are slices of the same output.
+On a batch of training pairs, the pretrained MiniLM's loss grows as the prefix shrinks:
+"""),
+("code", r"""
+base, tok = models.load_minilm(DEVICE)
+train_rows = data.load_code_search("train")
+test_pairs = data.load_code_search("test")
+distractors = data.load_distractors(n=N_DISTRACTORS, seed=SEED)
+mrl_loss = matryoshka.MatryoshkaLoss(matryoshka_dims=MRL_DIMS)
+print(mrl_loss)
+with torch.no_grad():
+    batch = train_rows[:BATCH]
+    q = retrieval.encode_batch(base.eval(), tok, [r["query"] for r in batch], retrieval.QUERY_MAX_TOKENS)
+    d = retrieval.encode_batch(base, tok, [r["document"] for r in batch], retrieval.DOC_MAX_TOKENS)
+    per_dim = {m: v.item() for m, v in mrl_loss.per_dim(q, d).items()}
+for m, v in per_dim.items():
+    print(f"loss at the first {m:3d} numbers: {v:.3f}")
+print(f"Matryoshka loss (sum, weights 1): {mrl_loss(q, d).item():.3f}")
+assert per_dim[32] > per_dim[384]
+assert abs(mrl_loss(q, d).item() - sum(per_dim.values())) < 1e-4
+"""),
+("md", r"""
+## Training with and without MRL
+
+Two copies of MiniLM with LoRA r = 16 on the query and value projections (the seeds' rank), the
+same pairs in the same order, the same learning rate; one trained with the ordinary loss, one
+with the Matryoshka loss over 384/256/128/64/32. The step is `gradcache.code_search_step`, the
+ordinary step here (GradCache would give the same gradients, chapter 03).
+"""),
+("code", r"""
+def fit(loss_fn, desc):
+    torch.manual_seed(SEED)
+    model = copy.deepcopy(base)
+    lora.inject_lora(model, target_modules=["query", "value"], r=16, lora_alpha=32)
+    history = train.train(model, gradcache.code_search_step(tok, None, loss_fn),
+                          train.batches(train_rows, BATCH, seed=SEED), steps=TRAIN_STEPS, lr=1e-3,
+                          warmup_steps=2, seed=SEED, desc=desc, loss_fn_does_backward=True)
+    return model, history
+
+lora_plain, history_plain = fit(None, "LoRA")
+lora_mrl, history_mrl = fit(mrl_loss, "LoRA + MRL")
+print(f"{TRAIN_STEPS} steps of {BATCH} pairs each: {history_plain.seconds_per_step:.1f} s/step without MRL, "
+      f"{history_mrl.seconds_per_step:.1f} s/step with")
+""", IGN),
+("md", r"""
+## Recall at every prefix size
+
+Each model embeds the 506 test queries and a corpus of their 506 functions plus
+`N_DISTRACTORS` distractors; we truncate both sides to each prefix size, re-normalise, and
+measure recall@10 (`matryoshka.metrics_by_dim`).
+"""),
+("code", r"""
+relevant = list(range(len(test_pairs)))
+embeddings, by_dim = {}, {}
+for name, model in [("pretrained", base), ("LoRA", lora_plain), ("LoRA + MRL", lora_mrl)]:
+    embeddings[name] = retrieval.embed_code_search(model, tok, test_pairs, distractors)
+    by_dim[name] = matryoshka.metrics_by_dim(*embeddings[name], relevant, EVAL_DIMS)
+n_docs = embeddings["LoRA"][1].shape[0]
+
+fig, ax = plt.subplots(figsize=(6.5, 3.6))
+for name, metrics in by_dim.items():
+    ax.plot(EVAL_DIMS, [metrics[m]["recall@10"] for m in EVAL_DIMS], "o-", label=name)
+ax.set(xscale="log", xticks=EVAL_DIMS, xticklabels=EVAL_DIMS, xlabel="dimensions kept (prefix)",
+       ylabel="test recall@10", title=f"MiniLM code search, {len(relevant)} queries, {n_docs} documents")
+ax.legend()
+plt.show()
+print(f"{'dims':>4s} " + " ".join(f"{name:>11s}" for name in by_dim) + "   (recall@10)")
+for m in EVAL_DIMS:
+    print(f"{m:4d} " + " ".join(f"{by_dim[name][m]['recall@10']:11.3f}" for name in by_dim))
+"""),
+("code", r"""
+r10 = {name: {m: v["recall@10"] for m, v in metrics.items()} for name, metrics in by_dim.items()}
+# plain truncation loses accuracy as the prefix shrinks; MRL keeps more of it at every small prefix
+assert r10["pretrained"][32] < r10["pretrained"][384] - 0.1 and r10["LoRA"][32] < r10["LoRA"][384] - 0.1
+assert all(r10["LoRA + MRL"][m] > r10["LoRA"][m] for m in (32, 48, 64))
+# at full size MRL costs little or nothing
+assert r10["LoRA + MRL"][384] >= r10["LoRA"][384] - 0.02
+drop = {name: r10[name][384] - r10[name][64] for name in r10}
+display(Markdown(
+    f"From 384 to 64 numbers, recall@10 falls by {drop['pretrained']:.3f} for the pretrained model and "
+    f"{drop['LoRA']:.3f} for LoRA without MRL, but by {drop['LoRA + MRL']:.3f} with MRL. At 32 numbers MRL "
+    f"keeps {r10['LoRA + MRL'][32]:.3f} against {r10['LoRA'][32]:.3f}; at the full 384 the two are "
+    f"{r10['LoRA + MRL'][384]:.3f} (MRL) and {r10['LoRA'][384]:.3f}."))
+"""),
+("md", r"""
+## Two-stage search: shortlist small, re-rank big
+
+`matryoshka.TwoStageIndex` stores the corpus twice: the 64-number prefixes (the shortlist
+index) and the full vectors. A search scores every document on the small index, keeps the best
+`k`, and re-ranks only those `k` at 384 numbers. With `k` equal to the whole corpus the re-rank
+sees every document and the result *is* full-dimension brute force (the tests check it); the
+question is how small `k` can be.
+"""),
+("code", r"""
+q_emb, d_emb = embeddings["LoRA + MRL"]
+index = matryoshka.TwoStageIndex(d_emb, SHORTLIST_DIM)
+full_recall = by_dim["LoRA + MRL"][384]["recall@10"]
+
+def seconds(fn, repeats=5):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+full_unit = torch.nn.functional.normalize(d_emb, dim=-1)
+q_unit = torch.nn.functional.normalize(q_emb, dim=-1)
+brute_seconds = seconds(lambda: (q_unit @ full_unit.T).topk(10, dim=1))
+two_stage = {}
+for k in KS:
+    result = index.search(q_emb, k, top=10)
+    two_stage[k] = {"recall@10": matryoshka.two_stage_recall(result, relevant, ks=(10,))["recall@10"],
+                    "seconds": seconds(lambda k=k: index.search(q_emb, k, top=10))}
+fig, ax = plt.subplots(figsize=(6, 3.4))
+ax.plot([v["seconds"] * 1e3 for v in two_stage.values()], [v["recall@10"] for v in two_stage.values()], "o-",
+        label=f"two-stage, shortlist at {SHORTLIST_DIM}")
+for k, v in two_stage.items():
+    ax.annotate(f"k={k}", (v["seconds"] * 1e3, v["recall@10"]), fontsize=8, textcoords="offset points", xytext=(4, -10))
+ax.plot([brute_seconds * 1e3], [full_recall], "s", color="black", label="brute force, 384")
+ax.set(xlabel=f"milliseconds for all {len(relevant)} queries", ylabel="recall@10", title=f"{n_docs} documents")
+ax.legend()
+plt.show()
+print(f"brute force at 384: recall@10 {full_recall:.3f}, {brute_seconds * 1e3:.1f} ms")
+for k, v in two_stage.items():
+    print(f"k = {k:4d}: recall@10 {v['recall@10']:.3f}, {v['seconds'] * 1e3:.1f} ms, "
+          f"{brute_seconds / v['seconds']:.1f}x brute force")
+""", IGN),
+("code", r"""
+exhaustive = index.search(q_emb, n_docs, top=10)     # k = the whole corpus: brute force exactly
+assert matryoshka.two_stage_recall(exhaustive, relevant, ks=(10,))["recall@10"] == full_recall
+recall_by_k = {k: round(v["recall@10"], 3) for k, v in two_stage.items()}
+print("recall@10 by shortlist size:", recall_by_k)
+enough = [k for k in KS if two_stage[k]["recall@10"] >= 0.99 * full_recall]
+print(f"smallest shortlist within 1% of brute force: k = {enough[0]} of {n_docs} documents")
+assert enough and enough[0] <= 100      # a shortlist of at most 100 recovers full-size search
+assert all(two_stage[a]["recall@10"] <= two_stage[b]["recall@10"] + 1e-9 for a, b in zip(KS, KS[1:]))  # larger k never hurts
+"""),
+("md", r"""
+At this corpus size (about 1,500 documents) a full-size scan is already a millisecond-scale
+matrix product, so the speed-ups printed above are small and noisy; the two-stage search pays
+for its second stage (gathering `k` full vectors per query) and wins only once the corpus is
+large. `benchmarks/mrl_search.py` measures it on all 20,506 documents and on a million synthetic
+vectors (below).
+
+### Index bytes per vector
+
+The shortlist index can also be quantised: int8 (one byte per number plus a float32 scale per
+vector) or one sign bit per number (binary; scored by Hamming distance). Each stores the same
+64-number prefixes; the re-rank stays at full float32.
+"""),
+("code", r"""
+bytes_per_vector = {f"float32, {m}": matryoshka.build_index(d_emb[:1], m, "float32").nbytes for m in (384, 64)}
+for kind in ("int8", "binary"):
+    bytes_per_vector[f"{kind}, {SHORTLIST_DIM}"] = matryoshka.build_index(d_emb[:1], SHORTLIST_DIM, kind).nbytes
+quantised_recall = {}
+for kind in matryoshka.INDEX_TYPES:
+    result = matryoshka.TwoStageIndex(d_emb, SHORTLIST_DIM, kind).search(q_emb, 100, top=10)
+    quantised_recall[kind] = matryoshka.two_stage_recall(result, relevant, ks=(10,))["recall@10"]
+for name, b in bytes_per_vector.items():
+    print(f"{name:14s} {b:5d} bytes per vector")
+print(f"two-stage recall@10 with k=100 from a {SHORTLIST_DIM}-number shortlist index: " +
+      ", ".join(f"{kind} {r:.3f}" for kind, r in quantised_recall.items()) + f" (brute force {full_recall:.3f})")
+assert bytes_per_vector == {"float32, 384": 1536, "float32, 64": 256, "int8, 64": 68, "binary, 64": 8}
+assert quantised_recall["int8"] >= quantised_recall["float32"] - 0.01
+"""),
+("md", r"""
+## The search at full scale (benchmark)
+
+`benchmarks/mrl_search.py` trains the same kind of LoRA + MRL model on 2,048 pairs, embeds the
+506 test queries against all 20,506 documents, and times brute force against two-stage search
+for shortlist dimensions 32, 64, 128 and shortlists of 10 to 1,000; then it times the chosen
+setting on a million synthetic unit vectors (timing only: random vectors have no Matryoshka
+structure, so their recall means nothing). Its committed results:
+"""),
+("code", r"""
+search = json.loads(Path("../benchmarks/results/mrl_search.json").read_text())
+print(f"benchmark run: {search['command']}\n  ({search['date']}, {search['seconds'] // 60} min on {search['threads']} CPU threads)")
+bf = search["brute_force"]
+print(f"brute force, {search['n_queries']} queries x {search['n_docs']} documents at 384: "
+      f"recall@10 {bf['recall@10']:.3f}, {bf['seconds'] * 1e3:.0f} ms")
+fig, ax = plt.subplots(figsize=(6.5, 3.6))
+for dim in sorted({s["dim"] for s in search["two_stage"]}):
+    rows = [s for s in search["two_stage"] if s["dim"] == dim]
+    ax.plot([s["speedup"] for s in rows], [s["recall@10"] for s in rows], "o-", label=f"shortlist at {dim}")
+ax.axhline(0.99 * bf["recall@10"], color="gray", ls=":", label="99% of brute force")
+ax.axvline(1, color="black", lw=0.8)
+ax.set(xscale="log", xlabel="speed-up over brute force", ylabel="recall@10",
+       title=f"two-stage search, {search['n_docs']} documents (benchmark)")
+ax.legend(fontsize=8)
+plt.show()
+best = search["best_at_99pct"]
+print(f"fastest setting within 1% of brute force: shortlist at {best['dim']}, k = {best['k']}: "
+      f"recall@10 {best['recall@10']:.3f}, {best['speedup']:.1f}x faster")
+syn = search["synthetic_timing_only"]
+print(f"the same setting on {syn['n_docs']:,d} synthetic vectors (timing only): brute force "
+      f"{syn['seconds_brute_force']:.2f} s, two-stage {syn['seconds_two_stage']:.2f} s for {syn['n_queries']} queries, "
+      f"{syn['speedup']:.1f}x")
+"""),
+("md", r"""
+SEARCH_PROSE
+"""),
+("code", r"""
+SEARCH_ASSERTS
+"""),
+("md", r"""
+## The seeds' combination table, at this scale (benchmark)
+
+The seeds' headline table trains CLIP on Flickr30k for three epochs five ways. We reproduce its
+*comparisons* on code search with MiniLM: `benchmarks/mrl_combination.py` trains each method on
+the same 2,048 pairs in the same order (batch 64; LoRA r = 16; GradCache chunk 16; MRL over
+384…32), measures one training step's memory by chapter 03's exact accounting, and scores the
+test split against 2,506 documents at 384 and at 64 numbers.
+"""),
+("code", r"""
+combo = json.loads(Path("../benchmarks/results/mrl_combination.json").read_text())
+print(f"benchmark run: {combo['command']}\n  ({combo['date']}, {combo['seconds'] // 60} min on {combo['threads']} CPU threads)")
+mib = lambda b: b / 2**20
+rows_md = []
+for name, m in combo["methods"].items():
+    s384, s64, seed = m["scores"]["384"], m["scores"]["64"], combo["seeds_flickr30k"][name]
+    rows_md.append(f"| {name} | {s384['recall@1']:.3f} | {s384['recall@10']:.3f} | {s64['recall@1']:.3f} | "
+                   f"{s64['recall@10']:.3f} | {m['trainable']:,d} | {mib(m['memory']['total']):.0f} | "
+                   f"{m['epoch_seconds'] / 60:.1f} | {seed['recall@1']:.1%} | {seed['memory_gb']} GB | {seed['hours']} h |")
+u = combo["untrained"]
+rows_md.append(f"| pretrained, no training | {u['384']['recall@1']:.3f} | {u['384']['recall@10']:.3f} | "
+               f"{u['64']['recall@1']:.3f} | {u['64']['recall@10']:.3f} | 0 | | | | | |")
+display(Markdown(
+    f"Ours: {combo['n_queries']} queries, {combo['n_docs']} documents; memory of one training step (MiB); "
+    f"time per epoch of the {combo['train_pairs']:,d} training pairs (min, 2 CPU cores). "
+    "Seeds: Flickr30k, CLIP, 3 epochs on a GPU.\n\n"
+    "| method | R@1 384 | R@10 384 | R@1 64 | R@10 64 | trainable | step memory | min/epoch | seeds R@1 | seeds memory | seeds time |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows_md)))
+"""),
+("md", r"""
+COMBO_PROSE
+"""),
+("code", r"""
+COMBO_ASSERTS
+"""),
+("md", r"""
+## What we measured
+"""),
+("code", r"""
+display(Markdown(f'''
+| quantity | measured here |
+|---|---|
+| recall@10 at 384 → 64 → 32 numbers, LoRA without MRL | {r10["LoRA"][384]:.3f} → {r10["LoRA"][64]:.3f} → {r10["LoRA"][32]:.3f} |
+| the same with MRL | {r10["LoRA + MRL"][384]:.3f} → {r10["LoRA + MRL"][64]:.3f} → {r10["LoRA + MRL"][32]:.3f} |
+| smallest shortlist (at {SHORTLIST_DIM} numbers) within 1% of brute force, {n_docs} documents | k = {enough[0]} |
+| index bytes per vector: float32 384 / float32 64 / int8 64 / binary 64 | 1536 / 256 / 68 / 8 |
+| two-stage speed-up at ≥ 99% of brute-force recall@10, {search["n_docs"]:,d} documents (benchmark) | {best["speedup"]:.1f}x |
+| the same setting on {syn["n_docs"]:,d} synthetic vectors (benchmark, timing only) | {syn["speedup"]:.1f}x |
+'''))
+"""),
+("md", r"""
+## Exercises
+
+Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
+`BEGIN SOLUTION` / `END SOLUTION` markers.
+
+**Exercise 1: a prefix, re-normalised.** Write `prefix(emb, m)`: the first `m` numbers of each
+row of `emb`, rescaled to unit length. The check compares it with `matryoshka.truncate` and
+shows why the re-normalisation matters for cosine scores.
+"""),
+("code", r"""
+def prefix(emb, m):
+    # BEGIN SOLUTION
+    return torch.nn.functional.normalize(emb[:, :m], dim=-1)
+    # END SOLUTION
+
+g = torch.Generator().manual_seed(1)
+x = torch.nn.functional.normalize(torch.randn(5, 384, generator=g), dim=-1)
+print(tuple(prefix(x, 64).shape))
+"""),
+("code", r"""
+assert torch.allclose(prefix(x, 64), matryoshka.truncate(x, 64), atol=1e-6)
+assert torch.allclose(prefix(x, 64).norm(dim=1), torch.ones(5), atol=1e-5)
+assert (x[:, :64].norm(dim=1) < 0.9).all()      # without re-normalising, a prefix is far shorter than 1
+"""),
+("md", r"""
+**Exercise 2: two-stage search by hand.** Write `two_stage(q, docs, k, m)` returning, for each
+query, the index of its best document found by shortlisting `k` documents at the first `m`
+numbers and re-ranking them at full size. The check compares it with `matryoshka.two_stage_search`
+on the chapter's real embeddings.
+"""),
+("code", r"""
+def two_stage(q, docs, k, m):
+    # BEGIN SOLUTION
+    norm = torch.nn.functional.normalize
+    shortlist = (norm(q[:, :m], dim=-1) @ norm(docs[:, :m], dim=-1).T).topk(k, dim=1).indices
+    full = torch.einsum("qd,qkd->qk", norm(q, dim=-1), norm(docs, dim=-1)[shortlist])
+    return shortlist.gather(1, full.argmax(dim=1, keepdim=True)).squeeze(1)
+    # END SOLUTION
+
+print(two_stage(q_emb[:3], d_emb, 20, 32).tolist())
+"""),
+("code", r"""
+expected = matryoshka.two_stage_search(q_emb[:50], d_emb, k=20, shortlist_dim=32, top=1).indices.squeeze(1)
+assert torch.equal(two_stage(q_emb[:50], d_emb, 20, 32), expected)
+"""),
+("md", r"""
+**Exercise 3 (open).** Train LoRA + MRL with weights that favour the small prefixes
+(`matryoshka_weights=(1, 1, 1, 2, 4)`) and plot its recall curve beside the two above. What
+does the full-size recall pay for the gain at 32? Then try a binary shortlist index at 128
+numbers (16 bytes per vector): which `k` recovers brute force?
+"""),
+]
+
+build(cells, sys.argv[1])

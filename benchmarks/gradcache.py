@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import time
 from datetime import date
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from report import figure, timed
 
 from course_lib import data, gradcache, lora, models, retrieval, train
 from course_lib.memory import SavedActivations
@@ -39,16 +39,6 @@ def with_lora(base):
     lora.inject_lora(model, target_modules=["query", "value"], r=8, lora_alpha=16)
     return model.train()
 
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def memory_and_time(base, tokenizer, st_model, batch: int, chunk: int, repeats: int) -> dict:
@@ -120,10 +110,6 @@ def batch_sweep(base, tokenizer, batches: list[int], chunk: int, lr: float, pair
                     **{k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}})
     return out
 
-
-def figure(name: str, value: float, op: str, target: float) -> str:
-    ok = {"<=": value <= target, ">=": value >= target, ">": value > target, "<": value < target}[op]
-    return f"FIGURE {name}: {value:.3g} (target {op} {target}) {'met' if ok else 'missed'}"
 
 
 def main() -> None:

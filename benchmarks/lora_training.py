@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from report import figure
 
 from course_lib import data, lora, models, retrieval, train
 from course_lib.memory import optimizer_state_bytes
@@ -76,10 +77,6 @@ def run_smollm(base, tokenizer, method: str, steps: int, batch: int, test: list)
     del model, optimizer
     return result
 
-
-def figure(name: str, value: float, op: str, target: float) -> str:
-    ok = {"<=": value <= target, ">=": value >= target, ">": value > target, "<": value < target}[op]
-    return f"FIGURE {name}: {value:.3g} (target {op} {target}) {'met' if ok else 'missed'}"
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from report import figure
 
 from course_lib import data, gradcache, lora, matryoshka, memory, models, retrieval, train
 
@@ -73,10 +74,6 @@ def scores(model, tokenizer, test, distractors) -> dict:
     by_dim = matryoshka.metrics_by_dim(q, d, list(range(len(test))), DIMS)
     return {str(dim): {k: round(v, 4) for k, v in m.items()} for dim, m in by_dim.items()}
 
-
-def figure(name: str, value: float, op: str, target: float) -> str:
-    ok = {"<=": value <= target, ">=": value >= target, ">": value > target, "<": value < target}[op]
-    return f"FIGURE {name}: {value:.3g} (target {op} {target}) {'met' if ok else 'missed'}"
 
 
 def main() -> None:

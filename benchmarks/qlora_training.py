@@ -30,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from report import figure
 
 from course_lib import data, lora, models, qlora, retrieval, train
 from course_lib.memory import optimizer_state_bytes
@@ -58,10 +59,6 @@ def run(label: str, model, tokenizer, steps: int, batch: int, test: list) -> dic
             "exact_match": round(retrieval.exact_match(predictions, answers), 4),
             "perplexity": round(retrieval.perplexity(model, tokenizer, instructions, answers), 3)}
 
-
-def figure(name: str, value: float, op: str, target: float) -> str:
-    ok = {"<=": value <= target, ">=": value >= target, ">": value > target, "<": value < target}[op]
-    return f"FIGURE {name}: {value:.3g} (target {op} {target}) {'met' if ok else 'missed'}"
 
 
 def main() -> None:

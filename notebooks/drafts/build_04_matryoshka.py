@@ -199,12 +199,11 @@ print("recall@10 by shortlist size:", recall_by_k)
 enough = [k for k in KS if two_stage[k]["recall@10"] >= 0.99 * full_recall]
 print(f"smallest shortlist within 1% of brute force: k = {enough[0]} of {n_docs} documents")
 assert enough and enough[0] <= 100      # a shortlist of at most 100 recovers full-size search
-assert all(two_stage[a]["recall@10"] <= two_stage[b]["recall@10"] + 1e-9 for a, b in zip(KS, KS[1:]))  # larger k never hurts
 """),
 ("md", r"""
 At this corpus size (about 1,500 documents) a full-size scan is already a millisecond-scale
-matrix product, so the speed-ups printed above are small and noisy; the two-stage search pays
-for its second stage (gathering `k` full vectors per query) and wins only once the corpus is
+matrix product: the two-stage search is barely faster at the smallest `k` and slower beyond, since
+it pays for its second stage (gathering `k` full vectors per query); it wins once the corpus is
 large. `benchmarks/mrl_search.py` measures it on all 20,506 documents and on a million synthetic
 vectors (below).
 
@@ -242,31 +241,62 @@ structure, so their recall means nothing). Its committed results:
 search = json.loads(Path("../benchmarks/results/mrl_search.json").read_text())
 print(f"benchmark run: {search['command']}\n  ({search['date']}, {search['seconds'] // 60} min on {search['threads']} CPU threads)")
 bf = search["brute_force"]
-print(f"brute force, {search['n_queries']} queries x {search['n_docs']} documents at 384: "
-      f"recall@10 {bf['recall@10']:.3f}, {bf['seconds'] * 1e3:.0f} ms")
-fig, ax = plt.subplots(figsize=(6.5, 3.6))
-for dim in sorted({s["dim"] for s in search["two_stage"]}):
-    rows = [s for s in search["two_stage"] if s["dim"] == dim]
-    ax.plot([s["speedup"] for s in rows], [s["recall@10"] for s in rows], "o-", label=f"shortlist at {dim}")
-ax.axhline(0.99 * bf["recall@10"], color="gray", ls=":", label="99% of brute force")
-ax.axvline(1, color="black", lw=0.8)
-ax.set(xscale="log", xlabel="speed-up over brute force", ylabel="recall@10",
-       title=f"two-stage search, {search['n_docs']} documents (benchmark)")
-ax.legend(fontsize=8)
+print(f"brute force, {search['n_queries']} queries x {search['n_docs']} documents at 384: recall@10 {bf['recall@10']:.3f}; "
+      f"{bf['seconds_batched'] * 1e3:.0f} ms for all queries at once, {bf['seconds_per_query'] * 1e3:.2f} ms per query one at a time")
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+for ax, mode, title in [(axes[0], "per_query", "one query at a time"), (axes[1], "batched", "all queries at once")]:
+    for dim in sorted({s["dim"] for s in search["two_stage"]}):
+        rows = [s for s in search["two_stage"] if s["dim"] == dim]
+        ax.plot([s[f"speedup_{mode}"] for s in rows], [s["recall@10"] for s in rows], "o-", label=f"shortlist at {dim}")
+    ax.axhline(0.99 * bf["recall@10"], color="gray", ls=":", label="99% of brute force")
+    ax.axvline(1, color="black", lw=0.8)
+    ax.set(xscale="log", xlabel="speed-up over brute force", title=f"{title} (benchmark)")
+axes[0].set_ylabel("recall@10")
+axes[0].legend(fontsize=8)
 plt.show()
-best = search["best_at_99pct"]
-print(f"fastest setting within 1% of brute force: shortlist at {best['dim']}, k = {best['k']}: "
-      f"recall@10 {best['recall@10']:.3f}, {best['speedup']:.1f}x faster")
+for mode, label in [("per_query", "one at a time"), ("batched", "all at once")]:
+    b = search["best_at_99pct"][mode]
+    print(f"fastest setting within 1% of brute force, {label}: shortlist at {b['dim']}, k = {b['k']}: "
+          f"recall@10 {b['recall@10']:.3f}, {b[f'speedup_{mode}']:.1f}x faster")
 syn = search["synthetic_timing_only"]
-print(f"the same setting on {syn['n_docs']:,d} synthetic vectors (timing only): brute force "
-      f"{syn['seconds_brute_force']:.2f} s, two-stage {syn['seconds_two_stage']:.2f} s for {syn['n_queries']} queries, "
-      f"{syn['speedup']:.1f}x")
+print(f"on {syn['n_docs']:,d} synthetic vectors (timing only), shortlist at {syn['dim']}, k = {syn['k']}: "
+      f"one at a time {syn['seconds_per_query_brute_force'] * 1e3:.0f} ms -> {syn['seconds_per_query_two_stage'] * 1e3:.0f} ms "
+      f"per query ({syn['speedup_per_query']:.1f}x); {syn['n_queries']} at once {syn['seconds_batched_brute_force']:.2f} s -> "
+      f"{syn['seconds_batched_two_stage']:.2f} s ({syn['speedup_batched']:.1f}x)")
 """),
 ("md", r"""
-SEARCH_PROSE
+How the queries arrive decides the answer. **One at a time**, as a search service receives
+them, brute force reads the whole corpus for every query (20,506 × 1,536 bytes, 1.82 ms);
+a shortlist at 64 numbers with k = 200 reads a sixth of that plus 200 full vectors, keeps
+recall@10 within 1% (0.619 against 0.623) and is **6.7× faster** (the issue's target, ≥ 4×, is
+met). On a million synthetic vectors the same setting goes from 104 ms to 13 ms per query
+(8.0×). **All 506 queries at once**, brute force is one matrix product that reads the corpus once
+for all of them, while the re-rank still gathers k full vectors per query: the best setting
+within 1% (shortlist at 128, k = 20) is only 2.2× faster, and 4.0× on a million vectors; the
+benchmark prints these as missed targets.
+
+A binary shortlist index at 64 numbers (8 bytes per vector) loses far more than it saves here
+(recall@10 0.506 at k = 200); int8 (68 bytes) stays within two queries of float32 at every
+setting. Note also that recall@10 need not grow with k: a larger shortlist admits documents that
+the full-size score ranks above the right one (at 128 numbers, k = 20 found 0.623 and k = 50
+0.617). Only k = the whole corpus is guaranteed to equal brute force.
+
+The seeds' own two-stage figures (1,000 candidates shortlisted in 20 ms and re-ranked in 50 ms:
+70 ms against 100 ms without MRL) come without a corpus size or hardware and cannot be
+reproduced; the shape of the claim, a several-fold faster search at nearly the same recall,
+holds for one-query-at-a-time search.
 """),
 ("code", r"""
-SEARCH_ASSERTS
+b_pq, b_b = search["best_at_99pct"]["per_query"], search["best_at_99pct"]["batched"]
+assert (b_pq["dim"], b_pq["k"], b_pq["speedup_per_query"], round(b_pq["recall@10"], 3)) == (64, 200, 6.67, 0.619)
+assert (b_b["dim"], b_b["k"], b_b["speedup_batched"]) == (128, 20, 2.17)
+assert round(bf["recall@10"], 3) == 0.623 and round(bf["seconds_per_query"] * 1e3, 2) == 1.82
+assert (syn["speedup_per_query"], syn["speedup_batched"]) == (8.0, 3.99)
+assert (round(syn["seconds_per_query_brute_force"] * 1e3), round(syn["seconds_per_query_two_stage"] * 1e3)) == (104, 13)
+at = {(s["dim"], s["k"]): s for s in search["two_stage"]}
+assert round(at[64, 200]["recall@10_binary"], 3) == 0.506
+assert all(round(abs(s["recall@10_int8"] - s["recall@10"]) * search["n_queries"]) <= 2 for s in search["two_stage"])   # queries
+assert at[128, 20]["recall@10"] > at[128, 50]["recall@10"]        # a larger shortlist can lose a hit
 """),
 ("md", r"""
 ## The seeds' combination table, at this scale (benchmark)
@@ -298,10 +328,59 @@ display(Markdown(
     "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows_md)))
 """),
 ("md", r"""
-COMBO_PROSE
+How far apart must two numbers be to differ? With 506 test queries, one query is 0.2 points
+of recall, and the standard error of a recall near 0.4 is about 2 points
+($\sqrt{0.4 \cdot 0.6 / 506}$). The seeds' accuracy differences (0.1 to 1.8 points) are of that
+size too. Their conclusions, one by one, against this table:
+
+* **LoRA matches full fine-tuning** (71.0% vs 71.2%): *holds*. R@10 0.790 against 0.796, R@1
+  0.399 against 0.389: within noise, with 147,456 trainable parameters instead of 22.7 million.
+* **LoRA cuts memory threefold** (8 GB vs 24 GB): *not here*: 2,458 MiB against 3,425 MiB, a
+  factor 1.4. For a 22.7M-parameter encoder, the weights, gradients and AdamW state of full
+  fine-tuning are only 87 + 86 + 172 MiB; the activations saved at batch 64 dominate both (3,080
+  MiB for full fine-tuning, 2,369 MiB for LoRA, which needs no saved inputs for the frozen
+  weights' gradients). LoRA's saving grows with the model's size relative to its activations.
+* **GradCache costs almost no accuracy** (70.9% vs 71.0%): *holds*, and must: it computes the same
+  gradient (chapter 03). The 0.4-point R@1 difference comes from dropout masks drawn in another
+  order (chunk by chunk), well within noise.
+* **GradCache saves memory** (5 GB vs 8 GB, −37%): *holds, and more*: 520 MiB against 2,458 MiB
+  (−79%) with chunk 16 of a batch of 64; the saving is set by the batch-to-chunk ratio, not a
+  fixed percentage. It costs 16% more time per epoch (one extra forward pass; the seeds: +10%).
+* **MRL adds accuracy at full dimension** (72.8% vs 71.0%): *not here*. At 384 numbers LoRA + MRL
+  has R@1 0.371 against 0.399 and R@10 0.785 against 0.790: no gain, at most a small loss.
+* **MRL adds accuracy at low dimension**: *holds at 32 numbers*, R@10 0.547 against 0.514 (and
+  0.555 against 0.514 with GradCache); at 64 the gain (0.672 against 0.656) is within noise,
+  at 128 there is none. At this training budget (32 steps) MRL has only begun to reorganise the
+  prefixes; the live curve above shows the same.
+* **MRL costs memory** (10 GB vs 8 GB): *wrong*. 2,459 MiB against 2,458 MiB: the extra losses
+  are computed on slices of embeddings already in memory.
+* **All three together: 6 GB and the fastest of the MRL runs** (2.1 h vs 2.5 h): the memory
+  *holds* (520 MiB, GradCache's), the time *does not*: 6.3 minutes per epoch against 5.0 for
+  LoRA + MRL; GradCache's extra forward pass cannot make a run faster than the same run without
+  it.
 """),
 ("code", r"""
-COMBO_ASSERTS
+m = combo["methods"]
+r = lambda name, dim, k: m[name]["scores"][str(dim)][f"recall@{k}"]
+mem = lambda name: round(m[name]["memory"]["total"] / 2**20)
+# the figures quoted above, from the committed benchmark results
+f3 = lambda *xs: [f"{x:.3f}" for x in xs]          # as the table prints them
+assert f3(r("LoRA", 384, 10), r("full fine-tuning", 384, 10), r("LoRA", 384, 1), r("full fine-tuning", 384, 1)) == ["0.790", "0.796", "0.399", "0.389"]
+assert [round(m[n]["memory"]["activations_peak"] / 2**20) for n in ("full fine-tuning", "LoRA")] == [3080, 2369]
+assert (mem("full fine-tuning"), mem("LoRA"), mem("LoRA + GradCache"), mem("LoRA + MRL"), mem("LoRA + GradCache + MRL")) == (3425, 2458, 520, 2459, 520)
+assert round(m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1, 2) == 0.16
+assert f3(r("LoRA + MRL", 384, 1), r("LoRA + MRL", 384, 10)) == ["0.371", "0.785"]
+assert f3(*(r(n, 32, 10) for n in ("LoRA", "LoRA + MRL", "LoRA + GradCache", "LoRA + GradCache + MRL"))) == ["0.514", "0.547", "0.514", "0.555"]
+assert f3(r("LoRA + MRL", 64, 10), r("LoRA", 64, 10)) == ["0.672", "0.656"]
+assert [f'{m[n]["epoch_seconds"] / 60:.1f}' for n in ("LoRA + MRL", "LoRA + GradCache + MRL")] == ["5.0", "6.3"]
+# the verdicts
+assert abs(r("LoRA", 384, 10) - r("full fine-tuning", 384, 10)) < 0.02                  # LoRA ~ full fine-tuning
+assert abs(r("LoRA + GradCache", 384, 1) - r("LoRA", 384, 1)) < 0.01                     # GradCache ~ no accuracy cost
+assert m["LoRA + GradCache"]["memory"]["total"] < 0.25 * m["LoRA"]["memory"]["total"]      # ... and a fraction of the memory
+assert r("LoRA + MRL", 384, 1) <= r("LoRA", 384, 1)                                      # no MRL gain at full size
+assert r("LoRA + MRL", 32, 10) - r("LoRA", 32, 10) > 0.03                                 # a gain at 32
+assert abs(m["LoRA + MRL"]["memory"]["total"] / m["LoRA"]["memory"]["total"] - 1) < 0.01  # MRL costs no memory
+assert m["LoRA + GradCache + MRL"]["epoch_seconds"] > m["LoRA + MRL"]["epoch_seconds"]      # all three is not faster
 """),
 ("md", r"""
 ## What we measured
@@ -314,8 +393,8 @@ display(Markdown(f'''
 | the same with MRL | {r10["LoRA + MRL"][384]:.3f} → {r10["LoRA + MRL"][64]:.3f} → {r10["LoRA + MRL"][32]:.3f} |
 | smallest shortlist (at {SHORTLIST_DIM} numbers) within 1% of brute force, {n_docs} documents | k = {enough[0]} |
 | index bytes per vector: float32 384 / float32 64 / int8 64 / binary 64 | 1536 / 256 / 68 / 8 |
-| two-stage speed-up at ≥ 99% of brute-force recall@10, {search["n_docs"]:,d} documents (benchmark) | {best["speedup"]:.1f}x |
-| the same setting on {syn["n_docs"]:,d} synthetic vectors (benchmark, timing only) | {syn["speedup"]:.1f}x |
+| two-stage speed-up at ≥ 99% of brute-force recall@10, {search["n_docs"]:,d} documents, one query at a time / all at once (benchmark) | {search["best_at_99pct"]["per_query"]["speedup_per_query"]:.1f}x / {search["best_at_99pct"]["batched"]["speedup_batched"]:.1f}x |
+| one query at a time on {syn["n_docs"]:,d} synthetic vectors (benchmark, timing only) | {syn["speedup_per_query"]:.1f}x |
 '''))
 """),
 ("md", r"""

@@ -134,3 +134,8 @@ def measure_step(step, model: nn.Module, optimizer: torch.optim.Optimizer | None
         torch.cuda.synchronize(device)
         result["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
     return result
+
+
+# The estimator works from a model's config alone (no tensors, no torch), so it lives in
+# course_lib.budget; it is re-exported here beside the measurement it is checked against.
+from .budget import estimate, plan  # noqa: F401

@@ -1,0 +1,137 @@
+"""The ``course-lib`` command: memory budgets and plans from the command line.
+
+    course-lib budget --model llama-3-8b --method qlora --gpu 24GB --seq 2048 --batch 4
+    course-lib budget --model llama-3-8b --gpu 24GB --plan      (the same as `course-lib plan ...`)
+    course-lib plan --model minilm --gpu 8GB
+    course-lib models
+
+``--json`` prints the same numbers (bytes) for scripts. Exit status: 0 when the step fits the
+GPU (or no GPU was given), 1 when it does not or the planner finds nothing that fits, 2 for
+bad input, reported on one line of stderr, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import budget
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr with exit status 2."""
+
+    def error(self, message: str):
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _memory(text: str) -> int:
+    try:
+        return budget.parse_memory(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _modules(text: str):
+    return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="course-lib", description="Memory budget of a fine-tuning step, from the model's config.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    common = _Parser(add_help=False)
+    common.add_argument("--model", required=True, help="a known model (see `course-lib models`)")
+    common.add_argument("--gpu", type=_memory, help="GPU memory, e.g. 24GB (read as GiB, as cards are sold)")
+    common.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
+    common.add_argument("--batch", type=int, help="sequences per step (budget: default 1; plan: the effective batch)")
+    common.add_argument("--dtype", default="bfloat16", choices=sorted(budget.DTYPE_BYTES),
+                        help="dtype of the weights that are not quantized, and of the activations")
+    common.add_argument("--optimizer", default="adamw", choices=list(budget.OPTIMIZERS))
+    common.add_argument("--target-modules", type=_modules, help="comma-separated module names, or all-linear")
+    common.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
+
+    b = commands.add_parser("budget", parents=[common], help="estimate one configuration")
+    b.add_argument("--method", default="lora", choices=budget.METHODS)
+    b.add_argument("--r", type=int, help="LoRA rank (default 8)")
+    b.add_argument("--lora-dtype", default="float32", choices=sorted(budget.DTYPE_BYTES))
+    b.add_argument("--quant", dest="quant_type", choices=("nf4", "fp4"), help="4-bit type (qlora; default nf4)")
+    b.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="double quantization of the absmax constants (qlora; default on)")
+    b.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    b.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    b.add_argument("--chunk", type=int, help="GradCache chunk size (encoders)")
+    b.add_argument("--attention", default="sdpa", choices=budget.ATTENTION)
+    b.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    b.add_argument("--plan", action="store_true", help="ignore the method settings and plan for --gpu instead")
+
+    p = commands.add_parser("plan", parents=[common], help="find settings that fit --gpu")
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction of the GPU kept free (default 0.1)")
+
+    commands.add_parser("models", help="list the known model configs")
+    return parser
+
+
+def _plan(args) -> int:
+    if args.gpu is None:
+        raise ValueError("planning needs the GPU's memory: add --gpu, e.g. --gpu 24GB")
+    result = budget.plan(args.model, args.gpu, batch_size=args.batch, seq_len=args.seq,
+                         headroom=getattr(args, "headroom", 0.1), weight_dtype=args.dtype,
+                         optimizer=args.optimizer, target_modules=args.target_modules)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0 if result.fits else 1
+
+
+def _budget(args) -> int:
+    if args.plan:
+        return _plan(args)
+    estimate = budget.estimate(
+        args.model, args.method, r=args.r, target_modules=args.target_modules, weight_dtype=args.dtype,
+        lora_dtype=args.lora_dtype, quant_type=args.quant_type, double_quant=args.double_quant,
+        optimizer=args.optimizer, gradient_checkpointing=args.checkpointing,
+        batch_size=1 if args.batch is None else args.batch, seq_len=args.seq,
+        gradient_accumulation_steps=args.grad_accum, chunk_size=args.chunk, attention=args.attention,
+        device=args.device)
+    fits = args.gpu is None or estimate.peak <= args.gpu
+    if args.json:
+        out = estimate.to_dict()
+        if args.gpu is not None:
+            out.update(gpu_memory=args.gpu, fits=fits)
+        print(json.dumps(out, indent=2))
+    else:
+        print(estimate.table(args.gpu))
+    return 0 if fits else 1
+
+
+def _models(args) -> int:
+    for name, c in budget.MODELS.items():
+        print(f"{name:<14} {c.architecture:<6} {c.parameters() / 1e9:8.3f}B  {c.source}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        return {"budget": _budget, "plan": _plan, "models": _models}[args.command](args)
+    except (_UsageError, ValueError) as error:
+        print(f"course-lib: error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except BrokenPipeError:  # `course-lib ... | head` closed the pipe: not an error (Python's docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as error:  # noqa: BLE001 (a bug: still one line, as DESIGN.md promises, but say so)
+        print(f"course-lib: internal error ({type(error).__name__}: {error}); please report it", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,9 @@
 
 Run:  .venv/bin/python benchmarks/gradcache.py [--batch 256] [--chunk 32] [--repeats 3]
 (about 25 minutes on 2 CPU cores).
+
+Ends with one line per figure, printed by `report.figure`:
+``FIGURE <name>: <value> (target <op> <value>) met|missed``.
 """
 
 from __future__ import annotations

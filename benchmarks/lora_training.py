@@ -8,6 +8,9 @@
 
 Run:  .venv/bin/python benchmarks/lora_training.py [--minilm-steps 40] [--smollm-steps 40]
 (about 20 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
+
+Ends with one line per figure, printed by `report.figure`:
+``FIGURE <name>: <value> (target <op> <value>) met|missed``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ state, peak saved activations); seconds per step and the time of one epoch of th
 
 Run:  .venv/bin/python benchmarks/mrl_combination.py [--pairs 2048] [--batch 64] [--distractors 2000]
 (about 20 minutes on 2 CPU cores).
+
+Ends with one line per figure, printed by `report.figure`:
+``FIGURE <name>: <value> (target <op> <value>) met|missed``.
 """
 
 from __future__ import annotations

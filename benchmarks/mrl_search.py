@@ -18,6 +18,9 @@
 
 Run:  .venv/bin/python benchmarks/mrl_search.py [--pairs 2048] [--repeats 5]
 (about 10 minutes on 2 CPU cores).
+
+Ends with one line per figure, printed by `report.figure`:
+``FIGURE <name>: <value> (target <op> <value>) met|missed``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ perplexity. All three run on this machine's CPU in float32 compute, in this one 
 
 Run:  .venv/bin/python benchmarks/qlora_training.py [--steps 40] [--n-instruct 100]
 (about 25 minutes on 2 CPU cores).
+
+Ends with one line per figure, printed by `report.figure`:
+``FIGURE <name>: <value> (target <op> <value>) met|missed``.
 """
 
 from __future__ import annotations

@@ -97,13 +97,7 @@ def batch_sweep(base, tokenizer, batches: list[int], chunk: int, lr: float, pair
     for batch in batches:
         model = with_lora(base)
         steps = pairs // batch
-        q_enc = lambda t, m=model: retrieval.encode_batch(m, tokenizer, t, retrieval.QUERY_MAX_TOKENS)
-        d_enc = lambda t, m=model: retrieval.encode_batch(m, tokenizer, t, retrieval.DOC_MAX_TOKENS)
-
-        def step(m, rows, scale, q_enc=q_enc, d_enc=d_enc):
-            return gradcache.gradcache_step(q_enc, [r["query"] for r in rows], [r["document"] for r in rows],
-                                            chunk, doc_encoder=d_enc, loss_scale=scale).loss
-
+        step = gradcache.code_search_step(tokenizer, chunk)     # GradCache, queries and documents at their lengths
         history = train.train(model, step, train.batches(train_rows, batch, seed=0), steps=steps, lr=lr,
                               warmup_steps=max(1, steps // 10), desc=f"batch {batch}", loss_fn_does_backward=True)
         metrics = retrieval.evaluate_code_search(model, tokenizer, test)

@@ -157,6 +157,11 @@ MODELS: dict[str, ModelConfig] = {c.name: c for c in (
     ModelConfig("minilm", "bert", 384, 6, 12, 12, 1536, 30522, True, max_position_embeddings=512,
                 type_vocab_size=2, dropout=0.1, published_parameters=22_700_000,
                 source="sentence-transformers/all-MiniLM-L6-v2 config (a BERT encoder)"),
+    _llama("smollm2-1.7b", 2048, 24, 32, 32, 8192, 49152, True, 1_700_000_000,
+           "HuggingFaceTB/SmolLM2-1.7B config (model card: 1.7B); seed 001's 1-2B edge-device case"),
+    ModelConfig("bert-base", "bert", 768, 12, 12, 12, 3072, 30522, True, max_position_embeddings=512,
+                type_vocab_size=2, dropout=0.1, published_parameters=110_000_000,
+                source="Devlin et al. 2019 (BERT-base, 110M); seed 000's unnamed ~150M encoder is near it"),
     ModelConfig("gpt-3-175b", "gpt", 12288, 96, 96, 96, 4 * 12288, 50257, True, max_position_embeddings=2048,
                 dropout=0.1, published_parameters=175_000_000_000, source="Brown et al. 2020, Table 2.1"),
 )}

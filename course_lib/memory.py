@@ -136,6 +136,48 @@ def measure_step(step, model: nn.Module, optimizer: torch.optim.Optimizer | None
     return result
 
 
+def four_bit_bytes(model: nn.Module) -> int:
+    """Bytes of the 4-bit weights that `course_lib.quant.Linear4bit` layers keep as buffers (codes,
+    absmax constants): the frozen base of a QLoRA model, which `parameter_bytes` does not see."""
+    from .quant import Linear4bit
+    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Linear4bit)
+               for b in m.buffers())
+
+
+CHECKPOINTING = (None, "reentrant", "default")
+
+
+def measure_causal_lm_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: torch.Tensor,
+                           checkpointing: str | None = None) -> dict:
+    """One training step of a transformers causal LM on ``input_ids`` (labels = inputs: forward,
+    backward, ``optimizer.step()``), measured by `measure_step`, with the 4-bit buffers counted.
+
+    ``checkpointing``: None (off), ``"reentrant"`` or ``"default"`` (transformers' default,
+    non-reentrant). Use ``"reentrant"`` to measure: the non-reentrant checkpoint recomputes each
+    layer in backward under its own saved-tensor hooks, which hides that layer's activations from
+    `SavedActivations` (the memory is still needed on a GPU). The result adds ``weights``
+    (parameters + `four_bit_bytes`), and ``total`` includes the 4-bit buffers.
+    """
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    if checkpointing is None:
+        model.activation_checkpointing_disable()
+    else:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    optimizer.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+
+    result = measure_step(step, model, optimizer)
+    four_bit = four_bit_bytes(model)
+    result["weights"] = result["parameters"] + four_bit
+    result["total"] += four_bit
+    return result
+
+
 # The estimator works from a model's config alone (no tensors, no torch), so it lives in
 # course_lib.budget; it is re-exported here beside the measurement it is checked against.
 from .budget import estimate, plan  # noqa: F401

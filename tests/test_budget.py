@@ -23,6 +23,7 @@ from course_lib.budget import GiB, MiB, estimate
 PUBLISHED = {  # parameters as published: model cards / papers (LLaMA: Touvron et al. 2023, Table 2)
     "llama-7b": 6.74e9, "llama-13b": 13.0e9, "llama-65b": 65.2e9, "llama-2-70b": 68.98e9, "llama-3-8b": 8.03e9,
     "llama-3-70b": 70.6e9, "qwen2.5-7b": 7.62e9, "smollm2-135m": 134.5e6, "minilm": 22.7e6, "gpt-3-175b": 175e9,
+    "smollm2-1.7b": 1.7e9, "bert-base": 110e6,
 }
 
 
@@ -127,8 +128,7 @@ def prepared(name: str, method: str):
             qlora.prepare_model_for_qlora(model)
         if method != "full":
             lora.inject_lora(model, target_modules=TARGETS[name, method], r=8, lora_alpha=16)
-        four_bit = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, quant.Linear4bit)
-                       for b in m.buffers())
+        four_bit = memory.four_bit_bytes(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         _prepared[name, method] = (model.train(), optimizer, four_bit)
     return _prepared[name, method]
@@ -136,26 +136,26 @@ def prepared(name: str, method: str):
 
 def measure(name: str, method: str, batch: int, seq: int, checkpointing: str | None) -> dict:
     """One training step measured by `memory.measure_step`; ``checkpointing`` is None, "reentrant" or
-    "default" (transformers' default, non-reentrant). The 4-bit buffers join the parameters."""
+    "default" (transformers' default, non-reentrant). The 4-bit buffers join the parameters.
+    SmolLM2 goes through `memory.measure_causal_lm_step`, the function chapter 05 uses."""
     model, optimizer, four_bit = prepared(name, method)
+    torch.manual_seed(0)
+    ids = torch.randint(5, model.config.vocab_size, (batch, seq))
+    if name == "smollm2-135m":
+        return memory.measure_causal_lm_step(model, optimizer, ids, checkpointing)
     if checkpointing is None:
         model.activation_checkpointing_disable()
     else:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
-    torch.manual_seed(0)
-    ids = torch.randint(5, model.config.vocab_size, (batch, seq))
 
     def step():
-        if name == "smollm2-135m":
-            loss = model(input_ids=ids, labels=ids).loss
-        else:  # the course's contrastive loss on mean-pooled embeddings, against the pooler's output so
-            # that every parameter (the pooler's too) gets a gradient, as full fine-tuning assumes
-            mask = torch.ones_like(ids)
-            out = model(input_ids=ids, attention_mask=mask)
-            from course_lib.retrieval import in_batch_negatives_loss, mean_pool
-            loss = in_batch_negatives_loss(mean_pool(out.last_hidden_state, mask), out.pooler_output)
-        loss.backward()
+        # the course's contrastive loss on mean-pooled embeddings, against the pooler's output so
+        # that every parameter (the pooler's too) gets a gradient, as full fine-tuning assumes
+        mask = torch.ones_like(ids)
+        out = model(input_ids=ids, attention_mask=mask)
+        from course_lib.retrieval import in_batch_negatives_loss, mean_pool
+        in_batch_negatives_loss(mean_pool(out.last_hidden_state, mask), out.pooler_output).backward()
         optimizer.step()
 
     optimizer.zero_grad(set_to_none=True)
@@ -190,6 +190,12 @@ def test_estimate_agrees_with_measurement(name, method, checkpointing):
         assert e.gradients == m["gradients"] and e.optimizer_state == m["optimizer_state"]
         assert e.activations == pytest.approx(m["activations_peak"], rel=0.05), (batch, seq, e.activation_parts)
         assert e.total == pytest.approx(m["total"], rel=0.10)
+
+
+def test_measure_causal_lm_step_refuses_an_unknown_checkpointing_mode():
+    model, optimizer, _ = prepared("smollm2-135m", "lora")
+    with pytest.raises(ValueError, match="reentrant"):
+        memory.measure_causal_lm_step(model, optimizer, torch.zeros(1, 4, dtype=torch.long), "always")
 
 
 def test_default_checkpointing_hides_the_recomputed_layer_from_saved_activations():

@@ -192,6 +192,31 @@ def test_estimate_agrees_with_measurement(name, method, checkpointing):
         assert e.total == pytest.approx(m["total"], rel=0.10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares with torch.cuda.max_memory_allocated")
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
+def test_estimated_peak_agrees_with_the_cuda_allocator(method, checkpointing):
+    """On a GPU the allocator's peak of a steady-state step (the optimizer state already exists, as
+    from the second step on) is what `Budget.peak` predicts: everything the step holds plus the
+    backward's transient buffers. float32, so that AdamW's state is the estimate's 8 bytes."""
+    model, _ = models.load_smollm2("cuda", dtype=torch.float32)
+    if method == "qlora":
+        qlora.prepare_model_for_qlora(model, compute_dtype=torch.float32)
+    if method != "full":
+        lora.inject_lora(model, target_modules=TARGETS["smollm2-135m", method], r=8, lora_alpha=16)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    mode = "reentrant" if checkpointing else None
+    for batch, seq in [(2, 64), (4, 128)]:
+        ids = torch.randint(5, model.config.vocab_size, (batch, seq), device="cuda")
+        memory.measure_causal_lm_step(model, optimizer, ids, mode)  # creates the optimizer state
+        m = memory.measure_causal_lm_step(model, optimizer, ids, mode)
+        kwargs = {} if method == "full" else {"r": 8, "target_modules": TARGETS["smollm2-135m", method]}
+        e = estimate("smollm2-135m", method, weight_dtype="float32", lora_dtype="float32", device="cuda",
+                     batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing, **kwargs)
+        assert e.peak == pytest.approx(m["cuda_max_allocated"], rel=0.10), (batch, seq, e.table())
+
+
 def test_measure_causal_lm_step_refuses_an_unknown_checkpointing_mode():
     model, optimizer, _ = prepared("smollm2-135m", "lora")
     with pytest.raises(ValueError, match="reentrant"):

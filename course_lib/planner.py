@@ -1,0 +1,150 @@
+"""The planner: the seeds' decision tree for a GPU's memory, checked by the estimate.
+
+`plan(model, gpu_memory)` returns the first configuration (method, r, micro-batch or GradCache
+chunk, checkpointing, quantization) whose `course_lib.budget.estimate` peak fits, or says why
+nothing does; `seed_recipe` is seed 000's tree itself. `course-lib plan` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .budget import Budget, GiB, _names, estimate, format_bytes, parse_memory
+from .model_configs import get_config
+
+
+@dataclass
+class Plan:
+    """What `plan` chose: ``settings`` are `estimate`'s keyword arguments, ``budget`` their estimate.
+
+    When nothing fits, ``fits`` is False, ``settings`` and ``budget`` describe the smallest
+    configuration tried, and ``reason`` says what is too big. ``tried`` has one line per method and
+    checkpointing choice that did not fit, ``seed_recipe`` what seed 000's tree says for this GPU.
+    """
+
+    fits: bool
+    model: str
+    gpu_memory: int
+    usable: int
+    seed_recipe: str
+    settings: dict
+    budget: Budget
+    tried: list[str] = field(default_factory=list)
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Human-readable: the verdict, the settings, the estimate's table, what was tried."""
+        s = self.budget.settings  # every setting, defaults filled in
+        lines = [f"{self.model} on {format_bytes(self.gpu_memory)} ({format_bytes(self.usable)} usable after headroom)",
+                 f"seed 000's tree for this GPU: {self.seed_recipe}"]
+        lines += [f"  tried: {t}" for t in self.tried]
+        if self.fits:
+            recipe = s["method"] + ("" if s["method"] == "full" else f" r={s['r']} on {_names(s['target_modules'])}")
+            if s["method"] == "qlora":
+                recipe += f" ({s['quant_type']}{', double quantization' if s['double_quant'] else ''})"
+            split = (f"GradCache chunks of {s['chunk_size']}" if s["chunk_size"]
+                     else f"gradient accumulation {s['gradient_accumulation_steps']}"
+                     if s["gradient_accumulation_steps"] > 1 else "the whole batch at once")
+            lines.append(f"plan: {recipe}, batch {s['batch_size']} x {s['seq_len']} tokens, {split}, "
+                         f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
+                         f"estimated peak {format_bytes(self.budget.peak)}")
+        else:
+            lines.append(f"nothing fits: {self.reason}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines + ["", self.budget.table()])
+
+    def to_dict(self) -> dict:
+        return {"fits": self.fits, "model": self.model, "gpu_memory": self.gpu_memory, "usable": self.usable,
+                "seed_recipe": self.seed_recipe, "settings": self.settings, "budget": self.budget.to_dict(),
+                "tried": self.tried, "reason": self.reason, "notes": self.notes}
+
+
+def seed_recipe(gpu_memory: int) -> tuple[str, list[str], int, int | None]:
+    """Seed 000's decision tree: (its words, methods, r, GradCache chunk) for a GPU of ``gpu_memory`` bytes."""
+    gib = gpu_memory / GiB
+    if gib >= 24:
+        return "full fine-tuning (optional) or LoRA r=32 + MRL", ["full", "lora"], 32, None
+    if gib >= 12:
+        return "LoRA r=16 + MRL", ["lora"], 16, None
+    if gib >= 8:
+        return "LoRA r=16 + GradCache (chunk 32) + MRL", ["lora"], 16, 32
+    return "LoRA r=8 + GradCache (chunk 16), MRL off", ["lora"], 8, 16
+
+
+def plan(model, gpu_memory, *, batch_size: int | None = None, seq_len: int = 512, headroom: float = 0.1,
+         weight_dtype: str = "bfloat16", optimizer: str = "adamw", target_modules=None) -> Plan:
+    """The settings the estimate says fit ``gpu_memory`` (bytes, or a string like ``"24GB"``).
+
+    Start from seed 000's tree for the GPU (`seed_recipe`), add QLoRA (NF4 with double
+    quantization, seeds 001 and 003) as the next method, then follow the seed's out-of-memory
+    ladder: for each method, without and then with gradient checkpointing, split the batch into
+    ever smaller pieces (GradCache chunks for an encoder, whose contrastive loss needs the whole
+    batch; gradient accumulation for a causal LM), starting at the tree's chunk size; last, lower r.
+    The first configuration whose `Budget.peak` is at most ``(1 - headroom) · gpu_memory`` wins;
+    the headroom is for the CUDA context, fragmentation and kernels' workspace.
+
+    ``batch_size`` is the effective batch (default 64 sequences for an encoder, seed 000's
+    configuration B, and 4 for a causal LM, seed 001's 70B recipe); it is kept whole. The LoRA
+    targets default to the attention projections (q, k, v, o; query, key, value for BERT).
+    """
+    c = get_config(model)
+    gpu = parse_memory(gpu_memory)
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom is a fraction of the GPU memory kept free, from 0 to 1; got {headroom!r}")
+    encoder = c.architecture == "bert"
+    batch = batch_size if batch_size is not None else (64 if encoder else 4)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch!r}")
+    usable = int(gpu * (1 - headroom))
+    words, methods, r_tree, chunk_tree = seed_recipe(gpu)
+    targets = target_modules or {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "bert": ["query", "key", "value"],
+                                 "gpt": ["q_proj", "k_proj", "v_proj", "out_proj"]}[c.architecture]
+    pieces = [d for d in range(batch, 0, -1) if batch % d == 0]
+    if chunk_tree is not None:
+        pieces = [d for d in pieces if d <= chunk_tree] or [1]
+    common = {"weight_dtype": weight_dtype, "optimizer": optimizer, "seq_len": seq_len}
+    mrl = ("MRL adds a loss over a few truncations of the same embedding: no memory worth modelling "
+           "(the seed's '+5-10%' is not reproduced here)")
+    notes = [mrl] if encoder else []
+
+    def settings(method, r, checkpointing, piece):
+        s = dict(common, method=method, gradient_checkpointing=checkpointing)
+        if method != "full":
+            s.update(r=r, target_modules=targets)
+        if encoder:
+            s.update(batch_size=batch, chunk_size=piece if piece < batch else None)
+        else:
+            s.update(batch_size=piece, gradient_accumulation_steps=batch // piece)
+        return s
+
+    tried, smallest = [], None
+    ladder = [(m, r_tree, ck) for m in [*methods, "qlora"] for ck in (False, True)]
+    ladder += [("qlora", r, True) for r in (8, 4) if r < r_tree]
+    for method, r, checkpointing in ladder:
+        for piece in pieces:
+            s = settings(method, r, checkpointing, piece)
+            b = estimate(c, **{k: v for k, v in s.items() if k != "method"}, method=method)
+            if b.peak <= usable:
+                if s.get("chunk_size"):
+                    whole = estimate(c, **{k: v for k, v in s.items() if k not in ("method", "chunk_size")},
+                                     method=method)
+                    if whole.peak <= usable:
+                        notes.append(f"the tree's GradCache is not needed here: the whole batch fits "
+                                     f"(peak {format_bytes(whole.peak)}); chunks only cost a second forward pass")
+                return Plan(True, c.name, gpu, usable, words, s, b, tried, notes=notes)
+        smallest = (s, b)
+        tried.append(f"{method}" + ("" if method == "full" else f" r={r}")
+                     + f", checkpointing {'on' if checkpointing else 'off'}: even at "
+                     + (f"chunk {piece}" if encoder else f"micro-batch {piece}")
+                     + f" the peak is {format_bytes(b.peak)} > {format_bytes(usable)}")
+    s, b = smallest
+    held = b.weights + b.lora_parameters + b.optimizer_state
+    if held > usable:
+        reason = (f"the 4-bit weights alone take {format_bytes(b.weights)}, more than the {format_bytes(usable)} "
+                  f"usable on this GPU; a larger GPU, several GPUs, or a smaller model")
+    else:
+        reason = (f"with QLoRA r={s['r']}, checkpointing and one sequence of {seq_len} tokens per step the peak is "
+                  f"{format_bytes(b.peak)} (activations {format_bytes(b.activations)}, backward buffers "
+                  f"{format_bytes(b.transient)}) > {format_bytes(usable)}; shorten the sequences")
+    return Plan(False, c.name, gpu, usable, words, s, b, tried, reason, notes)

@@ -29,10 +29,18 @@ def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> 
     return (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def model_device(model) -> torch.device:
+    """Where ``model``'s parameters live; CPU for a runner without parameters (`course_lib.export`'s
+    ``OnnxEncoder`` and ``OnnxCausalLM``, which onnxruntime runs on the CPU)."""
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if parameters is not None else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def encode_batch(model, tokenizer, texts: Sequence[str], max_length: int = DOC_MAX_TOKENS,
                  normalize: bool = True) -> torch.Tensor:
     """Embed one batch *with* the autograd graph (training uses this; evaluation uses `embed`)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                       return_tensors="pt").to(device)
     out = model(**batch)
@@ -272,7 +280,7 @@ def perplexity(model, tokenizer, instructions: Sequence[str], answers: Sequence[
     """exp(mean negative log-likelihood per answer token), prompt tokens excluded."""
     if not answers:
         raise ValueError("perplexity of zero examples is undefined")
-    device = next(model.parameters()).device
+    device = model_device(model)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(answers), batch_size):
         batch = answer_batch(tokenizer, instructions[start:start + batch_size],
@@ -297,7 +305,7 @@ def text_perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 12
     """
     if not texts:
         raise ValueError("perplexity of zero texts is undefined")
-    device = next(model.parameters()).device
+    device = model_device(model)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts[start:start + batch_size]]

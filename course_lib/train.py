@@ -1,13 +1,23 @@
 """One small training loop shared by the chapters.
 
 AdamW (or any optimizer you pass), linear warm-up then cosine decay, gradient accumulation,
-gradient clipping, a tqdm bar showing the loss, optional periodic evaluation, and a record of
-every step (loss, learning rate, seconds). It is seeded and, on CPU, deterministic. On CUDA it
-runs the forward pass under autocast in bfloat16 (float16 with loss scaling where bfloat16 is
-not supported); on CPU it stays in float32, which is several times faster there than bfloat16.
+gradient clipping, optional gradient (activation) checkpointing, a tqdm bar showing the loss,
+optional periodic evaluation, and a record of every step (loss, learning rate, seconds). It is
+seeded and, on CPU, deterministic. On CUDA it runs the forward pass under autocast in bfloat16
+(float16 with loss scaling where bfloat16 is not supported); on CPU it stays in float32, which is
+several times faster there than bfloat16.
 
 What a step computes is up to the caller: ``loss_fn(model, batch)`` returns a scalar loss, so
 the same loop trains MiniLM contrastively and SmolLM2 on next-token prediction.
+
+Underneath is `accelerate.Accelerator`, so the same loop runs in one process or in several
+(data parallelism): launched by ``accelerate launch --multi_gpu --num_processes N script.py``
+(on CPU too, where the processes talk over gloo), every process reads the same seeded stream of
+*global* micro-batches, keeps its own contiguous share of each (`shard`), and DistributedDataParallel
+averages the gradients in backward. Averaging per-process mean losses equals the mean over the
+global batch when the shares weigh the same (same rows, same token counts), so N processes take
+the same optimizer steps as one process on the whole batch, up to floating-point summation order.
+In a single process nothing is wrapped: the model, its optimizer and the numbers are as before.
 """
 
 from __future__ import annotations
@@ -53,6 +63,29 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, min_ratio:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def shard(batch, index: int, count: int):
+    """Process ``index``'s contiguous share of a global micro-batch split over ``count`` processes.
+
+    A list is a batch of rows (`batches` yields lists of dicts) and is sliced; a tensor is split
+    along its first dimension; a tuple or a dict is a record of such fields and is split field by
+    field (``(x, y)``, ``{"input_ids": ..., "attention_mask": ...}``). The shares must be equal,
+    or the processes' mean losses would weigh rows unequally.
+    """
+    if count == 1:
+        return batch
+    if isinstance(batch, dict):
+        return {key: shard(value, index, count) for key, value in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(shard(value, index, count) for value in batch)
+    if not isinstance(batch, (list, torch.Tensor)):
+        raise TypeError(f"cannot split a {type(batch).__name__} between processes: "
+                        "yield lists of rows, tensors, or tuples/dicts of them")
+    if len(batch) % count:
+        raise ValueError(f"a micro-batch of {len(batch)} rows cannot be split evenly over {count} processes")
+    size = len(batch) // count
+    return batch[index * size:(index + 1) * size]
+
+
 @dataclass
 class History:
     """What happened during training, one entry per optimizer step."""
@@ -77,6 +110,46 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def check_schedule(steps: int, grad_accum: int = 1, warmup_steps: int = 0) -> None:
+    """Refuse a run that cannot mean what it says: no steps, no micro-batches per step, or a
+    warm-up longer than the run (the learning rate would never reach its peak)."""
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    if grad_accum <= 0:
+        raise ValueError(f"grad_accum (micro-batches per optimizer step) must be at least 1, got {grad_accum}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps cannot be negative, got {warmup_steps}")
+    if warmup_steps > steps:
+        raise ValueError(f"warmup_steps={warmup_steps} is longer than the run (steps={steps}): the learning "
+                         "rate would never reach its peak; use fewer warm-up steps or more steps")
+
+
+def make_accelerator(device: torch.device):
+    """The `accelerate.Accelerator` the loop runs under: precision is the loop's own business
+    (``mixed_precision="no"``) and the model stays where the caller put it (no device placement).
+    Under ``accelerate launch`` it joins the process group the launcher set up (gloo on CPU)."""
+    from accelerate import Accelerator
+
+    cpu = device.type == "cpu" and not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision="no", device_placement=False)
+
+
+def _checkpointing(model: nn.Module, enable: bool) -> None:
+    """Switch transformers' activation checkpointing on (non-reentrant) or off."""
+    if enable:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raise ValueError(f"gradient_checkpointing needs a transformers model; {type(model).__name__} "
+                             "has no activation_checkpointing_enable()")
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def train(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, object], torch.Tensor],
@@ -94,22 +167,33 @@ def train(
     progress: bool = True,
     desc: str = "training",
     loss_fn_does_backward: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> History:
     """Train ``model`` for ``steps`` optimizer steps of ``grad_accum`` micro-batches each.
 
     ``data`` yields micro-batches (see `batches`); ``loss_fn(model, batch)`` returns the loss of
     one micro-batch. The loss is divided by ``grad_accum`` so accumulated gradients average
     over micro-batches. ``eval_fn(model)`` runs every ``eval_every`` steps and at the end.
+    ``gradient_checkpointing`` turns on a transformers model's activation checkpointing (recompute
+    each layer in backward instead of keeping its activations) for the run, off again after it.
 
     With ``loss_fn_does_backward`` the loss function back-propagates itself (GradCache, whose
     backward runs chunk by chunk): it is called as ``loss_fn(model, batch, loss_scale)``, must add
     ``loss_scale`` × its gradients to ``.grad`` and returns the (unscaled) loss value; it handles
     its own mixed precision, so no autocast or gradient scaler is applied around it.
+
+    Under ``accelerate launch`` with N processes, ``data`` must yield the same global micro-batches
+    in every process (a seeded `batches` does); each process trains on its `shard` of each, and
+    the recorded loss is the mean over processes. ``eval_fn`` runs in every process on identical
+    weights.
     """
-    if steps <= 0 or grad_accum <= 0:
-        raise ValueError(f"steps and grad_accum must be positive, got {steps} and {grad_accum}")
-    seed_everything(seed)
+    check_schedule(steps, grad_accum, warmup_steps)
     device = next(model.parameters()).device
+    accelerator = make_accelerator(device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1 and loss_fn_does_backward:
+        raise ValueError("loss_fn_does_backward (GradCache) runs in one process only")
+    seed_everything(seed)
     params = trainable_parameters(model)
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -121,31 +205,41 @@ def train(
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     if loss_fn_does_backward:   # it runs its own precision and backward
         autocast, scaler = nullcontext, None
+    checkpointing_was_on = bool(getattr(model, "is_activation_checkpointing", False))
+    if gradient_checkpointing and not checkpointing_was_on:
+        _checkpointing(model, True)
+    # several processes: DistributedDataParallel averages gradients in backward; one: no wrapper
+    wrapped = accelerator.prepare_model(model, device_placement=False) if world > 1 else model
     history = History()
     stream = iter(data)
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    bar = tqdm(range(steps), desc=desc, disable=not progress or not accelerator.is_local_main_process)
     for step in bar:
         start = time.perf_counter()
         total = 0.0
-        for _ in range(grad_accum):
+        for micro in range(grad_accum):
+            batch = shard(next(stream), rank, world)
             if loss_fn_does_backward:
-                total += float(loss_fn(model, next(stream), 1.0 / grad_accum)) / grad_accum
+                total += float(loss_fn(model, batch, 1.0 / grad_accum)) / grad_accum
                 continue
-            with autocast():
-                loss = loss_fn(model, next(stream)) / grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
+            # gradients are all-reduced once per optimizer step, in the last micro-batch's backward
+            with accelerator.no_sync(wrapped) if micro < grad_accum - 1 else nullcontext():
+                with autocast():
+                    loss = loss_fn(wrapped, batch) / grad_accum
+                accelerator.backward(scaler.scale(loss) if scaler else loss)
             total += loss.item()
         if scaler:
             scaler.unscale_(optimizer)
         if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            accelerator.clip_grad_norm_(params, max_grad_norm)
         if scaler:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            total = accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean").item()
         history.lr.append(scheduler.get_last_lr()[0])
         scheduler.step()
         history.loss.append(total)
@@ -155,5 +249,7 @@ def train(
             model.eval()
             history.evals.append((step + 1, eval_fn(model)))
             model.train()
+    if gradient_checkpointing and not checkpointing_was_on:
+        _checkpointing(model, False)
     model.eval()
     return history

@@ -102,3 +102,97 @@ def test_a_loss_that_does_its_own_backward_trains_like_the_plain_loss(grad_accum
     assert torch.allclose(a.weight, b.weight, atol=1e-6) and torch.allclose(a.bias, b.bias, atol=1e-6)
     torch.manual_seed(0)
     assert not torch.allclose(a.weight, nn.Linear(6, 4).weight, atol=1e-3)   # it did train
+
+
+def test_bad_schedules_are_refused():
+    model = nn.Linear(2, 1)
+    for kwargs, message in [({"steps": 0}, "steps must be positive"),
+                            ({"grad_accum": 0}, "grad_accum .* at least 1"),
+                            ({"grad_accum": -2}, "grad_accum .* at least 1"),
+                            ({"steps": 3, "warmup_steps": 4}, "longer than the run"),
+                            ({"warmup_steps": -1}, "cannot be negative")]:
+        with pytest.raises(ValueError, match=message):
+            train.train(model, _mse, iter([]), **{"steps": 5, **kwargs}, progress=False)
+    # a warm-up as long as the run is allowed (chapter 01 trains 2 steps with 2 warm-up steps)
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+    history = train.train(model, _mse, iter([(x, y)] * 2), steps=2, warmup_steps=2, progress=False)
+    assert history.lr == pytest.approx([1e-4 / 2, 1e-4])
+
+
+def _token_rows(n=24, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (length,), generator=g) for _ in range(n)]
+
+
+def _lm_loss(model, rows):
+    ids = torch.stack(rows)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def test_the_loop_is_a_plain_pytorch_loop():
+    """On one CPU process the accelerate-based loop takes bit for bit the steps of a hand-written
+    loop: AdamW, LambdaLR(warm-up + cosine), loss / grad_accum, backward, clip, step, zero_grad.
+    (The chapters' committed outputs depend on this.)"""
+    from course_lib import models
+
+    rows, steps, accum, lr, warmup = _token_rows(), 5, 2, 1e-2, 2
+    ours = models.tiny_llama()
+    history = train.train(ours, _lm_loss, train.batches(rows, 4, seed=3), steps=steps, lr=lr, warmup_steps=warmup,
+                          grad_accum=accum, max_grad_norm=0.5, seed=7, progress=False)
+
+    torch.manual_seed(7)
+    plain = models.tiny_llama()
+    params = [p for p in plain.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)   # the loop's default
+    multiplier = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    stream, losses = train.batches(rows, 4, seed=3), []
+    plain.train()
+    for _ in range(steps):
+        total = 0.0
+        for _ in range(accum):
+            loss = _lm_loss(plain, next(stream)) / accum
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(total)
+
+    assert history.loss == losses
+    for (name, a), b in zip(ours.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not ours.training
+
+
+def test_gradient_checkpointing_trains_the_same_and_is_switched_off_after():
+    from course_lib import models
+
+    results = []
+    for checkpointing in (False, True):
+        model = models.tiny_llama()
+        history = train.train(model, _lm_loss, train.batches(_token_rows(), 4, seed=0), steps=3, lr=1e-2,
+                              progress=False, gradient_checkpointing=checkpointing)
+        assert not model.is_activation_checkpointing
+        results.append((history.loss, model.state_dict()))
+    (loss_a, state_a), (loss_b, state_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert all(torch.allclose(state_a[k], state_b[k], atol=1e-6) for k in state_a)
+    with pytest.raises(ValueError, match="transformers model"):
+        train.train(nn.Linear(2, 1), _mse, iter([]), steps=1, progress=False, gradient_checkpointing=True)
+
+
+def test_shard_splits_a_global_batch_into_equal_contiguous_shares():
+    rows = [{"i": i} for i in range(6)]
+    assert train.shard(rows, 0, 1) is rows
+    assert train.shard(rows, 0, 2) + train.shard(rows, 1, 2) == rows
+    x, y = torch.arange(12).view(6, 2), torch.arange(6)
+    first, second = train.shard((x, y), 0, 3), train.shard((x, y), 2, 3)
+    assert torch.equal(first[0], x[:2]) and torch.equal(second[1], y[4:])
+    batch = {"input_ids": x, "attention_mask": torch.ones(6, 2)}
+    assert torch.equal(train.shard(batch, 1, 2)["input_ids"], x[3:])
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        train.shard(rows, 0, 4)
+    with pytest.raises(TypeError, match="cannot split"):
+        train.shard("text", 0, 2)

@@ -1,0 +1,82 @@
+"""The parameter-efficient methods on one task and one budget: chapter 07 shows this file's JSON.
+
+SmolLM2 on the course's instruction task, each method trained from the same base for the same
+number of steps on the same batches (`course_lib.peft_methods.run_method`): prompt tuning, prefix
+tuning, bottleneck adapters (course_lib), IA³, LoRA, DoRA (peft) and full fine-tuning. Reported
+per method: trainable parameters, AdamW state, the memory of one training step (chapter 03's
+tensor accounting), seconds per step, first / last loss, test exact match and answer perplexity.
+
+Run:  .venv/bin/python benchmarks/peft_methods.py [--steps 24] [--batch 8] [--n-test 64]
+(about 15 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
+
+Ends with one line per figure, printed by `report.figure`:
+``FIGURE <name>: <value> (target <op> <value>) met|missed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from report import figure
+
+from course_lib import adapters, data, models, peft_methods
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--n-test", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", default=list(peft_methods.METHODS), choices=peft_methods.METHODS)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peft_methods.json")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    base, tok = models.load_smollm2("cpu")
+    train_rows, test_rows = data.load_instruct("train"), data.load_instruct("test")[:args.n_test]
+    runs = []
+    for method in args.methods:
+        r = peft_methods.run_method(base, tok, method, train_rows, test_rows, steps=args.steps,
+                                    batch_size=args.batch, progress=False)
+        row = {k: v for k, v in r.items() if k not in ("history", "model", "predictions")}
+        row["step_memory"] = r["step_memory"]
+        row["losses"] = [round(x, 4) for x in r["history"].loss]
+        row["examples"] = list(zip([t["answer"] for t in test_rows[:5]], r["predictions"][:5], strict=True))
+        runs.append(row)
+        print(f"{method:<20} trainable {row['trainable']:>11,}  state {row['optimizer_state_bytes'] / 2**20:8.2f} MiB  "
+              f"step memory {row['step_memory']['total'] / 2**20:7.0f} MiB  {row['seconds_per_step']:5.2f} s/step  "
+              f"loss {row['loss_first']:.2f}->{row['loss_last']:.2f}  exact match {row['exact_match']:.3f}  "
+              f"perplexity {row['perplexity']:.2f}", flush=True)
+    result = {"command": " ".join(["python benchmarks/peft_methods.py", *sys.argv[1:]]), "date": date.today().isoformat(),
+              "seconds": round(time.perf_counter() - started), "device": "cpu", "threads": torch.get_num_threads(),
+              "steps": args.steps, "batch": args.batch, "n_test": len(test_rows), "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    by = {r["method"]: r for r in runs}
+    lines = []
+    if "bottleneck_adapter" in by:
+        formula = adapters.adapter_parameter_count(base.config, peft_methods.DEFAULTS["bottleneck_adapter"]["bottleneck_size"],
+                                                   peft_methods.DEFAULTS["bottleneck_adapter"]["placement"])
+        lines.append(figure("bottleneck_adapter_parameters_over_formula", by["bottleneck_adapter"]["trainable"] / formula, "<=", 1.0))
+    if {"lora", "full"} <= set(by):
+        lines.append(figure("lora_perplexity_over_full", by["lora"]["perplexity"] / by["full"]["perplexity"], "<=", 1.25))
+        lines.append(figure("lora_step_memory_over_full", by["lora"]["step_memory"]["total"] / by["full"]["step_memory"]["total"], "<=", 0.75))
+    if {"dora", "lora"} <= set(by):
+        lines.append(figure("dora_seconds_per_step_over_lora", by["dora"]["seconds_per_step"] / by["lora"]["seconds_per_step"], "<=", 1.5))
+    if {"prompt_tuning", "lora"} <= set(by):
+        lines.append(figure("prompt_tuning_perplexity_over_lora", by["prompt_tuning"]["perplexity"] / by["lora"]["perplexity"], "<=", 1.5))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

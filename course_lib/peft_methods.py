@@ -18,7 +18,6 @@ that builds the virtual tokens itself and calls the base model's ``generate``
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import time
 import types
@@ -27,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import adapters, lora, memory, retrieval, train
+from . import adapters, generation, lora, memory, retrieval, train
 
 METHODS = ("prompt_tuning", "prefix_tuning", "bottleneck_adapter", "ia3", "lora", "dora", "full")
 
@@ -126,11 +125,6 @@ def init_virtual_tokens(model: nn.Module, token_ids: Sequence[int]) -> nn.Module
     return model
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """transformers 5 renamed the forward's ``past_key_values`` to ``cache``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def generate_with_virtual_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                  **kwargs) -> torch.Tensor:
@@ -161,7 +155,7 @@ def generate_with_virtual_tokens(self, input_ids: torch.Tensor, attention_mask: 
     prefix = self.get_prompt(batch_size=batch)
     placeholders = input_ids.new_zeros(batch, n)
     out = base.generate(input_ids=torch.cat([placeholders, input_ids], dim=1), attention_mask=mask,
-                        **{_cache_keyword(base): prefix}, **kwargs)
+                        **{generation.cache_keyword(base): prefix}, **kwargs)
     return out[:, n:]
 
 

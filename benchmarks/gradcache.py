@@ -13,7 +13,10 @@ Run:  .venv/bin/python benchmarks/gradcache.py [--batch 256] [--chunk 32] [--rep
 (about 25 minutes on 2 CPU cores).
 
 Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``.
+``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
+
+``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
+benchmarks/results/gradcache.json, stores them there (with "figures_recomputed") and prints them.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import figure, timed
+from report import FIGURES_ONLY_HELP, figure, recompute_figures, timed
 
 from course_lib import data, gradcache, lora, models, retrieval, train
 from course_lib.memory import SavedActivations
@@ -108,6 +111,21 @@ def batch_sweep(base, tokenizer, batches: list[int], chunk: int, lr: float, pair
     return out
 
 
+def figures(result: dict) -> list[str]:
+    """The FIGURE lines of a result of this script, from its recorded measurements alone."""
+    step, sweep = result["step"], result["sweep"]
+    lines = [
+        figure("gradcache_over_naive_small_activation_peak",
+               step["activations_gradcache"] / step["activations_naive_small"], "<=", 1.1),
+        figure("naive_full_over_gradcache_activation_peak",
+               step["activations_naive_full"] / step["activations_gradcache"], ">=", step["batch"] / step["chunk"] * 0.8),
+        figure("gradcache_over_naive_seconds_per_step", step["seconds_gradcache"] / step["seconds_naive"], "<=", 1.35),
+        figure("ours_over_st_cached_seconds_per_step", step["seconds_gradcache"] / step["seconds_st_cached"], "<=", 1.0),
+    ]
+    if len(sweep) >= 2:
+        lines.append(figure("largest_minus_smallest_batch_recall10", sweep[-1]["recall@10"] - sweep[0]["recall@10"], ">", 0))
+    return lines
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -118,7 +136,11 @@ def main() -> None:
     parser.add_argument("--sweep-chunk", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pairs", type=int, default=2048, help="training pairs seen by every batch size")
+    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
+    if args.figures_only:
+        print("\n".join(recompute_figures(RESULTS, figures)))
+        return
     started = time.time()
     torch.manual_seed(0)
 
@@ -131,24 +153,17 @@ def main() -> None:
     result = {
         "command": "python benchmarks/gradcache.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()),
+            for k, v in vars(args).items() if k != "figures_only"),
         "date": str(date.today()), "seconds": round(time.time() - started),
         "device": "cpu", "threads": torch.get_num_threads(),
         "step": {"batch": args.batch, "chunk": args.chunk, **step},
         "baseline": {k: round(v, 4) for k, v in baseline.items() if isinstance(v, float)},
         "sweep": sweep,
     }
+    result["figures"] = figures(result)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-
-    print(figure("gradcache_over_naive_small_activation_peak",
-                 step["activations_gradcache"] / step["activations_naive_small"], "<=", 1.1))
-    print(figure("naive_full_over_gradcache_activation_peak",
-                 step["activations_naive_full"] / step["activations_gradcache"], ">=", args.batch / args.chunk * 0.8))
-    print(figure("gradcache_over_naive_seconds_per_step", step["seconds_gradcache"] / step["seconds_naive"], "<=", 1.35))
-    print(figure("ours_over_st_cached_seconds_per_step", step["seconds_gradcache"] / step["seconds_st_cached"], "<=", 1.0))
-    if len(sweep) >= 2:
-        print(figure("largest_minus_smallest_batch_recall10", sweep[-1]["recall@10"] - sweep[0]["recall@10"], ">", 0))
+    print("\n".join(result["figures"]))
 
 
 if __name__ == "__main__":

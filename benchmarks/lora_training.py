@@ -10,7 +10,10 @@ Run:  .venv/bin/python benchmarks/lora_training.py [--minilm-steps 40] [--smollm
 (about 20 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
 
 Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``.
+``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
+
+``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
+benchmarks/results/lora_training.json, stores them there (with "figures_recomputed") and prints them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import figure
+from report import FIGURES_ONLY_HELP, figure, recompute_figures
 
 from course_lib import data, lora, models, retrieval, train
 from course_lib.memory import optimizer_state_bytes
@@ -81,6 +84,21 @@ def run_smollm(base, tokenizer, method: str, steps: int, batch: int, test: list)
     return result
 
 
+def figures(result: dict) -> list[str]:
+    """The FIGURE lines of a result of this script, from its recorded measurements alone."""
+    minilm = result["minilm"]
+    r8 = next(x for x in minilm if x["r"] == 8)
+    full = minilm[-1]
+    lora_lm, full_lm = result["smollm2"]
+    return [
+        figure("minilm_lora_r8_recall10_gain", r8["recall@10"] - result["minilm_baseline"]["recall@10"], ">", 0),
+        figure("minilm_full_over_lora_r8_seconds_per_step",
+               full["seconds_per_step"] / r8["seconds_per_step"], ">=", 15),  # the seed's "15-20x faster"
+        figure("smollm2_full_over_lora_seconds_per_step",
+               full_lm["seconds_per_step"] / lora_lm["seconds_per_step"], ">=", 15),
+        figure("smollm2_lora_exact_match", lora_lm["exact_match"], ">", 0.02),
+    ]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,7 +107,11 @@ def main() -> None:
     parser.add_argument("--smollm-steps", type=int, default=40)
     parser.add_argument("--smollm-batch", type=int, default=8)
     parser.add_argument("--n-instruct", type=int, default=100)
+    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
+    if args.figures_only:
+        print("\n".join(recompute_figures(RESULTS, figures)))
+        return
     started = time.time()
 
     encoder, tokenizer = models.load_minilm("cpu")
@@ -107,24 +129,16 @@ def main() -> None:
 
     result = {
         "command": "python benchmarks/lora_training.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "figures_only"),
         "date": str(date.today()), "seconds": round(time.time() - started),
         "device": "cpu", "threads": torch.get_num_threads(),
         "minilm_baseline": {k: round(v, 4) for k, v in baseline.items() if isinstance(v, float)},
         "minilm": minilm, "smollm2": smollm,
     }
+    result["figures"] = figures(result)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-
-    r8 = next(x for x in minilm if x["r"] == 8)
-    full = minilm[-1]
-    lora_lm, full_lm = smollm
-    print(figure("minilm_lora_r8_recall10_gain", r8["recall@10"] - baseline["recall@10"], ">", 0))
-    print(figure("minilm_full_over_lora_r8_seconds_per_step",
-                 full["seconds_per_step"] / r8["seconds_per_step"], ">=", 15))  # the seed's "15-20x faster"
-    print(figure("smollm2_full_over_lora_seconds_per_step",
-                 full_lm["seconds_per_step"] / lora_lm["seconds_per_step"], ">=", 15))
-    print(figure("smollm2_lora_exact_match", lora_lm["exact_match"], ">", 0.02))
+    print("\n".join(result["figures"]))
 
 
 if __name__ == "__main__":

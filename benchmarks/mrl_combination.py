@@ -14,7 +14,10 @@ Run:  .venv/bin/python benchmarks/mrl_combination.py [--pairs 2048] [--batch 64]
 (about 20 minutes on 2 CPU cores).
 
 Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``.
+``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
+
+``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
+benchmarks/results/mrl_combination.json, stores them there (with "figures_recomputed") and prints them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import figure
+from report import FIGURES_ONLY_HELP, figure, recompute_figures
 
 from course_lib import data, gradcache, lora, matryoshka, memory, models, retrieval, train
 
@@ -78,6 +81,23 @@ def scores(model, tokenizer, test, distractors) -> dict:
     return {str(dim): {k: round(v, 4) for k, v in m.items()} for dim, m in by_dim.items()}
 
 
+def figures(result: dict) -> list[str]:
+    """The FIGURE lines of a result of this script, from its recorded measurements alone."""
+    m = result["methods"]
+    r_at = lambda name, dim, k: m[name]["scores"][str(dim)][f"recall@{k}"]
+    total = lambda name: m[name]["memory"]["total"]
+    return [
+        figure("lora_minus_full_recall10_at_384", r_at("LoRA", 384, 10) - r_at("full fine-tuning", 384, 10), ">=", -0.02),
+        figure("gradcache_minus_lora_recall1_at_384_abs",
+               abs(r_at("LoRA + GradCache", 384, 1) - r_at("LoRA", 384, 1)), "<=", 0.02),
+        figure("gradcache_over_lora_step_memory", total("LoRA + GradCache") / total("LoRA"), "<=", 0.5),
+        figure("mrl_over_lora_step_memory", total("LoRA + MRL") / total("LoRA"), "<=", 1.05),
+        figure("mrl_minus_lora_recall10_at_64", r_at("LoRA + MRL", 64, 10) - r_at("LoRA", 64, 10), ">", 0),
+        figure("mrl_minus_lora_recall10_at_384", r_at("LoRA + MRL", 384, 10) - r_at("LoRA", 384, 10), ">=", -0.01),
+        figure("gradcache_over_lora_epoch_time", m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"],
+               "<=", 1.5),
+    ]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,7 +108,11 @@ def main() -> None:
     parser.add_argument("--lr-lora", type=float, default=1e-3)
     parser.add_argument("--lr-full", type=float, default=2e-5)
     parser.add_argument("--distractors", type=int, default=2000)
+    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
+    if args.figures_only:
+        print("\n".join(recompute_figures(RESULTS, figures)))
+        return
     started = time.time()
 
     base, tokenizer = models.load_minilm("cpu")
@@ -99,7 +123,7 @@ def main() -> None:
     first_batch = next(train.batches(train_rows, args.batch, seed=0))
     result = {
         "command": "python benchmarks/mrl_combination.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "figures_only"),
         "date": str(date.today()), "device": "cpu", "threads": torch.get_num_threads(),
         "steps": steps, "steps_per_epoch": len(train_rows) // args.batch, "train_pairs": len(train_rows),
         "n_queries": len(test), "n_docs": len(test) + len(distractors), "dims": list(DIMS),
@@ -127,21 +151,10 @@ def main() -> None:
         print(name, json.dumps(result["methods"][name]["scores"]["384"]), json.dumps(result["methods"][name]["scores"]["64"]))
         del model
     result["seconds"] = round(time.time() - started)
+    result["figures"] = figures(result)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-
-    m = result["methods"]
-    r_at = lambda name, dim, k: m[name]["scores"][str(dim)][f"recall@{k}"]
-    total = lambda name: m[name]["memory"]["total"]
-    print(figure("lora_minus_full_recall10_at_384", r_at("LoRA", 384, 10) - r_at("full fine-tuning", 384, 10), ">=", -0.02))
-    print(figure("gradcache_minus_lora_recall1_at_384_abs",
-                 abs(r_at("LoRA + GradCache", 384, 1) - r_at("LoRA", 384, 1)), "<=", 0.02))
-    print(figure("gradcache_over_lora_step_memory", total("LoRA + GradCache") / total("LoRA"), "<=", 0.5))
-    print(figure("mrl_over_lora_step_memory", total("LoRA + MRL") / total("LoRA"), "<=", 1.05))
-    print(figure("mrl_minus_lora_recall10_at_64", r_at("LoRA + MRL", 64, 10) - r_at("LoRA", 64, 10), ">", 0))
-    print(figure("mrl_minus_lora_recall10_at_384", r_at("LoRA + MRL", 384, 10) - r_at("LoRA", 384, 10), ">=", -0.01))
-    print(figure("gradcache_over_lora_epoch_time", m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"],
-                 "<=", 1.5))
+    print("\n".join(result["figures"]))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ Run:  .venv/bin/python benchmarks/peft_methods.py [--steps 24] [--batch 8] [--n-
 (about 15 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
 
 Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``.
+``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
+
+``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
+the JSON (``--out``), stores them there (with "figures_recomputed") and prints them. A JSON written
+before the bottleneck adapter's formula count was recorded gets no figure for it.
 """
 
 from __future__ import annotations
@@ -26,9 +30,32 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import figure
+from report import FIGURES_ONLY_HELP, figure, recompute_figures
 
 from course_lib import adapters, data, models, peft_methods
+
+FORMULA_KEY = "bottleneck_adapter_parameters_by_formula"
+
+
+def figures(result: dict) -> list[str]:
+    """The FIGURE lines of a result of this script, from its recorded measurements alone.
+
+    The bottleneck adapter's figure needs the formula's count (``FORMULA_KEY``), which the JSON
+    records since --figures-only exists; without it that figure is left out.
+    """
+    by = {r["method"]: r for r in result["runs"]}
+    lines = []
+    if "bottleneck_adapter" in by and FORMULA_KEY in result:
+        lines.append(figure("bottleneck_adapter_parameters_over_formula",
+                            by["bottleneck_adapter"]["trainable"] / result[FORMULA_KEY], "<=", 1.0))
+    if {"lora", "full"} <= set(by):
+        lines.append(figure("lora_perplexity_over_full", by["lora"]["perplexity"] / by["full"]["perplexity"], "<=", 1.25))
+        lines.append(figure("lora_step_memory_over_full", by["lora"]["step_memory"]["total"] / by["full"]["step_memory"]["total"], "<=", 0.75))
+    if {"dora", "lora"} <= set(by):
+        lines.append(figure("dora_seconds_per_step_over_lora", by["dora"]["seconds_per_step"] / by["lora"]["seconds_per_step"], "<=", 1.5))
+    if {"prompt_tuning", "lora"} <= set(by):
+        lines.append(figure("prompt_tuning_perplexity_over_lora", by["prompt_tuning"]["perplexity"] / by["lora"]["perplexity"], "<=", 1.5))
+    return lines
 
 
 def main() -> int:
@@ -38,7 +65,13 @@ def main() -> int:
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=list(peft_methods.METHODS), choices=peft_methods.METHODS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peft_methods.json")
+    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
+    if args.figures_only:
+        if FORMULA_KEY not in json.loads(args.out.read_text()):
+            print(f"{args.out} records no {FORMULA_KEY}: bottleneck_adapter_parameters_over_formula is not recomputed")
+        print("\n".join(recompute_figures(args.out, figures, indent=1)))
+        return 0
     started = time.perf_counter()
     torch.manual_seed(0)
     base, tok = models.load_smollm2("cpu")
@@ -58,23 +91,16 @@ def main() -> int:
               f"perplexity {row['perplexity']:.2f}", flush=True)
     result = {"command": " ".join(["python benchmarks/peft_methods.py", *sys.argv[1:]]), "date": date.today().isoformat(),
               "seconds": round(time.perf_counter() - started), "device": "cpu", "threads": torch.get_num_threads(),
-              "steps": args.steps, "batch": args.batch, "n_test": len(test_rows), "runs": runs}
+              "steps": args.steps, "batch": args.batch, "n_test": len(test_rows)}
+    if "bottleneck_adapter" in args.methods:
+        bottleneck = peft_methods.DEFAULTS["bottleneck_adapter"]
+        result[FORMULA_KEY] = adapters.adapter_parameter_count(base.config, bottleneck["bottleneck_size"],
+                                                               bottleneck["placement"])
+    result["runs"] = runs
+    result["figures"] = figures(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    by = {r["method"]: r for r in runs}
-    lines = []
-    if "bottleneck_adapter" in by:
-        formula = adapters.adapter_parameter_count(base.config, peft_methods.DEFAULTS["bottleneck_adapter"]["bottleneck_size"],
-                                                   peft_methods.DEFAULTS["bottleneck_adapter"]["placement"])
-        lines.append(figure("bottleneck_adapter_parameters_over_formula", by["bottleneck_adapter"]["trainable"] / formula, "<=", 1.0))
-    if {"lora", "full"} <= set(by):
-        lines.append(figure("lora_perplexity_over_full", by["lora"]["perplexity"] / by["full"]["perplexity"], "<=", 1.25))
-        lines.append(figure("lora_step_memory_over_full", by["lora"]["step_memory"]["total"] / by["full"]["step_memory"]["total"], "<=", 0.75))
-    if {"dora", "lora"} <= set(by):
-        lines.append(figure("dora_seconds_per_step_over_lora", by["dora"]["seconds_per_step"] / by["lora"]["seconds_per_step"], "<=", 1.5))
-    if {"prompt_tuning", "lora"} <= set(by):
-        lines.append(figure("prompt_tuning_perplexity_over_lora", by["prompt_tuning"]["perplexity"] / by["lora"]["perplexity"], "<=", 1.5))
-    print("\n".join(lines))
+    print("\n".join(result["figures"]))
     return 0
 
 

@@ -15,7 +15,10 @@ Run:  .venv/bin/python benchmarks/qlora_training.py [--steps 40] [--n-instruct 1
 (about 25 minutes on 2 CPU cores).
 
 Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``.
+``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
+
+``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
+benchmarks/results/qlora_training.json, stores them there (with "figures_recomputed") and prints them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import figure
+from report import FIGURES_ONLY_HELP, figure, recompute_figures
 
 from course_lib import data, lora, models, qlora, retrieval, train
 from course_lib.memory import optimizer_state_bytes
@@ -63,13 +66,29 @@ def run(label: str, model, tokenizer, steps: int, batch: int, test: list) -> dic
             "perplexity": round(retrieval.perplexity(model, tokenizer, instructions, answers), 3)}
 
 
+def figures(result: dict) -> list[str]:
+    """The FIGURE lines of a result of this script, from its recorded measurements alone."""
+    lora32, ours4, bnb4 = result["runs"]
+    return [
+        figure("qlora_minus_lora_exact_match", ours4["exact_match"] - lora32["exact_match"], ">=", -0.05),
+        figure("qlora_over_lora_answer_perplexity", ours4["perplexity"] / lora32["perplexity"], "<=", 1.15),
+        figure("qlora_course_lib_vs_bnb_max_loss_gap",
+               max(abs(a - b) for a, b in zip(ours4["loss"], bnb4["loss"])), "<=", 1e-2),
+        figure("qlora_course_lib_over_bnb_seconds_per_step",
+               ours4["seconds_per_step"] / bnb4["seconds_per_step"], "<=", 1.5),
+    ]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--n-instruct", type=int, default=100)
+    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
+    if args.figures_only:
+        print("\n".join(recompute_figures(RESULTS, figures)))
+        return
     started = time.time()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -102,20 +121,14 @@ def main() -> None:
             run("qlora_bnb_peft", theirs, tokenizer, args.steps, args.batch, test)]
     result = {
         "command": "python benchmarks/qlora_training.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "figures_only"),
         "date": str(date.today()), "seconds": round(time.time() - started),
         "device": "cpu", "threads": torch.get_num_threads(), "runs": runs,
     }
+    result["figures"] = figures(result)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-
-    lora32, ours4, bnb4 = runs
-    print(figure("qlora_minus_lora_exact_match", ours4["exact_match"] - lora32["exact_match"], ">=", -0.05))
-    print(figure("qlora_over_lora_answer_perplexity", ours4["perplexity"] / lora32["perplexity"], "<=", 1.15))
-    print(figure("qlora_course_lib_vs_bnb_max_loss_gap",
-                 max(abs(a - b) for a, b in zip(ours4["loss"], bnb4["loss"])), "<=", 1e-2))
-    print(figure("qlora_course_lib_over_bnb_seconds_per_step",
-                 ours4["seconds_per_step"] / bnb4["seconds_per_step"], "<=", 1.5))
+    print("\n".join(result["figures"]))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,16 @@ Measured side by side in one run, on CPU (and on CUDA when a GPU is visible):
 Run:  .venv/bin/python benchmarks/quant_vs_bnb.py   (about 1 minute on 2 CPU cores)
 Each round calls every contender once, in rotating order, after one warm-up call; a ratio is the
 median over rounds of the two times measured in the same round, so a slow spell of a shared
-machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json.
+machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json, with the FIGURE lines it
+ends with under "figures".
+
+``--figures-only`` measures nothing: it recomputes the figures from the ratios recorded in
+benchmarks/results/quant_vs_bnb.json, stores them there (with "figures_recomputed") and prints them.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -30,9 +35,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import torch
+from report import FIGURES_ONLY_HELP, recompute_figures
 from torch import nn
 
 from course_lib import models, quant
@@ -73,16 +77,20 @@ def figure(name: str, value: float, op: str, target: float) -> str:
 
 
 def bnb_linear(linear: nn.Linear) -> nn.Module:
+    import bitsandbytes as bnb
+
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=torch.float32, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4")
     return layer.to(linear.weight.device).train()
 
 
-def run_device(device: str, down_proj: torch.Tensor) -> tuple[dict, list[str]]:
+def run_device(device: str, down_proj: torch.Tensor) -> dict:
+    import bitsandbytes.functional as bnbF
+
     g = torch.Generator().manual_seed(0)
     tensors = {"down_proj": down_proj.to(device), "random4096": torch.randn(4096, 4096, generator=g).to(device)}
-    result, figures = {"median_seconds": {}, "ratios": {}}, []
+    result = {"median_seconds": {}, "ratios": {}}
     for label, x in tensors.items():
         times = interleaved({
             "ours": partial(quant.quantize_blockwise, x, "nf4", BLOCKSIZE, double_quant=True),
@@ -91,7 +99,6 @@ def run_device(device: str, down_proj: torch.Tensor) -> tuple[dict, list[str]]:
         ratio = paired_ratio(times, "bnb", "ours")  # throughput ours / theirs = time theirs / ours
         result["median_seconds"][f"quantize_{label}"] = {k: statistics.median(v) for k, v in times.items()}
         result["ratios"][f"quantize_{label}_throughput_ours_over_bnb"] = ratio
-        figures.append(figure(f"nf4_quantize_{label}_{device}_throughput_ours_over_bnb", ratio, ">=", 1.0))
 
         ours_state = quant.quantize_blockwise(x, "nf4", BLOCKSIZE, double_quant=True)
         packed, bnb_state = bnbF.quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
@@ -102,7 +109,6 @@ def run_device(device: str, down_proj: torch.Tensor) -> tuple[dict, list[str]]:
         ratio = paired_ratio(times, "bnb", "ours")
         result["median_seconds"][f"dequantize_{label}"] = {k: statistics.median(v) for k, v in times.items()}
         result["ratios"][f"dequantize_{label}_throughput_ours_over_bnb"] = ratio
-        figures.append(figure(f"nf4_dequantize_{label}_{device}_throughput_ours_over_bnb", ratio, ">=", 1.0))
 
     linear = nn.Linear(down_proj.shape[1], down_proj.shape[0], bias=False, device=device).requires_grad_(False)
     linear.weight.copy_(down_proj)
@@ -121,20 +127,39 @@ def run_device(device: str, down_proj: torch.Tensor) -> tuple[dict, list[str]]:
     result["median_seconds"]["forward_down_proj"] = {k: statistics.median(v) for k, v in times.items()}
     result["ratios"]["forward_ours_over_float"] = ratio
     result["ratios"]["forward_bnb_over_float"] = paired_ratio(times, "bnb", "float")
-    figures.append(figure(f"linear4bit_forward_{device}_over_float_linear", ratio, "<=", 1.5))
-    return result, figures
+    return result
+
+
+def figures(record: dict) -> list[str]:
+    """The FIGURE lines of a record of this script, from its recorded ratios alone: per device, per
+    tensor quantize then dequantize throughput, then the forward."""
+    lines = []
+    for device, result in record["results"].items():
+        ratios = result["ratios"]
+        for key in ratios:
+            if key.startswith("quantize_"):
+                label = key.removeprefix("quantize_").removesuffix("_throughput_ours_over_bnb")
+                lines.append(figure(f"nf4_quantize_{label}_{device}_throughput_ours_over_bnb", ratios[key], ">=", 1.0))
+                lines.append(figure(f"nf4_dequantize_{label}_{device}_throughput_ours_over_bnb",
+                                    ratios[f"dequantize_{label}_throughput_ours_over_bnb"], ">=", 1.0))
+        lines.append(figure(f"linear4bit_forward_{device}_over_float_linear", ratios["forward_ours_over_float"], "<=", 1.5))
+    return lines
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
+    if parser.parse_args().figures_only:
+        print("\n".join(recompute_figures(OUT, figures)))
+        return
+    import bitsandbytes as bnb
+
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]  # other processes skew timings
     model, _ = models.load_smollm2("cpu")
     down_proj = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     del model
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    results, figures = {}, []
-    for device in devices:
-        results[device], device_figures = run_device(device, down_proj)
-        figures += device_figures
+    results = {device: run_device(device, down_proj) for device in devices}
 
     record = {
         "command": "python benchmarks/quant_vs_bnb.py",
@@ -150,9 +175,9 @@ def main() -> None:
         "ratio_method": "median over rounds of the ratio of the two times measured in the same round; "
                         "throughput ratio ours/bnb = time bnb / time ours",
         "results": results,
-        "figures": figures,
-        "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    record["figures"] = figures(record)
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(record, indent=2) + "\n")
 
@@ -162,7 +187,7 @@ def main() -> None:
             print(f"  {name:24s} " + "  ".join(f"{k} {v * 1000:8.2f} ms" for k, v in medians.items()))
         print(f"  bitsandbytes Linear4bit forward / float: {result['ratios']['forward_bnb_over_float']:.3f}")
     print(f"results written to {OUT}")
-    print("\n".join(figures))
+    print("\n".join(record["figures"]))
 
 
 if __name__ == "__main__":

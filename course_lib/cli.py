@@ -1,13 +1,16 @@
-"""The ``course-lib`` command: memory budgets and plans from the command line.
+"""The ``course-lib`` command: memory budgets and plans, and the students' copies of the chapters.
 
     course-lib budget --model llama-3-8b --method qlora --gpu 24GB --seq 2048 --batch 4
     course-lib budget --model llama-3-8b --gpu 24GB --plan      (the same as `course-lib plan ...`)
     course-lib plan --model minilm --gpu 8GB
     course-lib models
+    course-lib student notebooks/ out/        (see course_lib.student)
 
 ``--json`` prints the same numbers (bytes) for scripts. Exit status: 0 when the step fits the
 GPU (or no GPU was given), 1 when it does not or the planner finds nothing that fits, 2 for
-bad input, reported on one line of stderr, never as a traceback.
+bad input, reported on one line of stderr, never as a traceback. ``student`` exits 0 when
+every copy was written and 2 for bad input (a path that is not a notebook, unpaired solution
+markers: the message names the file and the cell).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import os
 import sys
 
-from . import budget
+from . import budget, student
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of the GPU kept free (default 0.1)")
 
     commands.add_parser("models", help="list the known model configs")
+
+    s = commands.add_parser("student", help="write student copies of the chapters (solutions replaced by stubs)")
+    s.add_argument("source", help="a chapter notebook, or a folder of them (e.g. notebooks/)")
+    s.add_argument("out", help="the folder for the copies; put it beside notebooks/ (chapters read ../benchmarks)")
+    s.add_argument("--overwrite", action="store_true", help="replace copies already in the folder")
     return parser
 
 
@@ -115,12 +123,20 @@ def _models(args) -> int:
     return 0
 
 
+def _student(args) -> int:
+    copies = student.write_student_copies(args.source, args.out, overwrite=args.overwrite)
+    for path, result in copies.items():
+        checks = ", ".join(result.nbval_names(result.exercise_cells)) or "none"
+        print(f"{path}: {result.regions} solution(s) replaced by stubs; an unsolved copy fails at {checks}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        return {"budget": _budget, "plan": _plan, "models": _models}[args.command](args)
-    except (_UsageError, ValueError) as error:
+        return {"budget": _budget, "plan": _plan, "models": _models, "student": _student}[args.command](args)
+    except (_UsageError, ValueError, FileExistsError) as error:
         print(f"course-lib: error: {error}", file=sys.stderr)
         return 2
     except SystemExit as exit_:  # --help

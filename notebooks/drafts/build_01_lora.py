@@ -52,6 +52,8 @@ ADAPTER_STEPS = 4    # steps for each of the two adapters in the multi-adapter s
 _ = torch.manual_seed(SEED)
 """),
 ("md", r"""
+<a id="claim-01-worked-example"></a>
+
 ## The idea, and the seeds' worked example
 
 A linear layer computes $y = W_0 x$ with $W_0 \in \mathbb{R}^{d \times k}$. Full fine-tuning
@@ -79,6 +81,8 @@ print("W0·x + B·A·x =", [round(v, 4) for v in y.tolist()])
 assert torch.allclose(y, torch.tensor([5.25, 11.3]))
 """),
 ("md", r"""
+<a id="claim-01-zero-init"></a>
+
 **Why B starts at zero.** A is initialised randomly (Kaiming-uniform, as peft does) and B at
 zero, so $BA = 0$: the wrapped model starts *exactly* equal to the pretrained one, and training
 moves away from it. (If both were random, the first forward pass would already be a damaged
@@ -95,6 +99,8 @@ print(f"largest change in an embedding after injection: {(after - before).abs().
 assert torch.equal(before, after)
 """),
 ("md", r"""
+<a id="claim-01-llama8b-params"></a>
+
 ## What LoRA trains
 
 `lora.count_parameters` counts trainable and total parameters after injection. The count must
@@ -139,7 +145,7 @@ One seed's table says LoRA on "LLaMA-8B" trains **about 4M parameters**. With r 
 LLaMA-3-8B has 3,407,872 trainable parameters (3.4M), because grouped-query attention makes
 `v_proj` four times narrower than `q_proj`. The round "4M" is what r = 8 on q and v gives for
 an older 7B model without grouped-query attention (LLaMA-1/2-7B: 4,194,304). So the claim is
-right in magnitude, and off by 23% for the model it names.
+right in magnitude, and 17% too high for the model it names.
 """),
 ("code", r"""
 assert llama3_8b == 3_407_872 and llama2_7b == 4_194_304   # r·(d_in + d_out) summed, by hand above
@@ -148,6 +154,8 @@ assert abs(llama2_7b - 4e6) < abs(llama3_8b - 4e6)
 ]
 cells += [
 ("md", r"""
+<a id="claim-01-minilm-lora-vs-full"></a>
+
 ## Fine-tuning MiniLM for code search: LoRA vs full fine-tuning
 
 Same batches, same number of steps, the in-batch-negatives contrastive loss of
@@ -250,6 +258,8 @@ for (gold, before), (_, after) in zip(smol_base["examples"], smol_after["example
 assert smol_after["perplexity"] < smol_base["perplexity"] / 5   # the right names became far less surprising
 """),
 ("md", r"""
+<a id="claim-01-benchmark"></a>
+
 In a dozen steps the answers' perplexity falls by more than an order of magnitude: the model
 learns the *form* of an answer (a bare snake_case identifier, then end of turn) and much about
 which words go into it. Exact match needs the *whole* name right and needs more steps than this notebook can afford; the
@@ -304,6 +314,8 @@ assert full["optimizer_state_bytes"] == 8 * (full["trainable"] - pooler)
 ]
 cells += [
 ("md", r"""
+<a id="claim-01-runtime-merged"></a>
+
 ## Inference: merged vs runtime LoRA
 
 After training there are two ways to serve the adapter. **Runtime** (unmerged): keep $W_0$, $A$
@@ -347,6 +359,8 @@ runtime_ratio = latency["runtime LoRA"] / latency["base"]
 assert runtime_ratio < 2.0   # the seed's "runtime LoRA is 2-3x slower" does not hold here
 """),
 ("md", r"""
+<a id="claim-01-several-adapters"></a>
+
 ## Several adapters on one model, and blending them
 
 One base model can carry several named adapters: add them, switch the active one, disable all
@@ -468,10 +482,10 @@ cells += [
   *memory*: AdamW state of 3.5 MiB instead of 1026 MiB for SmolLM2, 0.56 MiB instead of 172 MiB
   for MiniLM, and no gradient buffers for the frozen weights.
 * **"Runtime (unmerged) LoRA is 2-3x slower at inference":** the extra branch costs
-  $r(d+k)/(dk)$ of a layer's multiply-adds, a few percent. The latency cell above measured a few
-  percent (it varies from run to run, so it is not compared by nbval), and
-  `benchmarks/lora_vs_peft.py` measured 1.014x the base model on SmolLM2; merged LoRA costs
-  nothing (1.003x).
+  $r(d+k)/(dk)$ of a layer's multiply-adds, a few percent. The latency cell above is too short to resolve a few percent (its
+  ratios move by tens of percent from run to run, so it is not compared by nbval);
+  `benchmarks/lora_vs_peft.py`, with repeats, measured 1.014x the base model on SmolLM2, and
+  merged LoRA costs nothing (1.003x).
 * **Rank vs accuracy (the seed's table):** in the 40-step benchmark, MiniLM's test recall@10 rises
   from 0.810 at r = 1 to 0.854 at r = 32, with r = 8 (0.842) level with full fine-tuning (0.844),
   while trainable parameters grow linearly in r and the time per step does not change.

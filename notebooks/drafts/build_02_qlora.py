@@ -21,7 +21,7 @@ weights, and measures the claims:
 5. optimizer memory: 32-bit AdamW, 8-bit AdamW, paged AdamW;
 6. the deployment trap: merging an adapter into a 4-bit base.
 
-**Time:** about 4 minutes on 2 CPU cores.
+**Time:** about 2 minutes on 2 CPU cores (every chapter's measured time is on the home page).
 """),
 ("code", r"""
 import copy
@@ -57,6 +57,8 @@ N_EXAMPLES = 4       # of those, answers generated and shown
 _ = torch.manual_seed(SEED)
 """),
 ("md", r"""
+<a id="claim-02-nf4-levels"></a>
+
 ## NF4: 16 levels at the quantiles of a normal distribution
 
 Blockwise quantization divides each block of 64 weights by its absolute maximum, so the values
@@ -115,6 +117,8 @@ print(f"code entropy (bits of 4): NF4 {entropy['nf4']:.3f}, FP4 {entropy['fp4']:
 assert entropy["nf4"] > entropy["int4"] and entropy["nf4"] > entropy["fp4"]
 """),
 ("md", r"""
+<a id="claim-02-nf4-error"></a>
+
 ## Quantization error on every layer of SmolLM2
 
 Each of SmolLM2's 210 linear layers quantized with NF4, FP4 (bitsandbytes' 4-bit float), INT4
@@ -145,6 +149,8 @@ assert mean_mse["int8"] < mean_mse["nf4"] < min(mean_mse["fp4"], mean_mse["int4"
 assert wins == len(linear_names)   # NF4 beats FP4 on every single layer
 """),
 ("md", r"""
+<a id="claim-02-double-quant"></a>
+
 ## Bits per parameter, and what the model weighs
 
 A 4-bit code per weight plus a float32 absmax per block of 64 costs 4 + 32/64 = **4.5 bits**.
@@ -170,6 +176,8 @@ assert abs(reports["NF4"]["bits_per_parameter"] - 4.5) < 0.01
 assert abs(reports["NF4 + DQ"]["bits_per_parameter"] - (4 + 8 / 64 + 32 / (64 * 256))) < 0.01
 """),
 ("md", r"""
+<a id="claim-02-perplexity"></a>
+
 ## Perplexity: does the 4-bit type matter?
 
 Perplexity of each copy on held-out text: the first 128 tokens of 8 Python functions from the
@@ -250,6 +258,8 @@ print(f"seconds per step: course_lib {agree['course_lib'].seconds_per_step:.1f},
 del theirs
 """, IGN),
 ("md", r"""
+<a id="claim-02-qlora-vs-lora"></a>
+
 ## Does a 4-bit base cost accuracy? QLoRA vs 32-bit LoRA on the same steps
 
 The paper's headline: LoRA on a 4-bit NF4 base matches LoRA on a 16-bit base. We train the same
@@ -322,6 +332,8 @@ lora_b, ours_b, bnb_b = (bench_runs[k] for k in ("lora_fp32", "qlora_course_lib"
 ]
 cells += [
 ("md", r"""
+<a id="claim-02-optimizers"></a>
+
 ## Optimizer memory: 32-bit AdamW, 8-bit AdamW, paged AdamW
 
 AdamW keeps two moments per trainable parameter, 8 bytes in float32. bitsandbytes' `AdamW8bit`

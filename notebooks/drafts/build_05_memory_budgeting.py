@@ -198,6 +198,8 @@ assert 0.2 < measured["lora", True]["activations_peak"] / measured["lora", False
 print({f"{m} {'ckpt' if ck else 'no ckpt'}": f"{mib(t):.0f} MiB" for (m, ck), t in total.items()})
 """),
 ("md", r"""
+<a id="claim-05-checkpointing"></a>
+
 ## Checkpointing and accumulation: memory saved, time paid
 
 Two levers shrink the activations without changing the model. **Gradient checkpointing** keeps
@@ -259,7 +261,7 @@ plt.show()
 Accumulation divides the activations by the number of micro-batches exactly (1,118 MiB for the
 whole batch of 8, 560 for micro-batches of 4, 140 for single sequences) and on this CPU costs
 little time: a matrix product over 2 sequences is nearly as efficient per token as over 8, and only
-single sequences were slower (about 20% in this run; the timings vary from run to run and are not
+single sequences were slower (roughly 15-20%; the timings vary from run to run and are not
 compared by nbval). On a GPU small micro-batches leave the device idle, so there the time cost is
 larger. Checkpointing pays one extra forward pass (about 30% more time per step here) to keep 23%
 of the activations (262 MiB). The two combine (3% of the activations at single sequences with
@@ -383,6 +385,8 @@ assert g_held["adamw8bit"] < 1.2e12 < g_held["adamw"]
 assert abs(g_lora.weights / 350e9 - 1) < 0.01 and abs(g_lora.lora_parameters / 35e6 - 1) < 0.1
 """),
 ("md", r"""
+<a id="claim-05-errata"></a>
+
 ## Errata: the seeds' memory and speed claims, checked
 
 Every quantitative claim about memory or speed in the five seed tutorials, with what this chapter
@@ -504,7 +508,7 @@ claim("001", "INT8: -50-60% memory; INT4/NF4: -70-80%",
       f"weights vs bf16: INT8 -50% (1 byte vs 2); NF4 + DQ {1 - 4.127 / 16:.0%} for the linear layers, "
       f"{1 - estimate(llama8, 'qlora').weights / f8.weights:.0%} for all of LLaMA-3-8B (its embeddings stay 16-bit)",
       "INT8 **holds**; NF4 holds for the linear layers, a little less for a whole model")
-claim("001", "INT8 inference 20-40% faster; ONNX 30-200% faster on CPU", "chapter 06 measures CPU inference", "**cannot be checked here** (chapter 06)")
+claim("001", "INT8 inference 20-40% faster; ONNX 30-200% faster on CPU", "measured in chapter 06: onnxruntime generates faster than PyTorch; INT8 speeds up MiniLM, not SmolLM2's generation", "**partly** (chapter 06)")
 claim("001", "QLoRA is 10-30% slower than full fine-tuning", "a property of the GPU's dequantization kernels",
       "**cannot be checked here** (no GPU)")
 claim("001", "1-2B model on an 8 GB machine with INT4, LoRA r=4, 8-bit Adam",
@@ -525,6 +529,8 @@ assert abs(mem["LoRA + MRL"] / mem["LoRA"] - 1) < 0.02 and r32.peak / r16.peak -
 assert edge.peak < 8 * GiB
 """),
 ("md", r"""
+<a id="claim-05-api"></a>
+
 ### API claims that do not exist in the real libraries
 
 The seeds also call functions that do not exist, or no longer exist, in the libraries they name.

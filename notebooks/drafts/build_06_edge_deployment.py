@@ -80,6 +80,8 @@ export.quantize_onnx_int8(OUT / "minilm.onnx", OUT / "minilm-int8.onnx")
 print(f"loss {history.loss[0]:.3f} -> {history.loss[-1]:.3f}")
 """),
 ("md", r"""
+<a id="claim-06-minilm"></a>
+
 The merged model must compute what base + adapter computed. On a batch of test queries, the
 embeddings of the runtime-LoRA model, the merged model, and the ONNX file agree to float32
 rounding; the INT8 file does not, by design:
@@ -140,7 +142,7 @@ here:
 """),
 ("code", r"""
 for name, r in minilm_rows.items():
-    print(f"{name:<28} {r['MB']:6.1f} MB" + ("" if "int8" in name else f"   recall@10 {r['recall@10']:.3f}"))
+    print(f"{name:<28} {r['MB']:4.0f} MB" + ("" if "int8" in name else f"   recall@10 {r['recall@10']:.3f}"))
 m = minilm_rows
 assert m["PyTorch merged"]["recall@10"] == m["PyTorch fp32, runtime LoRA"]["recall@10"] == m["ONNX fp32"]["recall@10"]
 assert abs(m["ONNX int8"]["recall@10"] - m["ONNX fp32"]["recall@10"]) <= 0.02        # within 2 points
@@ -202,6 +204,8 @@ print("transformers reads the Q8_0 file back with the values gguf-py reads:", sa
 assert same
 """),
 ("md", r"""
+<a id="claim-06-smollm2"></a>
+
 Now the table. Each SmolLM2 variant is scored on the same test instructions: answer perplexity
 (lower is better), how many of the greedy answers equal the merged PyTorch model's, and the speed
 of generating 32 tokens with the KV cache. The GGUF rows run as PyTorch models with the
@@ -257,7 +261,6 @@ assert abs(s["GGUF Q8_0"]["perplexity"] / s["PyTorch merged"]["perplexity"] - 1)
 assert s["ONNX int8"]["MB"] < 0.3 * s["ONNX fp32"]["MB"] and s["GGUF Q4_0"]["MB"] < 0.4 * s["GGUF f16"]["MB"]
 assert s["GGUF Q4_0"]["perplexity"] > 2 * s["PyTorch merged"]["perplexity"]               # 4 bits: far worse
 assert s["ONNX int8"]["perplexity"] > 2 * s["PyTorch merged"]["perplexity"]               # activations in 8 bits hurt the LLM
-assert s["ONNX fp32"]["tokens_per_s"] > s["PyTorch merged"]["tokens_per_s"]   # generous: measured ~2x apart
 """),
 ("code", r"""
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -276,6 +279,8 @@ plt.tight_layout()
 plt.show()
 """),
 ("md", r"""
+<a id="claim-06-kv-cache"></a>
+
 ## Generation with and without the KV cache
 
 Without a cache, generating token $t$ runs all $t$ tokens before it through the model again; with
@@ -324,6 +329,8 @@ assert kv[256]["with"] > 2 * kv[256]["without"]                          # gener
 assert kv[256]["with"] / kv[256]["without"] > kv[32]["with"] / kv[32]["without"]
 """),
 ("md", r"""
+<a id="claim-06-llama-cpp"></a>
+
 The cache turns generation from quadratic into linear work: the longer the answer, the larger
 the gap (about 2x at 32 new tokens, 7x at 256 in our run), while its memory grows by 45 KiB per
 token for SmolLM2 (in float32), 128 KiB for LLaMA-3-8B in bfloat16. For one long sequence on a small device the cache, not the weights, can
@@ -364,9 +371,11 @@ or with llama.cpp's own command-line tool: `llama-cli -m smollm2-q8_0.gguf -p ".
   little redundancy per weight (chapter 02 saw the same with NF4); for a small LLM prefer 8-bit
   weight-only formats, or a 4-bit type with a per-block offset (Q4_1, exercise 3) and check.
 * **"ONNX makes CPU inference 30-200% faster"; "INT8 20-40% faster"** (seed 001): on this
-  machine onnxruntime generated about twice as fast as PyTorch eager, and INT8 encoded MiniLM
-  queries faster than float32 (tables above; timings vary by run and CPU, so only "faster" is
-  asserted).
+  machine onnxruntime generated more than twice as fast as PyTorch eager (59 vs 23 tokens/s in
+  the committed run), and INT8 encoded MiniLM queries faster than float32, but generated SmolLM2's
+  tokens more slowly than float32 onnxruntime (48 vs 59 tokens/s): "INT8 is faster" depends on the
+  model and the CPU (tables above; timings vary by run, so only the MiniLM query latency is
+  asserted, where the two are several times apart).
 * **"A merged model has the same speed as the base model"** (seeds 003, 004): it *is* the base
   architecture; the runtime-LoRA and merged rows above differ only by the adapter branch
   (chapter 01 measured 1.4% for it).
@@ -374,12 +383,13 @@ or with llama.cpp's own command-line tool: `llama-cli -m smollm2-q8_0.gguf -p ".
 ("md", r"""
 ## What we measured
 
-The figures are in the tables above; this run's sizes:
+The figures are in the tables above; this run's sizes (an ONNX export's size moves by about
+0.1 MB from run to run, so this cell is not compared by nbval; the checks above round to whole MB):
 """),
 ("code", r"""
 summary = {**{f"MiniLM {k}": v["MB"] for k, v in minilm_rows.items()}, **{f"SmolLM2 {k}": v["MB"] for k, v in smol_rows.items()}}
 display(Markdown("| file | MB |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in summary.items())))
-"""),
+""", IGN),
 ("md", r"""
 ## Exercises
 

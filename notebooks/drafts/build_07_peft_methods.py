@@ -73,6 +73,8 @@ assert trainable == formula == 2 * L * (2 * h * m + m + h) and same
 del adapted
 """),
 ("md", r"""
+<a id="claim-07-live"></a>
+
 ## Seven methods, same task, same steps
 
 Each method trains a copy of SmolLM2 from the same weights on the same batches
@@ -115,6 +117,8 @@ assert r["full"]["step_memory"]["total"] > 1.5 * max(r[m]["step_memory"]["total"
 assert all(r[m]["loss_last"] < r[m]["loss_first"] for m in r)
 """),
 ("md", r"""
+<a id="claim-07-benchmark"></a>
+
 ## The comparison at 24 steps (benchmark)
 
 Three steps only show that everything runs. `benchmarks/peft_methods.py` trains every method for
@@ -182,7 +186,9 @@ fine-tuning only when the memory is there and the run is long. The benchmark's `
 (`prompt_tuning_perplexity_over_lora: 1.75 (target <= 1.5) missed`) say the same.
 """),
 ("md", r"""
-## Beyond one process: the same loop with `accelerate`
+<a id="claim-07-accelerate"></a>
+
+## Beyond one process: the same loop with accelerate
 
 `course_lib.train.train` runs on `accelerate.Accelerator`. Launched once, it is the plain loop of
 every chapter (nothing wrapped, bit-identical numbers). Launched by `accelerate launch` with N
@@ -215,6 +221,8 @@ for opt, tolerance in (("sgd", 1e-6), ("adamw", 1e-4)):
     assert replicas_equal and gap < tolerance
 """),
 ("md", r"""
+<a id="claim-07-api"></a>
+
 The tolerance is rounding: two processes sum their halves' gradients in another order than one
 process sums the whole batch. With SGD the weights then differ by about 1e-8; AdamW's first step
 moves each weight by roughly the learning rate times the *sign* of its gradient, so a gradient

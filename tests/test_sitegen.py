@@ -1,0 +1,191 @@
+"""The site's generated parts (course_lib.sitegen, docs/hooks.py): chapter times and the benchmarks page."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from course_lib import sitegen
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+
+
+def write_notebook(path: Path, title: str, timestamps: list[tuple[str, str]] | None) -> Path:
+    """A chapter-like notebook: a heading, then one code cell per (execute_input, execute_reply),
+    with an empty code cell in the middle (nbconvert leaves those without metadata);
+    ``timestamps=None`` gives two code cells that were never executed."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_markdown_cell(f"# {title}\n\nWhat the chapter teaches."))
+    for i, (start, reply) in enumerate(timestamps or [(None, None)] * 2):
+        cell = nbformat.v4.new_code_cell(f"x = {i}")
+        if start is not None:
+            cell.metadata["execution"] = {"iopub.execute_input": start, "iopub.status.busy": start,
+                                          "iopub.status.idle": reply, "shell.execute_reply": reply}
+        nb.cells.append(cell)
+        if i == 0:
+            nb.cells.append(nbformat.v4.new_code_cell(""))
+    path.write_text(nbformat.writes(nb), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# notebook_seconds and the chapter table
+# ---------------------------------------------------------------------------------------------
+def test_notebook_seconds_is_last_reply_minus_first_input(tmp_path):
+    path = write_notebook(tmp_path / "00_x.ipynb", "00 · X", [
+        ("2026-01-02T10:00:00.250000Z", "2026-01-02T10:00:01.500000Z"),
+        ("2026-01-02T10:00:30.000000Z", "2026-01-02T10:00:31.000000Z"),
+        ("2026-01-02T10:01:00.000000Z", "2026-01-02T10:01:32.750000Z"),
+    ])
+    # 10:01:32.75 - 10:00:00.25 = 1 min 32.5 s
+    assert sitegen.notebook_seconds(path) == pytest.approx(92.5)
+
+
+def test_a_notebook_that_was_not_executed_is_refused(tmp_path):
+    path = write_notebook(tmp_path / "03_unrun.ipynb", "03 · Unrun", None)
+    with pytest.raises(ValueError, match=r"03_unrun\.ipynb carries no execution metadata"):
+        sitegen.notebook_seconds(path)
+
+
+def test_a_cell_added_after_the_run_is_refused(tmp_path):
+    path = write_notebook(tmp_path / "04_edited.ipynb", "04 · Edited", [
+        ("2026-01-02T10:00:00Z", "2026-01-02T10:00:01Z")])
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("y = 1"))
+    nbformat.write(nb, path)
+    with pytest.raises(ValueError, match=r"04_edited\.ipynb carries no execution metadata"):
+        sitegen.notebook_seconds(path)
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (45, "45 s"), (92.4, "1 min 32 s"), (60, "1 min 0 s"),
+                                           (3725, "1 h 2 min 5 s")])
+def test_format_duration(seconds, text):
+    assert sitegen.format_duration(seconds) == text
+
+
+def test_the_chapters_are_00_to_07():
+    assert [p.name[:2] for p in CHAPTERS] == [f"{i:02d}" for i in range(8)]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_every_committed_chapter_carries_its_execution_time(path):
+    seconds = sitegen.notebook_seconds(path)
+    assert 0 < seconds < 600
+
+
+def test_the_table_lists_every_chapter_in_order_with_a_total(tmp_path):
+    stamps = {"00_a": ("10:00:00Z", "10:01:05Z"), "01_b": ("11:00:00Z", "11:00:40Z"), "02_c": ("12:00:00Z", "12:03:00Z")}
+    for stem, (start, reply) in reversed(stamps.items()):  # written out of order on purpose
+        write_notebook(tmp_path / f"{stem}.ipynb", f"{stem[:2]} · Chapter {stem[-1]}",
+                       [(f"2026-01-02T{start}", f"2026-01-02T{reply}")])
+    write_notebook(tmp_path / "scratch.ipynb", "not a chapter", [("2026-01-02T10:00:00Z", "2026-01-02T10:00:01Z")])
+    lines = sitegen.chapter_times_table(tmp_path).splitlines()
+    assert lines[:2] == ["| chapter | measured time on 2 CPU cores |", "|---|---|"]
+    assert lines[2:] == ["| [00 · Chapter a](notebooks/00_a.ipynb) | 1 min 5 s |",
+                         "| [01 · Chapter b](notebooks/01_b.ipynb) | 40 s |",
+                         "| [02 · Chapter c](notebooks/02_c.ipynb) | 3 min 0 s |",
+                         "| **total** | **4 min 45 s** |"]
+
+
+def test_the_table_of_the_committed_chapters():
+    table = sitegen.chapter_times_table(ROOT / "notebooks")
+    positions = [table.index(f"](notebooks/{p.name})") for p in CHAPTERS]
+    assert positions == sorted(positions)
+    for path in CHAPTERS:
+        assert f"[{sitegen.notebook_title(path)}](notebooks/{path.name})" in table
+    assert table.splitlines()[-1].startswith("| **total** | **")
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks page
+# ---------------------------------------------------------------------------------------------
+def test_the_benchmarks_page_names_every_results_json():
+    page = sitegen.benchmarks_page(ROOT / "benchmarks" / "results")
+    assert RESULTS
+    for path in RESULTS:
+        data = json.loads(path.read_text())
+        assert f"## `{path.stem}.py`" in page
+        assert data["command"] in page and str(data["date"]) in page
+
+
+def test_recorded_figures_become_a_table(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "speed.json").write_text(json.dumps({
+        "command": "python benchmarks/speed.py --fast", "date": "2026-01-02", "device": "cpu", "threads": 2,
+        "figures": ["FIGURE a_over_b: 0.991 (target <= 1.05) met", "FIGURE c_over_d: 0.251 (target >= 1.0) missed"],
+        "ratio": 0.99123, "runs": [{"method": "ours", "seconds": 1.5}, {"method": "theirs", "seconds": 2.0}],
+        "losses": list(range(20)),
+    }))
+    page = sitegen.benchmarks_page(tmp_path / "results")
+    assert "python benchmarks/speed.py --fast" in page and "Run on 2026-01-02 · device cpu · 2 threads." in page
+    assert "| `a_over_b` | 0.991 | `<= 1.05` | met |" in page
+    assert "| `c_over_d` | 0.251 | `>= 1.0` | missed |" in page
+    assert "| `ratio` | 0.9912 |" in page
+    assert "| method | seconds |" in page and "| theirs | 2 |" in page
+    assert "losses" not in page  # a loss curve is left out
+
+
+def test_without_recorded_figures_the_targets_are_read_from_the_script(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "train.json").write_text(json.dumps({"command": "python benchmarks/train.py",
+                                                                 "date": "2026-01-02", "gain": 0.1}))
+    (tmp_path / "train.py").write_text(
+        'print(figure("gain", r["gain"], ">", 0))\n'
+        'for mode in ("a", "b"):\n'
+        '    print(report.figure(f"speedup_{mode}", 2.0, ">=", args.batch / 4))\n'
+        'print(f"FIGURE load_speedup: {speedup:.1f} (target >= 5) {verdict}")\n')
+    page = sitegen.benchmarks_page(tmp_path / "results")
+    assert "does not record the `FIGURE` lines" in page
+    assert "| `gain` | `> 0` |" in page
+    assert "| `speedup_{mode}` | `>= args.batch / 4` |" in page
+    assert "| `load_speedup` | `>= 5` |" in page
+    assert "met?" not in page
+
+
+def test_a_malformed_figure_line_is_refused(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "bad.json").write_text(json.dumps({"date": "2026-01-02", "figures": ["FIGURE x: 1"]}))
+    with pytest.raises(ValueError, match=r"bad\.json: not a FIGURE line"):
+        sitegen.benchmarks_page(tmp_path / "results")
+
+
+# ---------------------------------------------------------------------------------------------
+# The mkdocs hook
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hooks():
+    spec = importlib.util.spec_from_file_location("course_site_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_hook_fills_both_placeholders(hooks, tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    write_notebook(tmp_path / "notebooks" / "00_only.ipynb", "00 · Only",
+                   [("2026-01-02T10:00:00Z", "2026-01-02T10:00:07Z")])
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "probe.json").write_text(json.dumps(
+        {"command": "python benchmarks/probe.py", "date": "2026-01-02", "figures": []}))
+    (tmp_path / "mkdocs.yml").write_text("site_name: probe\n")
+    config = {"config_file_path": str(tmp_path / "mkdocs.yml")}
+
+    page = "# Home\n\n<!-- course:chapter-times -->\n\nText.\n\n<!-- course:benchmarks -->\n"
+    out = hooks.on_page_markdown(page, page=None, config=config, files=None)
+    assert "<!-- course:" not in out
+    assert "| [00 · Only](notebooks/00_only.ipynb) | 7 s |" in out
+    assert "## `probe.py`" in out
+    assert out.startswith("# Home\n\n| chapter |") and "\nText.\n" in out
+
+    plain = "# Another page\n\nNo placeholder.\n"
+    assert hooks.on_page_markdown(plain, page=None, config=config, files=None) == plain
+
+
+def test_the_hook_on_the_repository(hooks):
+    config = {"config_file_path": str(ROOT / "mkdocs.yml")}
+    out = hooks.on_page_markdown("<!-- course:benchmarks -->", page=None, config=config, files=None)
+    assert all(f"## `{p.stem}.py`" in out for p in RESULTS)

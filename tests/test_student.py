@@ -1,0 +1,184 @@
+"""Student copies and grading: `course-lib student` and `pytest --nbval-lax` on its copies.
+
+The end-to-end test grades chapter 05 twice with ``pytest --nbval-lax`` (the cheapest chapter
+to run, about 1.5 minutes each time): the unsolved copy must fail at exactly the exercise cells
+(the stubs and their checks) and the solved notebook must pass. Every other chapter's copy is
+checked without running it: only its solution regions differ from the original.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from course_lib import cli, student
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+GRADED = ROOT / "notebooks" / "05_memory_budgeting.ipynb"
+
+
+def _notebook(*cells) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    for kind, source in cells:
+        cell = nbformat.v4.new_code_cell(source) if kind == "code" else nbformat.v4.new_markdown_cell(source)
+        if kind == "code":
+            cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="the answer\n")]
+            cell.execution_count = 1
+        nb.cells.append(cell)
+    return nb
+
+
+def test_a_region_becomes_one_stub_at_its_indentation():
+    source = "def f(x):\n    # BEGIN SOLUTION\n    y = x + 1\n    return y\n    # END SOLUTION\n\nprint(f(1))"
+    new, regions = student.strip_solutions(source)
+    assert regions == 1
+    assert new == f"def f(x):\n    {student.STUB}\n\nprint(f(1))"
+    namespace = {}
+    exec(new.replace("print(f(1))", ""), namespace)  # noqa: S102 (the stub must raise when called)
+    with pytest.raises(NotImplementedError):
+        namespace["f"](1)
+
+
+def test_two_regions_and_untouched_code():
+    source = "# BEGIN SOLUTION\na = 1\n# END SOLUTION\nb = 2\n  # BEGIN SOLUTION\n  c = 3\n  # END SOLUTION"
+    new, regions = student.strip_solutions(source)
+    assert regions == 2
+    assert new.split("\n") == [student.STUB, "b = 2", "  " + student.STUB]
+    assert student.strip_solutions("x = 1\ny = 2") == ("x = 1\ny = 2", 0)
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("# BEGIN SOLUTION\nx = 1\n", "line 1 is never closed"),
+    ("x = 1\n# END SOLUTION\n", "line 2 has no '# BEGIN SOLUTION'"),
+    ("# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION\n", "line 2 opens inside the region opened on line 1"),
+])
+def test_unpaired_markers_are_refused(source, expected):
+    with pytest.raises(student.SolutionMarkerError, match=expected):
+        student.strip_solutions(source, where="nb.ipynb, cell 3")
+
+
+def test_student_notebook_clears_solution_outputs_keeps_checks_and_markdown():
+    nb = _notebook(("markdown", "Write `f`; the solution sits between `# BEGIN SOLUTION` markers."),
+                   ("code", "def f():\n    # BEGIN SOLUTION\n    return 42\n    # END SOLUTION"),
+                   ("code", "assert f() == 42"),
+                   ("code", "print('more check')"),
+                   ("markdown", "next"),
+                   ("code", "print('not an exercise')"))
+    result = student.student_notebook(nb, name="t.ipynb")
+    assert result.solution_cells == [1] and result.exercise_cells == [1, 2, 3] and result.regions == 1
+    cells = result.notebook.cells
+    assert cells[1].outputs == [] and cells[1].execution_count is None
+    assert [c.source for c in cells[2:]] == [c.source for c in nb.cells[2:]]
+    assert cells[2].outputs == nb.cells[2].outputs
+    assert cells[0].source == nb.cells[0].source                       # markdown mentioning markers: kept
+    assert "return 42" in nb.cells[1].source and nb.cells[1].outputs     # the original is unchanged
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_each_chapter_has_two_to_four_exercises_with_checks(path):
+    original = nbformat.read(path, as_version=4)
+    result = student.student_notebook(original, name=path.name)
+    assert 2 <= result.regions <= 4, f"{path.name}: {result.regions} exercises"
+    for index in result.solution_cells:
+        following, i = [], index + 1
+        while i in result.exercise_cells and i not in result.solution_cells:
+            following.append(i)
+            i += 1
+        assert following, f"{path.name}: the solution in cell {index} has no check cell after it"
+        assert any("assert" in original.cells[i].source for i in following), \
+            f"{path.name}: no assert checks the solution in cell {index}"
+    for index, (a, b) in enumerate(zip(original.cells, result.notebook.cells)):
+        if index in result.solution_cells:
+            assert "SOLUTION" not in b.source and student.STUB in b.source and b.outputs == []
+        else:
+            assert a == b, f"{path.name}: cell {index} changed although it holds no solution"
+
+
+def test_cli_writes_copies_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["student", str(GRADED), str(out)]) == 0
+    cells = nbformat.read(GRADED, as_version=4).cells
+    solutions = [i for i, c in enumerate(cells) if c.cell_type == "code" and "# BEGIN SOLUTION" in c.source]
+    names = [f"Cell {sum(c.cell_type == 'code' for c in cells[:i + k])}" for i in solutions for k in (0, 1)]
+    assert f"2 solution(s) replaced by stubs; an unsolved copy fails at {', '.join(names)}" in capsys.readouterr().out
+    assert (out / GRADED.name).exists()
+    assert cli.main(["student", str(GRADED), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(["student", str(GRADED), str(out), "--overwrite"]) == 0
+
+
+def test_cli_bad_input_names_the_file_and_the_cell(tmp_path, capsys):
+    nb = nbformat.read(GRADED, as_version=4)
+    result = student.student_notebook(nb)
+    index = result.solution_cells[-1]
+    nb.cells[index].source = "\n".join(line for line in nb.cells[index].source.split("\n")
+                                       if "END SOLUTION" not in line)
+    broken = tmp_path / "unclosed.ipynb"
+    nbformat.write(nb, broken)
+    assert cli.main(["student", str(broken), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(broken) in err and f"cell {index}" in err and "never closed" in err
+    assert not (tmp_path / "out").exists()                               # nothing written
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a notebook")
+    fake = tmp_path / "fake.ipynb"
+    fake.write_text("not json {")
+    for path in (text, fake, tmp_path / "missing.ipynb"):
+        assert cli.main(["student", str(path), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("course-lib: error: ") and str(path) in err and "Traceback" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["student", str(empty), str(tmp_path / "out")]) == 2
+    assert "holds no .ipynb" in capsys.readouterr().err
+
+
+def _nbval_lax(folder: Path) -> tuple[int, set[str], int]:
+    """Run ``pytest --nbval-lax`` on ``folder``; (exit status, failed cell names, cells run)."""
+    report = folder / "report.xml"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+                          "--nbval-current-env", f"--junitxml={report}", str(folder)],
+                         cwd=ROOT, capture_output=True, text=True, check=False)
+    cases = ET.parse(report).getroot().iter("testcase")
+    failed, total = set(), 0
+    for case in cases:
+        total += 1
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.add(case.get("name"))
+    return run.returncode, failed, total
+
+
+@pytest.fixture
+def grading_folders():
+    # beside notebooks/, as a teacher's out/ folder would be: the chapters read ../benchmarks/results
+    folders = [Path(tempfile.mkdtemp(prefix=f".grading-{kind}-", dir=ROOT)) for kind in ("student", "solved")]
+    yield folders
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved(grading_folders):
+    unsolved, solved = grading_folders
+    copies = student.write_student_copies(GRADED, unsolved, overwrite=True)
+    (result,) = copies.values()
+    shutil.copy(GRADED, solved / GRADED.name)
+
+    code_cells = sum(cell.cell_type == "code" for cell in result.notebook.cells)
+    expected = set(result.nbval_names(result.exercise_cells))
+
+    status, failed, total = _nbval_lax(unsolved)
+    assert total == code_cells
+    assert status == 1 and failed == expected, f"failed {sorted(failed)}, expected {sorted(expected)}"
+
+    status, failed, total = _nbval_lax(solved)
+    assert total == code_cells
+    assert status == 0 and not failed

@@ -189,3 +189,16 @@ def test_the_hook_on_the_repository(hooks):
     config = {"config_file_path": str(ROOT / "mkdocs.yml")}
     out = hooks.on_page_markdown("<!-- course:benchmarks -->", page=None, config=config, files=None)
     assert all(f"## `{p.stem}.py`" in out for p in RESULTS)
+
+
+def test_the_summary_counts_every_recorded_figure(tmp_path):
+    (tmp_path / "results").mkdir()
+    for name, lines in {"a": ["FIGURE x: 1 (target <= 2) met", "FIGURE y: 3 (target <= 2) missed"],
+                        "b": ["FIGURE z: 0.5 (target > 0) met"]}.items():
+        (tmp_path / "results" / f"{name}.json").write_text(json.dumps({"command": "c", "date": "d", "figures": lines}))
+    page = sitegen.benchmarks_page(tmp_path / "results")
+    assert "3 figures from 2 scripts: 2 met their target, 1 missed." in page
+    assert "| `a.py` | `y` | 3 | `<= 2` | missed |" in page
+    committed = sitegen.benchmarks_page(ROOT / "benchmarks" / "results")
+    lines = [line for path in RESULTS for line in json.loads(path.read_text()).get("figures", [])]
+    assert f"{len(lines)} figures from {len(RESULTS)} scripts" in committed

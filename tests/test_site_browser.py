@@ -26,9 +26,10 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-import nbformat
 import pytest
 import yaml
+
+from course_lib import sitegen
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -97,10 +98,7 @@ def _url_path(source: str) -> str:
 
 
 def _notebook_title(source: str) -> str:
-    notebook = nbformat.read(ROOT / "docs" / source, as_version=4)
-    first = notebook.cells[0].source.strip().splitlines()[0]
-    assert first.startswith("# "), f"{source}: the first cell does not start with a title"
-    return first[2:].strip()
+    return sitegen.notebook_title(ROOT / "docs" / source)
 
 
 @pytest.fixture(scope="module")

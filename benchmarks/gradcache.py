@@ -9,35 +9,26 @@
    (half an epoch) with batch 16, 64 and 256 (GradCache, chunk 16), LoRA r=8, the same
    learning rate: fewer, larger steps for larger batches.
 
-Run:  .venv/bin/python benchmarks/gradcache.py [--batch 256] [--chunk 32] [--repeats 3]
-(about 25 minutes on 2 CPU cores).
-
-Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
-
-``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
-benchmarks/results/gradcache.json, stores them there (with "figures_recomputed") and prints them.
+Run:  .venv/bin/python -m benchmarks.gradcache [--batch 256] [--chunk 32] [--repeats 3]
+(about 25 minutes on 2 CPU cores). Writes benchmarks/results/gradcache.json and ends with its
+FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import time
-from datetime import date
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import FIGURES_ONLY_HELP, figure, recompute_figures, timed
 
+from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result, timed
 from course_lib import data, gradcache, lora, models, retrieval, train
 from course_lib.memory import SavedActivations
 
-RESULTS = Path(__file__).parent / "results" / "gradcache.json"
+RESULTS = RESULTS_DIR / "gradcache.json"
 
 
 def with_lora(base):
@@ -128,7 +119,7 @@ def figures(result: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("gradcache", __doc__)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -136,12 +127,11 @@ def main() -> None:
     parser.add_argument("--sweep-chunk", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pairs", type=int, default=2048, help="training pairs seen by every batch size")
-    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return
-    started = time.time()
+    run = Run("gradcache", args)
     torch.manual_seed(0)
 
     base, tokenizer = models.load_minilm("cpu")
@@ -151,19 +141,14 @@ def main() -> None:
     sweep = batch_sweep(base, tokenizer, args.sweep, args.sweep_chunk, args.lr, args.pairs) if args.sweep else []
 
     result = {
-        "command": "python benchmarks/gradcache.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k != "figures_only"),
-        "date": str(date.today()), "seconds": round(time.time() - started),
-        "device": "cpu", "threads": torch.get_num_threads(),
+        **run.fields(),
         "step": {"batch": args.batch, "chunk": args.chunk, **step},
         "baseline": {k: round(v, 4) for k, v in baseline.items() if isinstance(v, float)},
         "sweep": sweep,
     }
-    result["figures"] = figures(result)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    lines = save_result(RESULTS, result, figures)
     print(json.dumps(result, indent=2))
-    print("\n".join(result["figures"]))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -6,35 +6,27 @@
 2. SmolLM2 on the instruction task: LoRA r=8 on q_proj/v_proj vs full fine-tuning, same steps
    and batches; exact match and perplexity on the test instructions, seconds per step.
 
-Run:  .venv/bin/python benchmarks/lora_training.py [--minilm-steps 40] [--smollm-steps 40]
+Run:  .venv/bin/python -m benchmarks.lora_training [--minilm-steps 40] [--smollm-steps 40]
 (about 20 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
-
-Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
-
-``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
-benchmarks/results/lora_training.json, stores them there (with "figures_recomputed") and prints them.
+Writes benchmarks/results/lora_training.json and ends with its FIGURE lines; ``--figures-only``
+recomputes them from that JSON, measuring nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import time
-from datetime import date
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import FIGURES_ONLY_HELP, figure, recompute_figures
 
-from course_lib import data, lora, models, retrieval, train
+from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
+from course_lib import data, instruct, lora, models, retrieval, train
 from course_lib.memory import optimizer_state_bytes
 
-RESULTS = Path(__file__).parent / "results" / "lora_training.json"
+RESULTS = RESULTS_DIR / "lora_training.json"
 
 
 def run_minilm(base, tokenizer, method: str, r: int | None, steps: int, batch: int, test: list) -> dict:
@@ -68,18 +60,18 @@ def run_smollm(base, tokenizer, method: str, steps: int, batch: int, test: list)
     trainable, total = lora.count_parameters(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     rows = data.load_instruct("train")
-    history = train.train(model, lambda m, b: retrieval.answer_loss(m, tokenizer, b),
+    history = train.train(model, lambda m, b: instruct.answer_loss(m, tokenizer, b),
                           train.batches(rows, batch, seed=0), steps=steps, optimizer=optimizer,
                           warmup_steps=steps // 10, desc=f"SmolLM2 {method}")
     instructions = [r["instruction"] for r in test]
     answers = [r["answer"] for r in test]
-    predictions = retrieval.generate_answers(model, tokenizer, instructions)
+    predictions = instruct.generate_answers(model, tokenizer, instructions)
     result = {"method": method, "trainable": trainable, "total": total,
               "optimizer_state_bytes": optimizer_state_bytes(optimizer),
               "seconds_per_step": round(history.seconds_per_step, 3),
               "loss_first": round(history.loss[0], 4), "loss_last": round(history.loss[-1], 4),
-              "exact_match": round(retrieval.exact_match(predictions, answers), 4),
-              "perplexity": round(retrieval.perplexity(model, tokenizer, instructions, answers), 3)}
+              "exact_match": round(instruct.exact_match(predictions, answers), 4),
+              "perplexity": round(instruct.perplexity(model, tokenizer, instructions, answers), 3)}
     del model, optimizer
     return result
 
@@ -101,18 +93,17 @@ def figures(result: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("lora_training", __doc__)
     parser.add_argument("--minilm-steps", type=int, default=40)
     parser.add_argument("--minilm-batch", type=int, default=32)
     parser.add_argument("--smollm-steps", type=int, default=40)
     parser.add_argument("--smollm-batch", type=int, default=8)
     parser.add_argument("--n-instruct", type=int, default=100)
-    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return
-    started = time.time()
+    run = Run("lora_training", args)
 
     encoder, tokenizer = models.load_minilm("cpu")
     test = data.load_code_search("test")
@@ -128,17 +119,13 @@ def main() -> None:
               for m in ("lora", "full")]
 
     result = {
-        "command": "python benchmarks/lora_training.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "figures_only"),
-        "date": str(date.today()), "seconds": round(time.time() - started),
-        "device": "cpu", "threads": torch.get_num_threads(),
+        **run.fields(),
         "minilm_baseline": {k: round(v, 4) for k, v in baseline.items() if isinstance(v, float)},
         "minilm": minilm, "smollm2": smollm,
     }
-    result["figures"] = figures(result)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    lines = save_result(RESULTS, result, figures)
     print(json.dumps(result, indent=2))
-    print("\n".join(result["figures"]))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

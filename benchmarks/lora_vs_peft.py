@@ -7,41 +7,34 @@ batch 8 x 128 random token ids from a fixed seed):
 3. runtime (unmerged) inference time, ours / base model, printed beside the share of the
    forward's multiply-adds that the LoRA branches add (see `lora_flop_share`).
 
-Run:  .venv/bin/python benchmarks/lora_vs_peft.py   (about 2 minutes on 2 CPU cores)
+Run:  .venv/bin/python -m benchmarks.lora_vs_peft   (about 2 minutes on 2 CPU cores)
 Each callable gets two warm-up calls, then the callables run interleaved (ours, peft, peft, ours,
 ...); a ratio is the median over rounds of the two times measured in the same round, so a slow
 moment of a shared machine hits both sides alike or spoils one round, which the median drops.
-The number of threads is torch's default. Ends with the FIGURE lines, which the JSON stores under
-"figures".
-
-``--figures-only`` measures nothing: it recomputes the figures from the ratios recorded in
-benchmarks/results/lora_vs_peft.json, stores them there (with "figures_recomputed") and prints them.
+The number of threads is torch's default. Writes benchmarks/results/lora_vs_peft.json and ends
+with its FIGURE lines; ``--figures-only`` recomputes them from the ratios recorded there,
+measuring nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import FIGURES_ONLY_HELP, recompute_figures
 from torch import nn
 
+from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
 from course_lib import lora, models
 
 R, TARGETS, BATCH, SEQ = 8, ["q_proj", "v_proj"], 8, 128
 TRAIN_REPEATS, INFER_REPEATS, WARMUP = 10, 12, 2
-OUT = Path(__file__).parent / "results" / "lora_vs_peft.json"
+OUT = RESULTS_DIR / "lora_vs_peft.json"
 
 
 def interleaved_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
@@ -92,11 +85,6 @@ def lora_flop_share(base: nn.Module, wrapped: nn.Module, seq: int) -> dict:
     return {"wrapped_layers": extra / in_wrapped, "whole_forward": extra / (linear + attention)}
 
 
-def figure(name: str, value: float, op: str, target: float) -> str:
-    ok = value <= target if op == "<=" else value >= target
-    return f"FIGURE {name}: {value:.3f} (target {op} {target}) {'met' if ok else 'missed'}"
-
-
 def figures(result: dict) -> list[str]:
     """The FIGURE lines of a result of this script, from its recorded ratios alone.
 
@@ -106,22 +94,20 @@ def figures(result: dict) -> list[str]:
     """
     ratios = result["ratios"]
     return [
-        figure("lora_fwd_bwd_ours_over_peft", ratios["fwd_bwd_ours_over_peft"], "<=", 1.05),
-        figure("lora_merged_inference_ours_over_base", ratios["merged_inference_over_base"], "<=", 1.02),
-        figure("lora_runtime_inference_ours_over_base", ratios["runtime_inference_over_base"], "<=", 1.10),
+        figure("lora_fwd_bwd_ours_over_peft", ratios["fwd_bwd_ours_over_peft"], "<=", 1.05, ".3f"),
+        figure("lora_merged_inference_ours_over_base", ratios["merged_inference_over_base"], "<=", 1.02, ".3f"),
+        figure("lora_runtime_inference_ours_over_base", ratios["runtime_inference_over_base"], "<=", 1.10, ".3f"),
     ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
-    if parser.parse_args().figures_only:
+    if argument_parser("lora_vs_peft", __doc__).parse_args().figures_only:
         print("\n".join(recompute_figures(OUT, figures)))
         return
     import peft
     from peft import LoraConfig, get_peft_model
 
-    started = time.perf_counter()
+    run = Run("lora_vs_peft")
     base, _ = models.load_smollm2("cpu")
     base.requires_grad_(False)
     g = torch.Generator().manual_seed(0)
@@ -160,13 +146,9 @@ def main() -> None:
         "runtime_inference_over_base": paired_ratio(infer_raw, "runtime", "base"),
     }
     result = {
-        "command": "python benchmarks/lora_vs_peft.py",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run.fields(peft=peft.__version__),
         "setting": f"SmolLM2-135M-Instruct float32 CPU, r={R} alpha={2 * R} on {'+'.join(TARGETS)}, "
                    f"batch {BATCH}x{SEQ} random token ids (seed 0)",
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "python": sys.version.split()[0],
-                    "torch": torch.__version__, "peft": peft.__version__},
         "repeats": {"fwd_bwd": TRAIN_REPEATS, "inference": INFER_REPEATS, "warmup": WARMUP, "order": "rotating"},
         "median_seconds": {"fwd_bwd": train, "inference": infer},
         "all_seconds": {"fwd_bwd": train_raw, "inference": infer_raw},
@@ -174,10 +156,7 @@ def main() -> None:
         "ratio_method": "median over rounds of the ratio of the two times measured in the same round",
         "lora_multiply_add_share": share,
     }
-    result["figures"] = figures(result)
-    result["wall_seconds"] = time.perf_counter() - started
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    lines = save_result(OUT, result, figures)
 
     print(f"fwd+bwd   median s: ours {train['ours']:.3f}  peft {train['peft']:.3f}")
     print(f"inference median s: base {infer['base']:.3f}  merged {infer['merged']:.3f}  "
@@ -186,7 +165,7 @@ def main() -> None:
           f"{share['wrapped_layers']:.2%} of the wrapped layers' multiply-adds, r(d_in+d_out)/(d_in·d_out), "
           f"= {share['whole_forward']:.2%} of the whole forward's")
     print(f"results written to {OUT.relative_to(Path.cwd()) if OUT.is_relative_to(Path.cwd()) else OUT}")
-    print("\n".join(result["figures"]))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -10,34 +10,25 @@ training step by exact accounting (`course_lib.memory.measure_step`: parameters,
 state, peak saved activations); seconds per step and the time of one epoch of the training split
 (seconds per step × steps per epoch).
 
-Run:  .venv/bin/python benchmarks/mrl_combination.py [--pairs 2048] [--batch 64] [--distractors 2000]
-(about 20 minutes on 2 CPU cores).
-
-Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
-
-``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
-benchmarks/results/mrl_combination.json, stores them there (with "figures_recomputed") and prints them.
+Run:  .venv/bin/python -m benchmarks.mrl_combination [--pairs 2048] [--batch 64] [--distractors 2000]
+(about 20 minutes on 2 CPU cores). Writes benchmarks/results/mrl_combination.json and ends with
+its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import time
-from datetime import date
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import FIGURES_ONLY_HELP, figure, recompute_figures
 
+from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
 from course_lib import data, gradcache, lora, matryoshka, memory, models, retrieval, train
 
-RESULTS = Path(__file__).parent / "results" / "mrl_combination.json"
+RESULTS = RESULTS_DIR / "mrl_combination.json"
 DIMS = (384, 256, 128, 64, 32)
 METHODS = {  # name: (LoRA?, GradCache?, MRL?)
     "full fine-tuning": (False, False, False),
@@ -100,7 +91,7 @@ def figures(result: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("mrl_combination", __doc__)
     parser.add_argument("--pairs", type=int, default=2048, help="training pairs seen by every method")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=16)
@@ -108,12 +99,11 @@ def main() -> None:
     parser.add_argument("--lr-lora", type=float, default=1e-3)
     parser.add_argument("--lr-full", type=float, default=2e-5)
     parser.add_argument("--distractors", type=int, default=2000)
-    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return
-    started = time.time()
+    run = Run("mrl_combination", args)
 
     base, tokenizer = models.load_minilm("cpu")
     train_rows = data.load_code_search("train")
@@ -122,9 +112,7 @@ def main() -> None:
     steps = args.pairs // args.batch
     first_batch = next(train.batches(train_rows, args.batch, seed=0))
     result = {
-        "command": "python benchmarks/mrl_combination.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "figures_only"),
-        "date": str(date.today()), "device": "cpu", "threads": torch.get_num_threads(),
+        **run.fields(),
         "steps": steps, "steps_per_epoch": len(train_rows) // args.batch, "train_pairs": len(train_rows),
         "n_queries": len(test), "n_docs": len(test) + len(distractors), "dims": list(DIMS),
         "seeds_flickr30k": SEEDS,
@@ -150,11 +138,10 @@ def main() -> None:
         }
         print(name, json.dumps(result["methods"][name]["scores"]["384"]), json.dumps(result["methods"][name]["scores"]["64"]))
         del model
-    result["seconds"] = round(time.time() - started)
-    result["figures"] = figures(result)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    result["seconds"] = run.seconds()
+    lines = save_result(RESULTS, result, figures)
     print(json.dumps(result, indent=2))
-    print("\n".join(result["figures"]))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -16,36 +16,28 @@
    no Matryoshka structure, so recall there means nothing) with the ``d`` and ``k`` chosen for
    one-at-a-time search.
 
-Run:  .venv/bin/python benchmarks/mrl_search.py [--pairs 2048] [--repeats 5]
-(about 10 minutes on 2 CPU cores).
-
-Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
-
-``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
-benchmarks/results/mrl_search.json, stores them there (with "figures_recomputed") and prints them.
+Run:  .venv/bin/python -m benchmarks.mrl_search [--pairs 2048] [--repeats 5]
+(about 10 minutes on 2 CPU cores). Writes benchmarks/results/mrl_search.json and ends with its
+FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import time
-from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
-from report import FIGURES_ONLY_HELP, figure, recompute_figures, timed
 from safetensors.torch import load_file, save_file
 
+from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result, timed
 from course_lib import data, gradcache, lora, matryoshka, models, retrieval, train
 
-RESULTS = Path(__file__).parent / "results" / "mrl_search.json"
+RESULTS = RESULTS_DIR / "mrl_search.json"
 DIMS = (384, 256, 128, 64, 32)
 TOP = 10
 
@@ -73,7 +65,7 @@ def figures(result: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("mrl_search", __doc__)
     parser.add_argument("--pairs", type=int, default=2048, help="training pairs of the LoRA + MRL model")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--shortlist-dims", type=int, nargs="+", default=[32, 64, 128])
@@ -83,12 +75,11 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=1_000_000, help="vectors in the timing-only corpus")
     parser.add_argument("--synthetic-queries", type=int, default=256)
     parser.add_argument("--cache", default="", help="safetensors file to keep the embeddings in between runs")
-    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return
-    started = time.time()
+    run = Run("mrl_search", args, skip=("cache",))
 
     # 1. a Matryoshka-trained encoder and the real corpus
     test = data.load_code_search("test")
@@ -162,19 +153,14 @@ def main() -> None:
         del big, big_index
 
     result = {
-        "command": "python benchmarks/mrl_search.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k not in ("cache", "figures_only")),
-        "date": str(date.today()), "seconds": round(time.time() - started),
-        "device": "cpu", "threads": torch.get_num_threads(),
+        **run.fields(),
         "n_queries": len(test), "n_docs": d.shape[0], "train_steps": steps, "latency_queries": len(q[:args.latency_queries]),
         "brute_force": brute, "two_stage": settings, "best_at_99pct": best,
         "bytes_per_vector": bytes_per_vector, "synthetic_timing_only": synthetic,
     }
-    result["figures"] = figures(result)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    lines = save_result(RESULTS, result, figures)
     print(json.dumps(result, indent=2))
-    print("\n".join(result["figures"]))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -6,32 +6,24 @@ tuning, bottleneck adapters (course_lib), IA³, LoRA, DoRA (peft) and full fine-
 per method: trainable parameters, AdamW state, the memory of one training step (chapter 03's
 tensor accounting), seconds per step, first / last loss, test exact match and answer perplexity.
 
-Run:  .venv/bin/python benchmarks/peft_methods.py [--steps 24] [--batch 8] [--n-test 64]
+Run:  .venv/bin/python -m benchmarks.peft_methods [--steps 24] [--batch 8] [--n-test 64]
 (about 15 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
-
-Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
-
-``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
-the JSON (``--out``), stores them there (with "figures_recomputed") and prints them. A JSON written
-before the bottleneck adapter's formula count was recorded gets no figure for it.
+Writes the JSON ``--out`` (benchmarks/results/peft_methods.json) and ends with its FIGURE lines;
+``--figures-only`` recomputes them from that JSON, measuring nothing. A JSON written before the
+bottleneck adapter's formula count was recorded gets no figure for it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import time
-from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import FIGURES_ONLY_HELP, figure, recompute_figures
 
+from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
 from course_lib import adapters, data, models, peft_methods
 
 FORMULA_KEY = "bottleneck_adapter_parameters_by_formula"
@@ -59,20 +51,19 @@ def figures(result: dict) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser("peft_methods", __doc__)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--methods", nargs="+", default=list(peft_methods.METHODS), choices=peft_methods.METHODS)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "peft_methods.json")
-    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "peft_methods.json")
     args = parser.parse_args()
     if args.figures_only:
         if FORMULA_KEY not in json.loads(args.out.read_text()):
             print(f"{args.out} records no {FORMULA_KEY}: bottleneck_adapter_parameters_over_formula is not recomputed")
         print("\n".join(recompute_figures(args.out, figures, indent=1)))
         return 0
-    started = time.perf_counter()
+    run = Run("peft_methods", args, skip=("out",))
     torch.manual_seed(0)
     base, tok = models.load_smollm2("cpu")
     train_rows, test_rows = data.load_instruct("train"), data.load_instruct("test")[:args.n_test]
@@ -89,18 +80,13 @@ def main() -> int:
               f"step memory {row['step_memory']['total'] / 2**20:7.0f} MiB  {row['seconds_per_step']:5.2f} s/step  "
               f"loss {row['loss_first']:.2f}->{row['loss_last']:.2f}  exact match {row['exact_match']:.3f}  "
               f"perplexity {row['perplexity']:.2f}", flush=True)
-    result = {"command": " ".join(["python benchmarks/peft_methods.py", *sys.argv[1:]]), "date": date.today().isoformat(),
-              "seconds": round(time.perf_counter() - started), "device": "cpu", "threads": torch.get_num_threads(),
-              "steps": args.steps, "batch": args.batch, "n_test": len(test_rows)}
+    result = {**run.fields(), "steps": args.steps, "batch": args.batch, "n_test": len(test_rows)}
     if "bottleneck_adapter" in args.methods:
         bottleneck = peft_methods.DEFAULTS["bottleneck_adapter"]
         result[FORMULA_KEY] = adapters.adapter_parameter_count(base.config, bottleneck["bottleneck_size"],
                                                                bottleneck["placement"])
     result["runs"] = runs
-    result["figures"] = figures(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print("\n".join(result["figures"]))
+    print("\n".join(save_result(args.out, result, figures, indent=1)))
     return 0
 
 

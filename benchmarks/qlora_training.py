@@ -11,37 +11,28 @@ the same batches of the instruction task, AdamW at 2e-3) on three bases:
 Each is scored on the test instructions by exact match of greedy answers and by answer
 perplexity. All three run on this machine's CPU in float32 compute, in this one run.
 
-Run:  .venv/bin/python benchmarks/qlora_training.py [--steps 40] [--n-instruct 100]
-(about 25 minutes on 2 CPU cores).
-
-Ends with one line per figure, printed by `report.figure`:
-``FIGURE <name>: <value> (target <op> <value>) met|missed``; the JSON stores them under "figures".
-
-``--figures-only`` measures nothing: it recomputes the figures from the measurements recorded in
-benchmarks/results/qlora_training.json, stores them there (with "figures_recomputed") and prints them.
+Run:  .venv/bin/python -m benchmarks.qlora_training [--steps 40] [--n-instruct 100]
+(about 25 minutes on 2 CPU cores). Writes benchmarks/results/qlora_training.json and ends with
+its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import os
-import time
 import warnings
-from datetime import date
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import FIGURES_ONLY_HELP, figure, recompute_figures
 
-from course_lib import data, lora, models, qlora, retrieval, train
+from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
+from course_lib import data, instruct, lora, models, qlora, train
 from course_lib.memory import optimizer_state_bytes
 
-RESULTS = Path(__file__).parent / "results" / "qlora_training.json"
+RESULTS = RESULTS_DIR / "qlora_training.json"
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -52,18 +43,18 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 def run(label: str, model, tokenizer, steps: int, batch: int, test: list) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    history = train.train(model, lambda m, b: retrieval.answer_loss(m, tokenizer, b),
+    history = train.train(model, lambda m, b: instruct.answer_loss(m, tokenizer, b),
                           train.batches(data.load_instruct("train"), batch, seed=0), steps=steps,
                           optimizer=optimizer, warmup_steps=max(1, steps // 10), seed=0, desc=label)
     instructions = [r["instruction"] for r in test]
     answers = [r["answer"] for r in test]
-    predictions = retrieval.generate_answers(model, tokenizer, instructions)
+    predictions = instruct.generate_answers(model, tokenizer, instructions)
     return {"method": label, "trainable": lora.count_parameters(model)[0],
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "seconds_per_step": round(history.seconds_per_step, 3),
             "loss": [round(x, 5) for x in history.loss],
-            "exact_match": round(retrieval.exact_match(predictions, answers), 4),
-            "perplexity": round(retrieval.perplexity(model, tokenizer, instructions, answers), 3)}
+            "exact_match": round(instruct.exact_match(predictions, answers), 4),
+            "perplexity": round(instruct.perplexity(model, tokenizer, instructions, answers), 3)}
 
 
 def figures(result: dict) -> list[str]:
@@ -80,16 +71,15 @@ def figures(result: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser("qlora_training", __doc__)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--n-instruct", type=int, default=100)
-    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
     args = parser.parse_args()
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return
-    started = time.time()
+    run = Run("qlora_training", args)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -119,16 +109,12 @@ def main() -> None:
     runs = [run("lora_fp32", ours(False), tokenizer, args.steps, args.batch, test),
             run("qlora_course_lib", ours(True), tokenizer, args.steps, args.batch, test),
             run("qlora_bnb_peft", theirs, tokenizer, args.steps, args.batch, test)]
-    result = {
-        "command": "python benchmarks/qlora_training.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "figures_only"),
-        "date": str(date.today()), "seconds": round(time.time() - started),
-        "device": "cpu", "threads": torch.get_num_threads(), "runs": runs,
-    }
-    result["figures"] = figures(result)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    import peft
+
+    result = {**run.fields(peft=peft.__version__), "runs": runs}
+    lines = save_result(RESULTS, result, figures)
     print(json.dumps(result, indent=2))
-    print("\n".join(result["figures"]))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

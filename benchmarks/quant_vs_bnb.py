@@ -10,40 +10,31 @@ Measured side by side in one run, on CPU (and on CUDA when a GPU is visible):
    (bitsandbytes' ``Linear4bit`` is timed beside it for reference, in train mode so that on CPU it
    dequantizes to float32 as ours does instead of running its bfloat16 inference kernel).
 
-Run:  .venv/bin/python benchmarks/quant_vs_bnb.py   (about 1 minute on 2 CPU cores)
+Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 1 minute on 2 CPU cores)
 Each round calls every contender once, in rotating order, after one warm-up call; a ratio is the
 median over rounds of the two times measured in the same round, so a slow spell of a shared
-machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json, with the FIGURE lines it
-ends with under "figures".
-
-``--figures-only`` measures nothing: it recomputes the figures from the ratios recorded in
-benchmarks/results/quant_vs_bnb.json, stores them there (with "figures_recomputed") and prints them.
+machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json and ends with its FIGURE
+lines; ``--figures-only`` recomputes them from the ratios recorded there, measuring nothing.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from report import FIGURES_ONLY_HELP, recompute_figures
 from torch import nn
 
-from course_lib import models, quant
+from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
+from course_lib import linear4bit, models, quant
 
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
 REPEATS = {"quantize": 9, "dequantize": 15, "forward": 15}
-OUT = Path(__file__).parent / "results" / "quant_vs_bnb.json"
+OUT = RESULTS_DIR / "quant_vs_bnb.json"
 
 
 def sync(device: str) -> None:
@@ -69,11 +60,6 @@ def interleaved(fns: dict, repeats: int, device: str) -> dict:
 def paired_ratio(times: dict, num: str, den: str) -> float:
     """Median over rounds of times[num] / times[den], both measured in the same round."""
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
-
-
-def figure(name: str, value: float, op: str, target: float) -> str:
-    met = value >= target if op == ">=" else value <= target
-    return f"FIGURE {name}: {value:.3f} (target {op} {target}) {'met' if met else 'missed'}"
 
 
 def bnb_linear(linear: nn.Linear) -> nn.Module:
@@ -112,7 +98,7 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
 
     linear = nn.Linear(down_proj.shape[1], down_proj.shape[0], bias=False, device=device).requires_grad_(False)
     linear.weight.copy_(down_proj)
-    ours = quant.Linear4bit.from_linear(linear, "nf4", BLOCKSIZE, double_quant=True, compute_dtype=torch.float32)
+    ours = linear4bit.Linear4bit.from_linear(linear, "nf4", BLOCKSIZE, double_quant=True, compute_dtype=torch.float32)
     theirs = bnb_linear(linear)
     x = torch.randn(BATCH, SEQ, linear.in_features, generator=g).to(device)
 
@@ -139,47 +125,40 @@ def figures(record: dict) -> list[str]:
         for key in ratios:
             if key.startswith("quantize_"):
                 label = key.removeprefix("quantize_").removesuffix("_throughput_ours_over_bnb")
-                lines.append(figure(f"nf4_quantize_{label}_{device}_throughput_ours_over_bnb", ratios[key], ">=", 1.0))
+                lines.append(figure(f"nf4_quantize_{label}_{device}_throughput_ours_over_bnb", ratios[key],
+                                    ">=", 1.0, ".3f"))
                 lines.append(figure(f"nf4_dequantize_{label}_{device}_throughput_ours_over_bnb",
-                                    ratios[f"dequantize_{label}_throughput_ours_over_bnb"], ">=", 1.0))
-        lines.append(figure(f"linear4bit_forward_{device}_over_float_linear", ratios["forward_ours_over_float"], "<=", 1.5))
+                                    ratios[f"dequantize_{label}_throughput_ours_over_bnb"], ">=", 1.0, ".3f"))
+        lines.append(figure(f"linear4bit_forward_{device}_over_float_linear", ratios["forward_ours_over_float"],
+                            "<=", 1.5, ".3f"))
     return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
-    if parser.parse_args().figures_only:
+    if argument_parser("quant_vs_bnb", __doc__).parse_args().figures_only:
         print("\n".join(recompute_figures(OUT, figures)))
         return
     import bitsandbytes as bnb
 
-    started, load_at_start = time.perf_counter(), os.getloadavg()[0]  # other processes skew timings
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    run, load_at_start = Run("quant_vs_bnb", device=", ".join(devices)), os.getloadavg()[0]  # others skew timings
     model, _ = models.load_smollm2("cpu")
     down_proj = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     del model
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {device: run_device(device, down_proj) for device in devices}
 
     record = {
-        "command": "python benchmarks/quant_vs_bnb.py",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run.fields(load_average_1min_at_start_and_end=[load_at_start, os.getloadavg()[0]],
+                     cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                     bitsandbytes=bnb.__version__),
         "setting": f"NF4, blocksize {BLOCKSIZE}, double quantization; SmolLM2-135M-Instruct layer 0 mlp.down_proj "
                    f"(576x1536) and a random 4096x4096 tensor (seed 0); forward at batch {BATCH}x{SEQ}, float32",
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_1min_at_start_and_end": [load_at_start, os.getloadavg()[0]],
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                    "platform": platform.platform(), "python": sys.version.split()[0],
-                    "torch": torch.__version__, "bitsandbytes": bnb.__version__},
         "repeats": REPEATS,
         "ratio_method": "median over rounds of the ratio of the two times measured in the same round; "
                         "throughput ratio ours/bnb = time bnb / time ours",
         "results": results,
     }
-    record["figures"] = figures(record)
-    record["wall_seconds"] = round(time.perf_counter() - started, 1)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(record, indent=2) + "\n")
+    lines = save_result(OUT, record, figures)
 
     for device, result in results.items():
         print(f"[{device}] median seconds")
@@ -187,7 +166,7 @@ def main() -> None:
             print(f"  {name:24s} " + "  ".join(f"{k} {v * 1000:8.2f} ms" for k, v in medians.items()))
         print(f"  bitsandbytes Linear4bit forward / float: {result['ratios']['forward_bnb_over_float']:.3f}")
     print(f"results written to {OUT}")
-    print("\n".join(record["figures"]))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,27 +1,46 @@
-"""What every benchmark script shares: the median timing, the `FIGURE` line it ends with, and
-``--figures-only`` (the figures recomputed from a committed JSON, nothing measured).
+"""What every benchmark script shares: its command line, the fields that describe its run, the
+results JSON written atomically, the ``FIGURE`` lines it ends with, ``--figures-only``, and the
+median timing.
 
-The scripts are run as ``python benchmarks/<name>.py``, so this folder is on ``sys.path`` and
-they import this module as ``report``.
+A script uses it in this order::
+
+    parser = report.argument_parser("name", __doc__)      # prog `python -m benchmarks.name`
+    args = parser.parse_args()
+    if args.figures_only:                                  # nothing measured
+        print("\\n".join(report.recompute_figures(RESULTS, figures)))
+        return
+    run = report.Run("name", args)                         # the command, the start time
+    ...                                                    # measure
+    result = {**run.fields(), ...}                         # command, date, seconds, device, machine
+    lines = report.save_result(RESULTS, result, figures)   # "figures" added, written atomically
+    print(...); print("\\n".join(lines))                    # the FIGURE lines come last
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import platform
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 
-OPS = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t, ">": lambda v, t: v > t, "<": lambda v, t: v < t}
+from course_lib.tooling.figures import format_figure
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+FIGURES_ONLY_HELP = ("measure nothing: read the results JSON this script wrote, recompute its FIGURE lines from "
+                     "the recorded measurements, store them there under \"figures\" and print them")
 
 
-def figure(name: str, value: float, op: str, target: float) -> str:
-    """``FIGURE <name>: <value> (target <op> <target>) met|missed``: one line a reader can grep."""
-    if op not in OPS:
-        raise ValueError(f"unknown comparison {op!r}: use one of {', '.join(OPS)}")
-    return f"FIGURE {name}: {value:.3g} (target {op} {target}) {'met' if OPS[op](value, target) else 'missed'}"
+def figure(name: str, value: float, op: str, target: float, fmt: str = ".3g") -> str:
+    """``FIGURE <name>: <value> (target <op> <target>) met|missed``: one line a reader can grep
+    (`course_lib.tooling.figures.format_figure`)."""
+    return format_figure(name, value, op, target, fmt)
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -35,8 +54,89 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(seconds)
 
 
-FIGURES_ONLY_HELP = ("measure nothing: read the results JSON this script wrote, recompute its FIGURE lines from "
-                     "the recorded measurements, store them there under \"figures\" and print them")
+# ---------------------------------------------------------------------------------------------
+# The command line and the run's own fields
+# ---------------------------------------------------------------------------------------------
+def argument_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks.<name>``: that as its prog, the docstring's first
+    paragraph as its description, and ``--figures-only`` already added."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
+    parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
+    return parser
+
+
+def command(name: str, args: argparse.Namespace | None = None, skip: tuple[str, ...] = ()) -> str:
+    """``python -m benchmarks.<name>`` with every option of ``args`` spelled out (defaults too),
+    so that the command repeats the run even after a default changes; ``--figures-only`` and the
+    options in ``skip`` (where files go, caches) are left out."""
+    words = [f"python -m benchmarks.{name}"]
+    for key, value in vars(args or argparse.Namespace()).items():
+        if key == "figures_only" or key in skip or value is None or value is False:
+            continue
+        words.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            words += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return " ".join(words)
+
+
+class Run:
+    """One run of a benchmark: its command, when it started, where it ran.
+
+    ``device`` is what the measurements ran on (``"cpu"``, ``"cpu, cuda"``); None for a run that
+    does not use torch, whose fields then leave out the device, the threads and torch's version.
+    """
+
+    def __init__(self, name: str, args: argparse.Namespace | None = None, *, skip: tuple[str, ...] = (),
+                 device: str | None = "cpu"):
+        self.command = command(name, args, skip)
+        self.device = device
+        self.date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Wall seconds since the run started, to a tenth."""
+        return round(time.perf_counter() - self.started, 1)
+
+    def fields(self, **machine) -> dict:
+        """The run's fields, first in its results JSON: ``command``, ``date`` (UTC, at the start),
+        ``seconds`` (wall time so far), ``device``, ``threads`` (torch's), and ``machine`` (CPU
+        count, platform, Python and torch versions, then the ``machine`` keywords: other libraries'
+        versions, load averages)."""
+        fields = {"command": self.command, "date": self.date, "seconds": self.seconds()}
+        info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]}
+        if self.device is not None:
+            import torch
+
+            fields |= {"device": self.device, "threads": torch.get_num_threads()}
+            info["torch"] = torch.__version__
+        return fields | {"machine": info | machine}
+
+
+# ---------------------------------------------------------------------------------------------
+# The results JSON
+# ---------------------------------------------------------------------------------------------
+def write_json(path: Path, data: dict, indent: int = 2) -> None:
+    """``data`` as JSON at ``path``, atomically: written to a temporary file in the same folder,
+    then moved over ``path`` (``os.replace``), so that a failed run leaves the old file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=indent, allow_nan=False) + "\n"
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_result(path: Path, result: dict, figures: Callable[[dict], list[str]], indent: int = 2) -> list[str]:
+    """``result`` with ``"figures"`` (``figures(result)``, the script's FIGURE lines) added, written
+    to ``path`` (`write_json`); returns the lines, for the script to print last."""
+    result["figures"] = figures(result)
+    write_json(path, result, indent)
+    return result["figures"]
 
 
 def recompute_figures(path: Path, figures: Callable[[dict], list[str]], indent: int = 2) -> list[str]:
@@ -44,10 +144,13 @@ def recompute_figures(path: Path, figures: Callable[[dict], list[str]], indent: 
 
     The lines go under ``"figures"`` (in its place if the file has one, else at the end), followed
     by ``"figures_recomputed"``, which says when and how; every other key keeps its value and its
-    place. Returns the lines, for the script to print last.
+    place. Lines equal to the stored ones leave the file as it is. Returns the lines, for the
+    script to print last.
     """
-    result = json.loads(path.read_text(encoding="utf-8"))
+    result = json.loads(Path(path).read_text(encoding="utf-8"))
     lines = figures(result)
+    if result.get("figures") == lines:
+        return lines
     note = f"{date.today()} by --figures-only from this file's measurements"
     result.pop("figures_recomputed", None)
     if "figures" not in result:
@@ -58,5 +161,5 @@ def recompute_figures(path: Path, figures: Callable[[dict], list[str]], indent: 
             updated |= {"figures": lines, "figures_recomputed": note}
         else:
             updated[key] = value
-    path.write_text(json.dumps(updated, indent=indent) + "\n", encoding="utf-8")
+    write_json(path, updated, indent)
     return lines

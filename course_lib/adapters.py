@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .checks import positive_int
+from .surgery import replace_module
+
 PLACEMENTS = {
     "houlsby": ("o_proj", "down_proj"),   # after attention and after the MLP
     "pfeiffer": ("down_proj",),           # after the MLP only
@@ -34,8 +37,7 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, hidden_size: int, bottleneck_size: int, activation: str = "relu",
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
-        if bottleneck_size <= 0:
-            raise ValueError(f"bottleneck_size must be positive, got {bottleneck_size}")
+        positive_int("bottleneck_size", bottleneck_size)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
         self.hidden_size, self.bottleneck_size = hidden_size, bottleneck_size
@@ -84,8 +86,7 @@ def inject_adapters(model: nn.Module, bottleneck_size: int, placement: str = "ho
                     activation: str = "relu") -> nn.Module:
     """Freeze ``model`` and wrap the output projection of each sublayer named by ``placement``
     (see `PLACEMENTS`) with a `BottleneckAdapter`; only the adapters are trainable. In place."""
-    if bottleneck_size <= 0:
-        raise ValueError(f"bottleneck_size must be positive, got {bottleneck_size}")
+    positive_int("bottleneck_size", bottleneck_size)
     targets = _targets(placement)
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
@@ -94,9 +95,7 @@ def inject_adapters(model: nn.Module, bottleneck_size: int, placement: str = "ho
                          "bottleneck adapters are placed by Llama-style module names")
     model.requires_grad_(False)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, AdaptedLinear(getattr(parent, child), bottleneck_size, activation))
+        replace_module(model, name, AdaptedLinear(model.get_submodule(name), bottleneck_size, activation))
     return model
 
 

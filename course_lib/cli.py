@@ -4,13 +4,16 @@
     course-lib budget --model llama-3-8b --gpu 24GB --plan      (the same as `course-lib plan ...`)
     course-lib plan --model minilm --gpu 8GB
     course-lib models
-    course-lib student notebooks/ out/        (see course_lib.student)
+    course-lib student notebooks/ out/        (see course_lib.tooling.student)
 
 ``--json`` prints the same numbers (bytes) for scripts. Exit status: 0 when the step fits the
 GPU (or no GPU was given), 1 when it does not or the planner finds nothing that fits, 2 for
 bad input, reported on one line of stderr, never as a traceback. ``student`` exits 0 when
 every copy was written and 2 for bad input (a path that is not a notebook, unpaired solution
 markers: the message names the file and the cell).
+
+Each subcommand imports what it needs when it runs, so that ``course-lib budget`` starts at
+once: `course_lib.budget` is plain Python, while ``student`` needs nbformat.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ import argparse
 import json
 import os
 import sys
-
-from . import budget, student
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +36,7 @@ class _UsageError(Exception):
 
 
 def _memory(text: str) -> int:
+    from . import budget
     try:
         return budget.parse_memory(text)
     except ValueError as error:
@@ -46,6 +48,7 @@ def _modules(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import budget  # plain Python, no torch: its names are the options' choices
     parser = _Parser(prog="course-lib", description="Memory budget of a fine-tuning step, from the model's config.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
+    from . import budget
     if args.gpu is None:
         raise ValueError("planning needs the GPU's memory: add --gpu, e.g. --gpu 24GB")
     result = budget.plan(args.model, args.gpu, batch_size=args.batch, seq_len=args.seq,
@@ -99,6 +103,7 @@ def _plan(args) -> int:
 def _budget(args) -> int:
     if args.plan:
         return _plan(args)
+    from . import budget
     estimate = budget.estimate(
         args.model, args.method, r=args.r, target_modules=args.target_modules, weight_dtype=args.dtype,
         lora_dtype=args.lora_dtype, quant_type=args.quant_type, double_quant=args.double_quant,
@@ -118,12 +123,14 @@ def _budget(args) -> int:
 
 
 def _models(args) -> int:
+    from . import budget
     for name, c in budget.MODELS.items():
         print(f"{name:<14} {c.architecture:<6} {c.parameters() / 1e9:8.3f}B  {c.source}")
     return 0
 
 
 def _student(args) -> int:
+    from .tooling import student  # nbformat: imported only for this command
     copies = student.write_student_copies(args.source, args.out, overwrite=args.overwrite)
     for path, result in copies.items():
         checks = ", ".join(result.nbval_names(result.exercise_cells)) or "none"

@@ -12,6 +12,11 @@ Three gzip-compressed JSON-lines files, all made from the source of CPython 3.11
 
 ``python -m course_lib.data build`` rebuilds the files by parsing the stdlib with ``ast`` (nothing
 is imported); on CPython 3.11.7 the rebuild is byte-identical to the shipped files.
+
+Where the files are read from (`DATA_DIR`): ``$COURSE_DATA_DIR`` if set; else the package's own
+``course_lib/datasets/``, where a wheel (``pip install .``) carries them as package data, mapped
+from the checkout's ``data/`` by ``pyproject.toml``; else ``data/`` next to the package, which is
+where a source checkout and an editable install (``pip install -e .``) find them.
 """
 
 from __future__ import annotations
@@ -30,12 +35,21 @@ import warnings
 import zlib
 from pathlib import Path
 
-DATA_DIR = Path(os.environ.get("COURSE_DATA_DIR") or Path(__file__).resolve().parent.parent / "data")
+PACKAGED_DATA_DIR = Path(__file__).resolve().parent / "datasets"   # inside an installed wheel
+CHECKOUT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # a source checkout, pip install -e
 CODE_SEARCH_FILE = "code_search.jsonl.gz"
 DISTRACTORS_FILE = "distractors.jsonl.gz"
 INSTRUCT_FILE = "instruct.jsonl.gz"
 SPLITS = ("train", "val", "test")
 REBUILD = "python -m course_lib.data build"
+
+
+def _shipped_dir() -> Path:
+    """The folder the shipped files are in: the wheel's package data, else the checkout's data/."""
+    return PACKAGED_DATA_DIR if PACKAGED_DATA_DIR.is_dir() else CHECKOUT_DATA_DIR
+
+
+DATA_DIR = Path(os.environ.get("COURSE_DATA_DIR") or _shipped_dir())
 
 
 class DataError(RuntimeError):
@@ -54,7 +68,12 @@ def _read_jsonl(name: str, keys: tuple[str, ...]) -> list[dict]:
     """Read one data file, checking every row has ``keys``; any fault becomes a DataError."""
     path = _data_dir() / name
     if not path.is_file():
-        raise DataError(f"{path} is missing: rebuild the data with `{REBUILD}`")
+        if os.environ.get("COURSE_DATA_DIR") or _data_dir() != CHECKOUT_DATA_DIR:
+            raise DataError(f"{path} is missing: rebuild the data with `{REBUILD}`")
+        raise DataError(f"{name} is neither in {PACKAGED_DATA_DIR} (an installed wheel's package data) "
+                        f"nor in {CHECKOUT_DATA_DIR} (a source checkout): install course-lib from its "
+                        f"source tree (`pip install .` or `pip install -e .`), set $COURSE_DATA_DIR to a "
+                        f"folder that holds the files, or rebuild them there with `{REBUILD} --out DIR`")
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]

@@ -17,21 +17,18 @@ The pipeline of chapter 06:
    activations are quantized on the fly per batch, so no calibration data is needed. It suits
    the MiniLM encoder (recall unchanged) far better than SmolLM2 (see its docstring).
 5. `OnnxEncoder` and `OnnxCausalLM` run the files with onnxruntime behind the same call
-   signature as the transformers models, so `course_lib.retrieval` and `course_lib.generation`
-   score and time them with the very code that scores the PyTorch models.
+   signature as the transformers models, so `course_lib.retrieval`, `course_lib.instruct` and
+   `course_lib.generation` score and time them with the very code that scores the PyTorch models.
 
 Every writer refuses an existing output unless ``overwrite=True``, and writes to a temporary
-file next to the target that is renamed into place only on success: a failed export leaves
-nothing behind. The GGUF export (for llama.cpp) lives in `course_lib.gguf_export`.
+file next to the target that is renamed into place only on success (`course_lib.atomic_files`):
+a failed export leaves nothing behind. The GGUF export (for llama.cpp) lives in `course_lib.gguf_export`.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,54 +38,12 @@ import torch
 from torch import nn
 
 from . import lora
+from .atomic_files import atomic_output
 from .generation import cache_keyword, cache_shape, returned_cache
-from .quant import Linear4bit
+from .linear4bit import Linear4bit
+from .surgery import short_list
 
 ONNX_INT8_TYPES = ("int8", "uint8")  # the weight types of onnxruntime's dynamic quantization
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing safely: refuse an existing output, never leave a partial one
-# ---------------------------------------------------------------------------------------------
-@contextmanager
-def atomic_output(path, overwrite: bool = False, directory: bool = False):
-    """``with atomic_output(path) as tmp:`` write to ``tmp``; it becomes ``path`` only on success.
-
-    ``tmp`` is a fresh hidden file (or, with ``directory=True``, folder) in ``path``'s folder, so
-    the final rename stays on one file system. An existing ``path`` raises ``FileExistsError``
-    unless ``overwrite`` is set; then it is replaced only once the new output is complete. If the
-    block raises, ``tmp`` is deleted and ``path`` is untouched.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another path")
-    if path.exists() and path.is_dir() != directory:
-        raise FileExistsError(f"{path} exists and is a {'folder' if path.is_dir() else 'file'}, but this writes a "
-                              f"{'folder' if directory else 'file'}: choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-        tmp.chmod(0o755)  # mkdtemp / mkstemp make outputs private to their owner
-    else:
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(handle)
-        tmp = Path(name)
-        tmp.chmod(0o644)
-    try:
-        yield tmp
-        if directory and path.exists():  # a folder cannot be replaced in one step: move the old one aside
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            path.rename(old / "previous")
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,12 +62,12 @@ def check_plain(model: nn.Module, action: str = "export") -> None:
 
     ours, theirs = list(lora.lora_layers(model)), _peft_layers(model)
     if isinstance(model, PeftModel) or ours or theirs:
-        where = lora._abbreviate(ours or theirs) if (ours or theirs) else "a PeftModel"
+        where = short_list(ours or theirs) if (ours or theirs) else "a PeftModel"
         raise ValueError(f"cannot {action} a model that still holds unmerged LoRA adapters ({where}): "
                          "call course_lib.export.merge_adapter(model) first and pass the model it returns")
     four_bit = [name for name, m in model.named_modules() if isinstance(m, Linear4bit)]
     if four_bit:
-        raise ValueError(f"cannot {action} 4-bit layers ({lora._abbreviate(four_bit)}): turn them back into float "
+        raise ValueError(f"cannot {action} 4-bit layers ({short_list(four_bit)}): turn them back into float "
                          "with course_lib.qlora.dequantize_model(model) first")
 
 
@@ -136,28 +91,28 @@ def merge_adapter(model: nn.Module, adapter_name: str | None = None) -> nn.Modul
     if _peft_layers(model):
         raise TypeError("the model holds peft LoRA layers but is not a PeftModel (peft.inject_adapter_in_model?); "
                         "wrap it with peft.get_peft_model / PeftModel.from_pretrained, or merge it with peft")
-    layers = lora.lora_layers(model)
+    layers = lora.adapter_state(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters, so there is nothing to merge: export it as it is, "
-                         "or load the adapter first (course_lib.lora.load_adapter or peft.PeftModel.from_pretrained)")
-    known = sorted({a for layer in layers.values() for a in layer.lora_A})
+                         "or load the adapter first (course_lib.lora_io.load_adapter or peft.PeftModel.from_pretrained)")
+    known = lora.adapter_names(model)
     if adapter_name is not None and adapter_name not in known:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {known}")
-    per_layer = {name: tuple(layer.active_adapters) if adapter_name is None else
-                 (adapter_name,) if adapter_name in layer.lora_A else () for name, layer in layers.items()}
+    per_layer = {name: tuple(layer["active"]) if adapter_name is None else
+                 (adapter_name,) if adapter_name in layer["adapters"] else () for name, layer in layers.items()}
     several = {name: active for name, active in per_layer.items() if len(active) > 1}
     if several:
         name, active = next(iter(several.items()))
         raise ValueError(f"several adapters are active ({list(active)} in {name}); merging would add them all. "
                          f"Merge one: merge_adapter(model, adapter_name={active[0]!r}), or combine them first "
-                         "with course_lib.lora.add_weighted_adapter and merge the result")
+                         "with course_lib.lora_combine.add_weighted_adapter and merge the result")
     active = sorted({a for names in per_layer.values() for a in names})
     if len(active) > 1:
         raise ValueError(f"mismatched adapters: different layers have different active adapters {active}; "
                          "choose one with merge_adapter(model, adapter_name=...)")
     if not active:
         raise ValueError("no adapter is active; name the one to merge: merge_adapter(model, adapter_name=...)")
-    stray = {name: [a for a in layer.merged_adapters if a != active[0]] for name, layer in layers.items()}
+    stray = {name: [a for a in layer["merged"] if a != active[0]] for name, layer in layers.items()}
     stray = {name: merged for name, merged in stray.items() if merged}
     if stray:
         name, merged = next(iter(stray.items()))

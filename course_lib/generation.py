@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import positive_int
+
 
 def cache_shape(config) -> tuple[int, int, int]:
     """``(layers, kv_heads, head_dim)`` of a transformers decoder config: ``num_hidden_layers``,
@@ -97,13 +99,12 @@ def generate(model, tokenizer, prompt, max_new_tokens: int = 32, use_cache: bool
     """Greedy decoding of one prompt, with (``use_cache=True``) or without the KV cache.
 
     ``prompt`` is text (tokenized as is, no special tokens added: wrap an instruction with
-    `course_lib.retrieval.chat_prompt` first) or a list / 1-D tensor of token ids; ``tokenizer``
+    `course_lib.instruct.chat_prompt` first) or a list / 1-D tensor of token ids; ``tokenizer``
     may be None for ids. Both modes pick the same tokens, up to float rounding in near ties;
     they differ in time and memory. Stops early at the tokenizer's end-of-sequence token when
     ``stop_at_eos``. ``cache_bytes`` is the final cache's size (0 without the cache).
     """
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    positive_int("max_new_tokens", max_new_tokens)
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs the tokenizer; pass token ids to generate without one")

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export import atomic_output, check_plain
+from .atomic_files import atomic_output
+from .export import check_plain
 
 # the types gguf-py can quantize to by itself (the K- and I-quants need llama.cpp's quantizer)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -241,17 +242,6 @@ def gguf_tensor_types(path) -> dict[str, int]:
     for t in GGUFReader(str(path)).tensors:
         counts[t.tensor_type.name.lower()] = counts.get(t.tensor_type.name.lower(), 0) + 1
     return dict(sorted(counts.items()))
-
-
-def gguf_metadata(path) -> dict:
-    """The header's key-value pairs (long arrays such as the vocabulary are summarised by length)."""
-    from gguf import GGUFReader
-
-    out = {}
-    for key, field in GGUFReader(str(path)).fields.items():
-        value = field.contents()
-        out[key] = f"<{len(value)} items>" if isinstance(value, list) and len(value) > 16 else value
-    return out
 
 
 def gguf_state_dict(path) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ from functools import partial
 import torch
 
 from . import retrieval
+from .checks import optional_positive_int, positive_int
 from .retrieval import in_batch_negatives_loss
 
 Encoder = Callable[[object], torch.Tensor]
@@ -113,8 +114,7 @@ def chunks(inputs, chunk_size: int) -> list:
     ``chunk_size``; the last one is shorter when ``chunk_size`` does not divide the batch. A
     tokenized chunk loses the trailing padding columns it does not need (as sentence-transformers
     does), which saves time without changing any embedding."""
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    positive_int("chunk_size", chunk_size)
     n = _batch_size(inputs)
     if isinstance(inputs, Mapping):
         return [_trim_padding({k: v[i:i + chunk_size] if isinstance(v, torch.Tensor) else v
@@ -243,8 +243,7 @@ def code_search_step(tokenizer, chunk_size: int | None = None, loss_fn: LossFn |
     (pass a `course_lib.matryoshka.MatryoshkaLoss` for MRL). With ``chunk_size`` the step is a
     GradCache step, otherwise the ordinary one: the same gradient, different memory.
     """
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive integer or None (ordinary step), got {chunk_size!r}")
+    optional_positive_int("chunk_size", chunk_size, "None: the ordinary step")
 
     def step(model, rows, loss_scale: float = 1.0) -> float:
         queries, documents = [r["query"] for r in rows], [r["document"] for r in rows]

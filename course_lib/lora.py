@@ -6,32 +6,27 @@ A linear layer computes ``y = W0 x``. LoRA freezes ``W0`` and learns ``ΔW = sca
 ``A`` starts Kaiming-uniform and ``B`` at zero, so a freshly wrapped model *is* the pretrained one.
 
 The vocabulary is peft's (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``; ``lora_A`` /
-``lora_B`` sub-modules keyed by adapter name), and adapters are saved in peft's file layout, so
-``peft.PeftModel.from_pretrained`` loads an adapter trained here and `load_adapter` loads one
-trained with peft.
+``lora_B`` sub-modules keyed by adapter name). `course_lib.lora_io` saves adapters in peft's file
+layout, so ``peft.PeftModel.from_pretrained`` loads an adapter trained here and
+`course_lib.lora_io.load_adapter` loads one trained with peft.
 
-The base layer may also be a 4-bit `course_lib.quant.Linear4bit`: that is QLoRA (chapter 02).
+The base layer may also be a 4-bit `course_lib.linear4bit.Linear4bit`: that is QLoRA (chapter 02).
 Its weight is packed codes, so merging into it is refused; `course_lib.qlora` has the explicit
 ways (dequantize then merge, or merge and re-quantize, lossy and measured).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections import Counter
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .quant import Linear4bit
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
+from .checks import fraction, positive_int, positive_number
+from .linear4bit import Linear4bit
+from .surgery import replace_module, short_list
 
 BASE_TYPES = (nn.Linear, Linear4bit)  # the layers LoRA can wrap
 
@@ -51,7 +46,7 @@ class LoRALinear(nn.Module):
                  lora_dropout: float = 0.0, adapter_name: str = "default", use_rslora: bool = False):
         super().__init__()
         if not isinstance(base_layer, BASE_TYPES):
-            raise TypeError(f"LoRALinear wraps an nn.Linear or a course_lib.quant.Linear4bit, got "
+            raise TypeError(f"LoRALinear wraps an nn.Linear or a course_lib.linear4bit.Linear4bit, got "
                             f"{type(base_layer).__name__}; choose target_modules that name linear layers")
         self.base_layer = base_layer.requires_grad_(False)
         self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
@@ -179,15 +174,12 @@ def _check_name(name) -> None:
 
 
 def _check_hyperparameters(r, lora_alpha, lora_dropout, in_features, out_features) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be a positive integer (typically 4-64), got {r!r}")
+    positive_int("r", r, "typically 4-64")
     if r > min(in_features, out_features):
         raise ValueError(f"r={r} exceeds min(in_features, out_features) = {min(in_features, out_features)} "
                          f"of a {in_features}->{out_features} layer; that is no longer low-rank: use a smaller r")
-    if not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0:
-        raise ValueError(f"lora_alpha must be a positive number (often 2*r), got {lora_alpha!r}")
-    if not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be in [0, 1) (0.0 disables it), got {lora_dropout!r}")
+    positive_number("lora_alpha", lora_alpha, "often 2*r")
+    fraction("lora_dropout", lora_dropout, "0.0 disables it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +190,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _matches(name: str, target_modules) -> bool:
+def matches(name: str, target_modules) -> bool:
     """peft's rule: a string is a regex on the full dotted name; a list matches by name or suffix."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
@@ -216,9 +208,15 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers LoRA can target, by name: ``nn.Linear``, `Linear4bit` and (already wrapped)
+    `LoRALinear`, leaving out the layers inside a `LoRALinear`."""
+    return {n: m for n, m in _candidates(model).items() if isinstance(m, (*BASE_TYPES, LoRALinear))}
+
+
 def _select(model: nn.Module, target_modules) -> list[str]:
     modules = _candidates(model)
-    linear = [n for n, m in modules.items() if isinstance(m, (*BASE_TYPES, LoRALinear))]
+    linear = list(linear_layers(model))
     if target_modules == "all-linear":
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return [n for n in linear if modules[n] is not output and n.split(".")[-1] != "lm_head"]
@@ -226,29 +224,32 @@ def _select(model: nn.Module, target_modules) -> list[str]:
             isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) for t in target_modules)):
         raise TypeError(f"target_modules must be a list of module names, a regex string or 'all-linear', "
                         f"got {target_modules!r}")
-    chosen = [n for n in modules if _matches(n, target_modules)]
+    chosen = [n for n in modules if matches(n, target_modules)]
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in chosen if n not in linear]
     if wrong:
         raise TypeError(f"target_modules {target_modules!r} matches modules that are not linear layers: "
-                        f"{_abbreviate(wrong)}; LoRA here wraps linear layers only, so name those")
+                        f"{short_list(wrong)}; LoRA here wraps linear layers only, so name those")
     if not chosen:
         suffixes = sorted({n.split(".")[-1] for n in linear})
         raise ValueError(f"target_modules {target_modules!r} matches no module. The model's nn.Linear layers "
-                         f"are {_abbreviate(linear)}; by last name: {suffixes}")
+                         f"are {short_list(linear)}; by last name: {suffixes}")
     return chosen
 
 
-def _abbreviate(names: list[str], keep: int = 6) -> str:
-    return str(names) if len(names) <= keep else f"{names[:keep]} ... ({len(names)} in all)"
+def inject_adapter(model: nn.Module, settings: dict[str, tuple], adapter_name: str = "default") -> nn.Module:
+    """Add ``adapter_name`` to each layer named in ``settings`` with that layer's
+    ``(r, lora_alpha, lora_dropout, use_rslora)``, freeze everything else and make it active.
 
-
-def _wrap(model: nn.Module, names: list[str], settings: dict[str, tuple], adapter_name: str) -> None:
-    """Add ``adapter_name`` to each named layer with its (r, lora_alpha, lora_dropout, use_rslora).
-
-    Everything is checked before anything changes, so a bad argument leaves the model as it was.
+    `inject_lora` gives every chosen layer the same settings; `course_lib.lora_io.load_adapter`
+    gives each layer those saved for it. Everything is checked before anything changes, so a bad
+    argument leaves the model as it was. Returns ``model``, changed in place.
     """
     modules = dict(model.named_modules())
+    names = list(settings)
     _check_name(adapter_name)
+    unknown = [name for name in names if not isinstance(modules.get(name), (*BASE_TYPES, LoRALinear))]
+    if unknown:
+        raise ValueError(f"{short_list(unknown)} name no linear layer of this model; LoRA wraps nn.Linear layers")
     for name in names:
         r, alpha, dropout, _ = settings[name]
         _check_hyperparameters(r, alpha, dropout, modules[name].in_features, modules[name].out_features)
@@ -260,10 +261,10 @@ def _wrap(model: nn.Module, names: list[str], settings: dict[str, tuple], adapte
         if isinstance(modules[name], LoRALinear):
             modules[name].add_adapter(adapter_name, *settings[name])
         else:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRALinear(modules[name], *settings[name][:3],
-                                                                   adapter_name, settings[name][3]))
+            replace_module(model, name, LoRALinear(modules[name], *settings[name][:3], adapter_name,
+                                                   settings[name][3]))
     set_adapter(model, adapter_name)
+    return model
 
 
 def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 16,
@@ -278,8 +279,7 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float 
     The new adapter becomes the active, trainable one. Returns ``model``, changed in place.
     """
     names = _select(model, target_modules)
-    _wrap(model, names, dict.fromkeys(names, (r, lora_alpha, lora_dropout, use_rslora)), adapter_name)
-    return model
+    return inject_adapter(model, dict.fromkeys(names, (r, lora_alpha, lora_dropout, use_rslora)), adapter_name)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -288,17 +288,25 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _known(layers) -> list[str]:
-    return sorted({n for layer in layers for n in layer.lora_A})
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of every adapter in ``model`` (in any layer), sorted."""
+    return sorted({n for layer in lora_layers(model).values() for n in layer.lora_A})
+
+
+def adapter_state(model: nn.Module) -> dict[str, dict[str, list[str]]]:
+    """Per `LoRALinear` layer (by name): its ``adapters``, the ``active`` ones, and those
+    ``merged`` into its base weight: what a model computes now, e.g. before exporting it."""
+    return {name: {"adapters": list(layer.lora_A), "active": list(layer.active_adapters),
+                   "merged": list(layer.merged_adapters)} for name, layer in lora_layers(model).items()}
 
 
 def set_adapter(model: nn.Module, name: str | list[str]) -> None:
     """Make adapter ``name`` (or a list of them, whose outputs add up) active; only they train."""
     names = [name] if isinstance(name, str) else list(name)
-    layers = lora_layers(model).values()
-    unknown = [n for n in names if n not in _known(layers)]
+    layers, known = lora_layers(model).values(), adapter_names(model)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown adapter {unknown[0]!r}; this model has {_known(layers)}")
+        raise ValueError(f"unknown adapter {unknown[0]!r}; this model has {known}")
     for layer in layers:
         layer.active_adapters = [n for n in names if n in layer.lora_A]
         for adapter in layer.lora_A:
@@ -326,7 +334,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and its parameters from every layer."""
     layers = [layer for layer in lora_layers(model).values() if name in layer.lora_A]
     if not layers:
-        raise ValueError(f"unknown adapter {name!r}; this model has {_known(lora_layers(model).values())}")
+        raise ValueError(f"unknown adapter {name!r}; this model has {adapter_names(model)}")
     for layer in layers:
         layer.delete_adapter(name)
 
@@ -356,8 +364,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _put_back_linear(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     return model
 
 
@@ -374,180 +381,3 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 def delta_weight(layer: LoRALinear, name: str) -> torch.Tensor:
     """The update ``scaling · B @ A`` of adapter ``name`` in one layer."""
     return layer.delta_weight(name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Weighted combination of adapters (peft's add_weighted_adapter, "cat" and "linear")
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], new_name: str,
-                         combination_type: str = "cat") -> None:
-    """Combine adapters into a new adapter ``new_name`` (made active), as peft does.
-
-    Write ``s_i`` for adapter i's scaling, so ``ΔW_i = s_i B_i A_i``. The new adapter has
-    scaling 1 (peft gives it ``lora_alpha = r``) and adapter 0's dropout.
-
-    * ``"cat"`` (exact): ``A_new = [w_1 s_1 A_1; w_2 s_2 A_2; ...]`` stacked along the rank and
-      ``B_new = [B_1, B_2, ...]`` side by side, so ``B_new A_new = Σ w_i ΔW_i`` exactly; the rank
-      is ``Σ r_i``.
-    * ``"linear"``: needs equal ranks. With ``c_i = sqrt(|w_i s_i|)``,
-      ``A_new = Σ sign(w_i s_i) c_i A_i`` and ``B_new = Σ c_i B_i``. The product has cross terms
-      ``c_i c_j B_i A_j`` (i ≠ j), so it is *not* ``Σ w_i ΔW_i``; it keeps rank r.
-
-    With a single adapter peft always uses "linear" (then both give ``w ΔW``); so do we.
-    Unlike peft, an existing ``new_name`` raises instead of being silently kept, and the new
-    adapter's scaling is 1 even when the inputs used rsLoRA (peft 0.21 gives it
-    ``sqrt(r_new)`` then, which scales the blend by ``sqrt(r_new)``).
-    """
-    layers = lora_layers(model).values()
-    if len(adapters) != len(weights) or not adapters:
-        raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-    unknown = [a for a in adapters if a not in _known(layers)]
-    if unknown:
-        raise ValueError(f"unknown adapter {unknown[0]!r}; this model has {_known(layers)}")
-    if new_name in _known(layers):
-        raise ValueError(f"adapter {new_name!r} already exists; delete it first or pick another name")
-    if combination_type not in ("cat", "linear"):
-        raise ValueError(f"combination_type must be 'cat' (exact) or 'linear', got {combination_type!r}")
-    if len(adapters) == 1:
-        combination_type = "linear"
-    plan = []  # check every layer before changing any
-    for layer in layers:
-        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
-        ranks = [layer.r[a] for a, _ in present]
-        if combination_type == "linear" and len(set(ranks)) > 1:
-            raise ValueError(f"'linear' needs adapters of equal rank, got ranks {ranks}; use 'cat'")
-        r = sum(ranks) if combination_type == "cat" else ranks[0] if ranks else 0
-        if r > min(layer.in_features, layer.out_features):
-            raise ValueError(f"'cat' of ranks {ranks} gives rank {r} > min(in_features, out_features) = "
-                             f"{min(layer.in_features, layer.out_features)}; combine fewer adapters or use 'linear'")
-        if present:
-            plan.append((layer, present, r))
-    for layer, present, r in plan:
-        dropout = layer.lora_dropout[present[0][0]]
-        layer.add_adapter(new_name, r, lora_alpha=r, lora_dropout=getattr(dropout, "p", 0.0))
-        new_A, new_B = layer.lora_A[new_name].weight, layer.lora_B[new_name].weight
-        A = {a: layer.lora_A[a].weight for a, _ in present}
-        B = {a: layer.lora_B[a].weight for a, _ in present}
-        if combination_type == "cat":
-            new_A.copy_(torch.cat([w * layer.scaling[a] * A[a] for a, w in present], dim=0))
-            new_B.copy_(torch.cat([B[a] for a, _ in present], dim=1))
-        else:
-            c = {a: math.sqrt(abs(w * layer.scaling[a])) for a, w in present}
-            new_A.copy_(sum(math.copysign(c[a], w * layer.scaling[a]) * A[a] for a, w in present))
-            new_B.copy_(sum(c[a] * B[a] for a, _ in present))
-    set_adapter(model, new_name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving and loading in peft's layout
-# ---------------------------------------------------------------------------------------------
-def _most_common_and_pattern(values: dict[str, float]) -> tuple[float, dict[str, float]]:
-    """peft's config holds one r / lora_alpha plus a pattern of per-module exceptions."""
-    common = Counter(values.values()).most_common(1)[0][0]
-    return common, {re.escape(n): v for n, v in values.items() if v != common}
-
-
-def save_adapter(model: nn.Module, directory, adapter_name: str = "default",
-                 base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
-    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` as peft's ``save_pretrained`` does.
-
-    Tensor keys are ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (peft drops
-    the adapter name on save); layers whose rank or alpha differ from the most common one go to
-    the config's ``rank_pattern`` / ``alpha_pattern``. ``task_type`` is peft's (e.g.
-    ``"CAUSAL_LM"``, ``"FEATURE_EXTRACTION"``) or None. Returns the directory.
-    """
-    from safetensors.torch import save_file
-
-    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.lora_A}
-    if not layers:
-        raise ValueError(f"no layer holds adapter {adapter_name!r}; "
-                         f"this model has {_known(lora_layers(model).values())}")
-    if len({m.use_rslora[adapter_name] for m in layers.values()}) > 1:
-        raise ValueError(f"adapter {adapter_name!r} mixes use_rslora True and False; peft's config holds one value")
-    state = {f"base_model.model.{name}.{part}.weight": getattr(m, part)[adapter_name].weight.detach().cpu()
-             .contiguous() for name, m in layers.items() for part in ("lora_A", "lora_B")}
-    r, rank_pattern = _most_common_and_pattern({n: m.r[adapter_name] for n, m in layers.items()})
-    alpha, alpha_pattern = _most_common_and_pattern({n: m.lora_alpha[adapter_name] for n, m in layers.items()})
-    # target_modules: the short names if they pick exactly these layers, else the full names
-    short = sorted({n.split(".")[-1] for n in layers})
-    linear = [n for n, m in _candidates(model).items() if isinstance(m, (*BASE_TYPES, LoRALinear))]
-    targets = short if {n for n in linear if _matches(n, short)} == set(layers) else sorted(layers)
-    dropout = next(iter(layers.values())).lora_dropout[adapter_name]
-    config = {
-        "peft_type": "LORA", "task_type": task_type, "r": r, "lora_alpha": alpha,
-        "lora_dropout": getattr(dropout, "p", 0.0), "target_modules": targets,
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "use_rslora": next(iter(layers.values())).use_rslora[adapter_name], "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False, "lora_bias": False,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
-        "inference_mode": True,
-    }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return directory
-
-
-def _pattern_value(pattern: dict, name: str, default):
-    """peft's lookup: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)`` wins."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_[AB])(?:\.[^.]+)?\.weight$")
-
-
-def load_adapter(model: nn.Module, directory, adapter_name: str = "default") -> nn.Module:
-    """Inject and fill an adapter saved by `save_adapter` or by peft's ``save_pretrained``.
-
-    Everything is checked before the model changes: the config must be a plain LoRA one, every
-    key must name a linear layer of ``model``, and every A / B must fit that layer's shape.
-    Returns ``model`` with the adapter active.
-    """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter, not 'LORA'; load it with peft")
-    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "modules_to_save", "lora_bias") if config.get(k)]
-    unsupported += ["bias"] if config.get("bias", "none") != "none" else []
-    if unsupported:
-        raise ValueError(f"the adapter uses {unsupported}, which course_lib.lora does not implement; load it with peft")
-    trained_on = config.get("base_model_name_or_path")
-    state = load_file(str(directory / ADAPTER_WEIGHTS))
-    modules = _candidates(model)
-    linear = {n for n, m in modules.items() if isinstance(m, (*BASE_TYPES, LoRALinear))}
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        match = _KEY.match(key)
-        if match is None:
-            raise ValueError(f"unexpected key {key!r} in {ADAPTER_WEIGHTS}: not a LoRA A/B weight")
-        name = match["module"]
-        if name not in linear:
-            raise ValueError(f"key {key!r} names module {name!r}, which is not a linear layer of this model: the "
-                             f"adapter belongs to another base model (it was trained on {trained_on!r})")
-        tensors.setdefault(name, {})[match["part"]] = tensor
-    settings = {}
-    for name, parts in tensors.items():
-        if set(parts) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{name}: the adapter holds {sorted(parts)} but needs both lora_A and lora_B")
-        module, r = modules[name], parts["lora_A"].shape[0]
-        for part, expected in (("lora_A", (r, module.in_features)), ("lora_B", (module.out_features, r))):
-            if tuple(parts[part].shape) != expected:
-                raise ValueError(f"{name}.{part}: the adapter has shape {tuple(parts[part].shape)}, this model needs "
-                                 f"{expected}: the adapter belongs to another base model (trained on {trained_on!r})")
-        alpha = _pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"])
-        settings[name] = (r, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False))
-    _wrap(model, list(tensors), settings, adapter_name)
-    layers = lora_layers(model)
-    with torch.no_grad():
-        for name, parts in tensors.items():
-            for part, tensor in parts.items():
-                getattr(layers[name], part)[adapter_name].weight.copy_(tensor)
-    return model

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import positive_int
 from .retrieval import _check_k, in_batch_negatives_loss, recall_at_k, retrieval_metrics
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -52,9 +53,8 @@ def check_dims(matryoshka_dims: Sequence[int]) -> tuple[int, ...]:
     dims = tuple(matryoshka_dims)
     if not dims:
         raise ValueError("matryoshka_dims is empty: give at least one dimension, e.g. (384, 256, 128, 64)")
-    bad = [d for d in dims if not isinstance(d, int) or isinstance(d, bool) or d <= 0]
-    if bad:
-        raise ValueError(f"matryoshka_dims must be positive integers, got {bad!r} in {dims}")
+    for d in dims:
+        positive_int("each of matryoshka_dims", d, f"in {dims}")
     repeated = sorted({d for d in dims if dims.count(d) > 1})
     if repeated:
         raise ValueError(f"matryoshka_dims lists {repeated} more than once: give each nested dimension once")
@@ -67,8 +67,7 @@ def truncate(emb: torch.Tensor, dim: int, normalize: bool = True) -> torch.Tenso
     A unit vector's prefix is shorter than 1, by a different amount for each vector, so cosine
     similarity and dot products of prefixes only agree once they are re-normalised.
     """
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-        raise ValueError(f"the truncation dimension must be a positive integer, got {dim!r}")
+    positive_int("the truncation dimension", dim)
     if dim > emb.shape[-1]:
         raise ValueError(f"dimension {dim} is larger than the embedding's {emb.shape[-1]}: "
                          f"use dimensions <= {emb.shape[-1]}")
@@ -237,7 +236,7 @@ class TwoStageIndex:
             raise ValueError(f"query dim {query_emb.shape[-1]} != document dim {self.full.shape[-1]}: "
                              "embed both with the same model")
         _check_k(k, self.n_docs)
-        if not isinstance(top, int) or isinstance(top, bool) or not 0 < top <= k:
+        if positive_int("top", top) > k:
             raise ValueError(f"top={top!r} results cannot come from a shortlist of k={k}: use 1 <= top <= k")
         rankings, all_scores = [], []
         for start in range(0, len(query_emb), query_batch):

@@ -4,14 +4,16 @@ Chapter 01 compares LoRA with full fine-tuning by `optimizer_state_bytes`; chapt
 whole training steps with `SavedActivations` (the tensors autograd keeps for backward, through
 `torch.autograd.graph.saved_tensors_hooks`) and `measure_step` (parameters + gradients +
 optimizer state + peak saved activations, and on CUDA the allocator's peak beside them).
+`course_lib.budget` estimates the same figures from a model's config alone, without torch; its
+tests hold the estimate to these measurements.
 """
 
 from __future__ import annotations
 
-from typing import Self
-
 import torch
 from torch import nn
+
+from .models import set_gradient_checkpointing
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -106,7 +108,7 @@ class SavedActivations:
     def reset_peak(self) -> None:
         self.peak = self.current
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> SavedActivations:  # noqa: PYI034 (typing.Self is Python 3.11+; we support 3.10)
         self._hooks.__enter__()
         return self
 
@@ -136,10 +138,10 @@ def measure_step(step, model: nn.Module, optimizer: torch.optim.Optimizer | None
     return result
 
 
-def four_bit_bytes(model: nn.Module) -> int:
-    """Bytes of the 4-bit weights that `course_lib.quant.Linear4bit` layers keep as buffers (codes,
+def quantized_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the 4-bit weights that `course_lib.linear4bit.Linear4bit` layers keep as buffers (codes,
     absmax constants): the frozen base of a QLoRA model, which `parameter_bytes` does not see."""
-    from .quant import Linear4bit
+    from .linear4bit import Linear4bit
     return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Linear4bit)
                for b in m.buffers())
 
@@ -156,15 +158,11 @@ def measure_causal_lm_step(model: nn.Module, optimizer: torch.optim.Optimizer, i
     non-reentrant). Use ``"reentrant"`` to measure: the non-reentrant checkpoint recomputes each
     layer in backward under its own saved-tensor hooks, which hides that layer's activations from
     `SavedActivations` (the memory is still needed on a GPU). The result adds ``weights``
-    (parameters + `four_bit_bytes`), and ``total`` includes the 4-bit buffers.
+    (parameters + `quantized_weight_bytes`), and ``total`` includes the 4-bit buffers.
     """
     if checkpointing not in CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
-    if checkpointing is None:
-        model.activation_checkpointing_disable()
-    else:
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+    set_gradient_checkpointing(model, checkpointing is not None, use_reentrant=checkpointing == "reentrant")
     optimizer.zero_grad(set_to_none=True)
 
     def step() -> None:
@@ -172,12 +170,8 @@ def measure_causal_lm_step(model: nn.Module, optimizer: torch.optim.Optimizer, i
         optimizer.step()
 
     result = measure_step(step, model, optimizer)
-    four_bit = four_bit_bytes(model)
-    result["weights"] = result["parameters"] + four_bit
-    result["total"] += four_bit
+    quantized = quantized_weight_bytes(model)
+    result["weights"] = result["parameters"] + quantized
+    result["total"] += quantized
     return result
 
-
-# The estimator works from a model's config alone (no tensors, no torch), so it lives in
-# course_lib.budget; it is re-exported here beside the measurement it is checked against.
-from .budget import estimate, plan  # noqa: F401

@@ -46,10 +46,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cuda_half_dtype() -> torch.dtype:
+    """The 16-bit float type for CUDA: bfloat16 where the GPU supports it, else float16.
+
+    bfloat16 keeps float32's exponent range, so it needs no loss scaling; float16 (older GPUs)
+    does (see `course_lib.train`). The one place the course makes this choice.
+    """
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """float32 on CPU (bfloat16 matmuls are ~7x slower on AVX2 CPUs), bfloat16 on CUDA."""
     if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_half_dtype()
     return torch.float32
 
 
@@ -214,6 +223,41 @@ def describe(model: nn.Module) -> dict:
         "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
         "buffer_bytes": sum(b.numel() * b.element_size() for b in buffers),
     }
+
+
+def gradient_checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether a transformers model recomputes its layers' activations in backward (False for
+    any other module)."""
+    if hasattr(model, "is_activation_checkpointing"):  # transformers >= 5; the old name warns there
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def set_gradient_checkpointing(model: nn.Module, enable: bool, use_reentrant: bool = False) -> None:
+    """Switch a transformers model's gradient (activation) checkpointing on or off.
+
+    On, each transformer block keeps only its input in forward and recomputes its activations in
+    backward: less memory, about one more forward pass of time. ``use_reentrant`` picks
+    ``torch.utils.checkpoint``'s older implementation (False, the default, is what torch
+    recommends; `course_lib.memory` measures with True because the non-reentrant one hides the
+    recomputed layer from saved-tensor hooks). Transformers 5 names the switch
+    ``activation_checkpointing_enable``, older versions ``gradient_checkpointing_enable``; both
+    work. Switching on a model without either raises ``ValueError``; switching off such a model
+    does nothing (it cannot be on).
+    """
+    kwargs = {"use_reentrant": use_reentrant}
+    if enable:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise ValueError(f"gradient checkpointing needs a transformers model; {type(model).__name__} "
+                             "has no activation_checkpointing_enable()")
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
 
 
 def gguf_tensor_summary(path: Path | None = None) -> dict:

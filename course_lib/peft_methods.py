@@ -5,7 +5,7 @@ DoRA through peft's configs, bottleneck adapters through `course_lib.adapters` (
 for them), and full fine-tuning. `run_method` trains one on the instruction task with
 `course_lib.train.train` and reports what the chapter compares: trainable parameters, AdamW state,
 the memory of one training step (`memory.measure_step`'s accounting), seconds per step, and the
-test exact match and answer perplexity.
+test exact match and answer perplexity (`course_lib.instruct`'s scoring).
 
 Generation with prompt / prefix tuning: peft 0.21's ``prepare_inputs_for_generation`` predates
 transformers 5's ``cache`` argument (``past_key_values`` is deprecated). Under transformers 5.24
@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import adapters, generation, lora, memory, retrieval, train
+from . import adapters, generation, instruct, lora, memory, train
+from .checks import positive_int
 
 METHODS = ("prompt_tuning", "prefix_tuning", "bottleneck_adapter", "ia3", "lora", "dora", "full")
 
@@ -75,15 +76,12 @@ def make_method(model: nn.Module, method: str, **kwargs) -> nn.Module:
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
     if method in ("prompt_tuning", "prefix_tuning"):
-        n = settings.get("num_virtual_tokens")
-        if not isinstance(n, int) or n <= 0:
-            raise ValueError(f"{method} needs num_virtual_tokens > 0, got {n!r}")
+        positive_int("num_virtual_tokens", settings.get("num_virtual_tokens"), f"for {method}")
         config_class = PromptTuningConfig if method == "prompt_tuning" else PrefixTuningConfig
     elif method == "ia3":
         config_class = IA3Config
     else:
-        if settings.get("r", 1) <= 0:
-            raise ValueError(f"{method} needs r > 0, got {settings['r']}")
+        positive_int("r", settings.get("r", 1), f"for {method}")
         config_class, settings = LoraConfig, {**settings, "use_dora": method == "dora"}
     peft_model = get_peft_model(model, config_class(task_type="CAUSAL_LM", **settings))
     if method in ("prompt_tuning", "prefix_tuning"):
@@ -160,30 +158,8 @@ def generate_with_virtual_tokens(self, input_ids: torch.Tensor, attention_mask: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring and measuring one method on the instruction task
+# Measuring and scoring one method on the instruction task
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def answer_perplexity(model: nn.Module, tokenizer, instructions: Sequence[str], answers: Sequence[str],
-                      batch_size: int = 16) -> float:
-    """exp(mean negative log-likelihood per answer token), from the model's own loss.
-
-    The same number as `retrieval.perplexity`, but computed from ``model(..., labels=...).loss``,
-    so it also works for prompt tuning, whose logits are longer than the input by the virtual
-    tokens (peft pads the labels to match)."""
-    if not answers:
-        raise ValueError("perplexity of zero examples is undefined")
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(answers), batch_size):
-        batch = retrieval.answer_batch(tokenizer, instructions[start:start + batch_size],
-                                       answers[start:start + batch_size])
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss   # mean over the answer tokens
-        total_nll += loss.item() * tokens
-        total_tokens += tokens
-    return math.exp(total_nll / total_tokens)
-
-
 def measure_training_step(model: nn.Module, loss_fn, batch, lr: float = 1e-3) -> dict:
     """The memory of one AdamW training step of ``model`` on ``batch``, in bytes, by
     `memory.measure_step` (parameters + gradients + optimizer state + peak saved activations; on
@@ -215,7 +191,7 @@ def run_method(base: nn.Module, tokenizer, method: str, train_rows: Sequence[dic
                grad_accum: int = 1, seed: int = 0, measure_memory: bool = True, progress: bool = True,
                keep_model: bool = False, init_text: str | None = INIT_TEXT, **method_kwargs) -> dict:
     """Train a copy of ``base`` with ``method`` for ``steps`` steps on the instruction task
-    (`retrieval.answer_loss`) and report, in one dict: ``trainable`` / ``total`` parameters,
+    (`instruct.answer_loss`) and report, in one dict: ``trainable`` / ``total`` parameters,
     ``optimizer_state_bytes`` (AdamW after training), ``step_memory`` (`measure_training_step`,
     measured before training; its ``total`` is the peak to compare), ``seconds_per_step``, the
     first and last loss, the test ``exact_match`` (greedy answers) and answer ``perplexity``.
@@ -236,7 +212,7 @@ def run_method(base: nn.Module, tokenizer, method: str, train_rows: Sequence[dic
     trainable, total = lora.count_parameters(model)
 
     def loss_fn(m, rows):
-        return retrieval.answer_loss(m, tokenizer, rows)
+        return instruct.answer_loss(m, tokenizer, rows)
 
     step_memory = measure_training_step(model, loss_fn, list(train_rows[:batch_size]), lr) if measure_memory else None
     optimizer = torch.optim.AdamW(train.trainable_parameters(model), lr=lr)
@@ -247,13 +223,13 @@ def run_method(base: nn.Module, tokenizer, method: str, train_rows: Sequence[dic
     train_seconds = time.perf_counter() - started
     instructions = [r["instruction"] for r in test_rows]
     answers = [r["answer"] for r in test_rows]
-    predictions = retrieval.generate_answers(model, tokenizer, instructions)
+    predictions = instruct.generate_answers(model, tokenizer, instructions)
     result = {"method": method, "trainable": trainable, "total": total, "lr": lr,
               "optimizer_state_bytes": memory.optimizer_state_bytes(optimizer), "step_memory": step_memory,
               "seconds_per_step": history.seconds_per_step, "train_seconds": train_seconds,
               "loss_first": history.loss[0], "loss_last": history.loss[-1], "history": history,
-              "exact_match": retrieval.exact_match(predictions, answers),
-              "perplexity": answer_perplexity(model, tokenizer, instructions, answers),
+              "exact_match": instruct.exact_match(predictions, answers),
+              "perplexity": instruct.perplexity(model, tokenizer, instructions, answers),
               "predictions": predictions}
     if keep_model:
         result["model"] = model

@@ -2,7 +2,7 @@
 
 The recipe of the QLoRA paper (Dettmers et al., 2023), built from this package's pieces:
 
-1. `prepare_model_for_qlora` replaces a model's linear layers by `course_lib.quant.Linear4bit`
+1. `prepare_model_for_qlora` replaces a model's linear layers by `course_lib.linear4bit.Linear4bit`
    (NF4 with double quantization by default), freezes every remaining parameter, keeps the
    non-quantized ones (embeddings, norms) in float32 and, as an option, turns on gradient
    checkpointing. It plays the part of transformers' ``BitsAndBytesConfig(load_in_4bit=True)``
@@ -25,6 +25,9 @@ import torch
 from torch import nn
 
 from . import lora, quant
+from .linear4bit import Linear4bit, quantize_model
+from .models import set_gradient_checkpointing
+from .surgery import replace_module
 
 
 def prepare_model_for_qlora(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
@@ -32,38 +35,27 @@ def prepare_model_for_qlora(model: nn.Module, quant_type: str = "nf4", double_qu
                             gradient_checkpointing: bool = False) -> dict:
     """Quantize ``model``'s linear layers to 4 bits in place and get it ready for LoRA training.
 
-    Every ``nn.Linear`` except those in ``skip`` becomes a frozen `quant.Linear4bit`
+    Every ``nn.Linear`` except those in ``skip`` becomes a frozen `linear4bit.Linear4bit`
     (``quant_type`` nf4 / fp4 / int4, ``blocksize`` values per absmax, ``double_quant`` for 8-bit
     absmax). All remaining parameters are frozen and those in half precision are cast to float32,
     as peft's ``prepare_model_for_kbit_training`` does, so layer norms and the loss stay accurate.
     ``compute_dtype`` is the dtype of the 4-bit matmuls (None: float32 on CPU, bfloat16 on CUDA).
     With ``gradient_checkpointing`` the model's transformer blocks recompute their activations in
-    backward (needs a transformers model). Returns `quant.quantize_model`'s byte report.
+    backward (needs a transformers model). Returns `linear4bit.quantize_model`'s byte report.
     """
     if lora.lora_layers(model):
         raise ValueError("the model already has LoRA layers: prepare (quantize) it first, then inject_lora")
-    report = quant.quantize_model(model, quant_type, double_quant, blocksize, skip, compute_dtype)
+    report = quantize_model(model, quant_type, double_quant, blocksize, skip, compute_dtype)
     for param in model.parameters():
         param.requires_grad_(False)
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            raise TypeError(f"gradient_checkpointing needs a transformers model, got {type(model).__name__}")
+        set_gradient_checkpointing(model, True)
     return report
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _as_linear(layer: quant.Linear4bit, dtype: torch.dtype | None) -> nn.Linear:
+def _as_linear(layer: Linear4bit, dtype: torch.dtype | None) -> nn.Linear:
     weight = layer.dequantize(dtype)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                        device=weight.device, dtype=weight.dtype)
@@ -75,15 +67,15 @@ def _as_linear(layer: quant.Linear4bit, dtype: torch.dtype | None) -> nn.Linear:
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every `quant.Linear4bit` (also those under a LoRA layer) by an ``nn.Linear`` holding
+    """Replace every `linear4bit.Linear4bit` (also those under a LoRA layer) by an ``nn.Linear`` holding
     its dequantized weight in ``dtype`` (default: the dtype it was quantized from). LoRA adapters
     stay as they are, so `lora.merge` is then exact. Returns ``model``, changed in place.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-    names = [n for n, m in model.named_modules() if isinstance(m, quant.Linear4bit)]
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     for name in names:
-        _replace(model, name, _as_linear(model.get_submodule(name), dtype))
+        replace_module(model, name, _as_linear(model.get_submodule(name), dtype))
     return model
 
 
@@ -91,8 +83,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
 def merge_and_requantize(model: nn.Module) -> dict:
     """Merge the active adapters into the 4-bit base *and quantize again*: lossy, and measured.
 
-    For each LoRA layer over a `quant.Linear4bit`: ``W = dequantize(W_4bit) + ΔW`` is quantized
-    with the layer's own settings, and the layer is replaced by the new `quant.Linear4bit`
+    For each LoRA layer over a `linear4bit.Linear4bit`: ``W = dequantize(W_4bit) + ΔW`` is quantized
+    with the layer's own settings, and the layer is replaced by the new `linear4bit.Linear4bit`
     (the adapters are dropped). Returns, over all layers together (Frobenius norms):
 
     * ``update_error``: ``|ΔW_kept - ΔW| / |ΔW|`` where ``ΔW_kept = dequantize(new) - dequantize(old)``
@@ -105,7 +97,7 @@ def merge_and_requantize(model: nn.Module) -> dict:
     Layers with a float base are left alone. The safe alternatives are to keep the adapter
     unmerged, or `dequantize_model` followed by `lora.merge_and_unload`.
     """
-    layers = {n: m for n, m in lora.lora_layers(model).items() if isinstance(m.base_layer, quant.Linear4bit)}
+    layers = {n: m for n, m in lora.lora_layers(model).items() if isinstance(m.base_layer, Linear4bit)}
     if not layers:
         raise ValueError("no LoRA layer over a Linear4bit base in this model: nothing to merge and re-quantize")
     err2 = dot = delta2 = 0.0
@@ -117,7 +109,7 @@ def merge_and_requantize(model: nn.Module) -> dict:
         dense = old.dequantize(torch.float32)
         delta = sum(layer.delta_weight(a).float() for a in layer.active_adapters)
         state = quant.quantize_blockwise(dense + delta, old.quant_type, old.blocksize, old.absmax_offset is not None)
-        new = quant.Linear4bit(state, old.bias, old.compute_dtype)
+        new = Linear4bit(state, old.bias, old.compute_dtype)
         new.weight_dtype = old.weight_dtype
         kept = quant.dequantize_blockwise(state, torch.float32) - dense
         err2 += (kept - delta).pow(2).sum().item()
@@ -125,7 +117,7 @@ def merge_and_requantize(model: nn.Module) -> dict:
         delta2 += delta.pow(2).sum().item()
         changed += _codes_changed(old.weight, state.packed)
         total += old.in_features * old.out_features
-        _replace(model, name, new)
+        replace_module(model, name, new)
     delta2 = max(delta2, 1e-30)
     return {"layers": len(layers), "update_error": (err2 / delta2) ** 0.5, "update_kept": dot / delta2,
             "codes_changed": changed / total}

@@ -1,4 +1,4 @@
-"""4-bit quantization from scratch: NF4/FP4 codebooks, blockwise absmax, double quantization, QLoRA's linear.
+"""4-bit quantization from scratch: NF4/FP4 codebooks, blockwise absmax, double quantization.
 
 A weight tensor is cut into blocks of ``blocksize`` consecutive values (row-major order). Each
 block is divided by its absolute maximum ``absmax``, so its values land in [-1, 1], and every value
@@ -8,8 +8,9 @@ look-up times the block's absmax.
 
 *Double quantization* (QLoRA) stores the absmax values themselves in 8 bits: subtract their mean,
 quantize them in blocks of 256 with an 8-bit code, and keep one float32 per 256 blocks
-(4 + 8/64 + 32/(64·256) ≈ 4.127 bits). ``Linear4bit`` holds such a weight and dequantizes it on
-the fly; a LoRA branch beside it trains while the 4-bit weight stays frozen, which is QLoRA.
+(4 + 8/64 + 32/(64·256) ≈ 4.127 bits). `course_lib.linear4bit.Linear4bit` holds such a weight and
+dequantizes it on the fly; a LoRA branch beside it trains while the 4-bit weight stays frozen,
+which is QLoRA.
 
 Everything here reproduces bitsandbytes (``bitsandbytes.functional.quantize_4bit``,
 ``dequantize_4bit``, ``compress_statistics=True``) bit for bit on CPU. What a reader must know of
@@ -37,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 NF4_OFFSET = 0.9677083
 """Outermost NF4 quantile: QLoRA's 1 - (1/30 + 1/32)/2 = 0.96770833..., written with 7 decimals as
@@ -114,7 +114,7 @@ _CODEBOOKS = {"nf4": nf4_codebook, "fp4": fp4_codebook, "int4": int4_codebook, "
 
 def codebook(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The codebook of ``quant_type`` (one of `QUANT_TYPES`) on ``device``, indexed by code."""
-    _check_quant_type(quant_type, QUANT_TYPES)
+    check_quant_type(quant_type, QUANT_TYPES)
     return _cached_codebook(quant_type, torch.device(device))
 
 
@@ -202,9 +202,9 @@ def quantize_blockwise(tensor: torch.Tensor, quant_type: str = "nf4", blocksize:
     values to 8 bits (QLoRA). A ``numel`` that is not a multiple of ``blocksize`` is fine: the last
     block is shorter, as in bitsandbytes.
     """
-    _check_quant_type(quant_type, QUANT_TYPES)
-    _check_blocksize(blocksize)
-    _check_tensor(tensor)
+    check_quant_type(quant_type, QUANT_TYPES)
+    check_blocksize(blocksize)
+    check_tensor(tensor)
     packed, absmax = _encode(tensor, quant_type, blocksize)
     state = QuantState(packed, absmax, tensor.shape, tensor.dtype, blocksize, quant_type)
     if double_quant:  # the mean at torch's usual thread count, as bitsandbytes (a parallel sum rounds differently)
@@ -260,7 +260,7 @@ def _nearest_level(scaled: torch.Tensor, midpoints: list[float]) -> torch.Tensor
 def dequantize_blockwise(state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The tensor a `QuantState` stands for: ``codebook[code] · absmax`` of its block, in ``dtype``
     (default: the dtype it was quantized from). The products are computed in float32."""
-    _check_float_dtype(dtype, "dtype")
+    check_float_dtype(dtype, "dtype")
     n, bs = state.numel, state.blocksize
     absmax = dequantize_absmax(state)
     table = _byte_table(state.quant_type, state.packed.device)
@@ -332,156 +332,29 @@ def bits_per_parameter(state: QuantState) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The 4-bit linear layer and model conversion
-# ---------------------------------------------------------------------------------------------
-class _Matmul4bit(torch.autograd.Function):
-    """``x @ W.T`` with ``W`` dequantized in forward and *again* in backward.
-
-    Nothing weight-sized is saved for backward (``F.linear`` would keep the dequantized float
-    weight alive), which is what keeps QLoRA's activation memory small; no gradient goes to ``W``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer = layer
-        return x @ layer.dequantize(x.dtype).t()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x = grad_out @ ctx.layer.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None
-
-
-class Linear4bit(nn.Module):
-    """A frozen linear layer whose weight is stored in 4 bits (NF4, FP4 or INT4) and dequantized on the fly.
-
-    ``weight`` is the packed uint8 buffer (two codes per byte, like bitsandbytes' ``Params4bit``):
-    it is not a parameter and receives no gradient. The input gradient flows, so a LoRA branch on
-    top trains (QLoRA). ``bias`` is a frozen ``nn.Parameter``. The matmul runs in
-    ``compute_dtype``; ``None`` means float32 on CPU and bfloat16 (float16 without bf16) on CUDA.
-    """
-
-    def __init__(self, state: QuantState, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | None = None):
-        super().__init__()
-        _check_quant_type(state.quant_type, FOUR_BIT_TYPES)
-        _check_float_dtype(compute_dtype)
-        if len(state.shape) != 2:
-            raise ValueError(f"Linear4bit needs a 2-D weight (out_features, in_features), got shape {tuple(state.shape)}")
-        self.out_features, self.in_features = state.shape
-        self.quant_type, self.blocksize = state.quant_type, state.blocksize
-        self.weight_dtype, self.compute_dtype = state.dtype, compute_dtype
-        self.register_buffer("weight", state.packed)
-        for name in ("absmax", "absmax_offset", "absmax_absmax"):
-            self.register_buffer(name, getattr(state, name))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> Linear4bit:
-        """Quantize an ``nn.Linear``'s weight (on its device) and keep its bias."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
-        _check_quant_type(quant_type, FOUR_BIT_TYPES)
-        _check_float_dtype(compute_dtype)
-        state = quantize_blockwise(linear.weight.detach(), quant_type, blocksize, double_quant)
-        return cls(state, linear.bias, compute_dtype)
-
-    @property
-    def quant_state(self) -> QuantState:
-        """The stored tensors as a `QuantState` (views, no copy)."""
-        return QuantState(self.weight, self.absmax, torch.Size((self.out_features, self.in_features)),
-                          self.weight_dtype, self.blocksize, self.quant_type, self.absmax_offset, self.absmax_absmax)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight as a float tensor (out_features × in_features), default in the original dtype."""
-        return dequantize_blockwise(self.quant_state, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.compute_dtype or _default_compute_dtype(x.device)
-        out = _Matmul4bit.apply(x.to(dtype), self)
-        if self.bias is not None:
-            out = out + self.bias.to(dtype)
-        return out.to(x.dtype)
-
-    def _apply(self, fn, recurse=True):
-        """``model.to(device)`` moves the quantization constants; ``model.half()`` & co. leave them float32."""
-        constants = {name: self._buffers[name] for name in ("absmax", "absmax_offset", "absmax_absmax")}
-        super()._apply(fn, recurse)
-        for name, before in constants.items():
-            if before is not None:
-                self._buffers[name] = before.to(self._buffers[name].device)
-        return self
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.absmax_offset is not None}")
-
-
-def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
-                   skip=("lm_head",), compute_dtype: torch.dtype | None = None) -> dict:
-    """Replace every ``nn.Linear`` of ``model`` in place by a `Linear4bit`, except those named in ``skip``.
-
-    A module is skipped when its dotted name equals an entry of ``skip`` or ends with ``"." + entry``
-    (SmolLM2's ``lm_head`` shares its weight with the embedding: quantizing it would store a second
-    copy). Returns a report from the stored tensors: ``layers_replaced``, ``weight_numel``,
-    ``weight_bytes_before``/``_after`` (the replaced weights alone), ``bits_per_parameter`` of those,
-    and ``model_bytes_before``/``_after`` (all parameters and buffers, each shared tensor once).
-    """
-    _check_quant_type(quant_type, FOUR_BIT_TYPES)
-    _check_blocksize(blocksize)
-    _check_float_dtype(compute_dtype)
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    chosen = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
-              and not any(name == s or name.endswith("." + s) for s in skip)]
-    report = {"layers_replaced": 0, "weight_numel": 0, "weight_bytes_before": 0, "weight_bytes_after": 0,
-              "model_bytes_before": _model_bytes(model)}
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        layer = Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
-        setattr(parent, child, layer)
-        report["layers_replaced"] += 1
-        report["weight_numel"] += linear.weight.numel()
-        report["weight_bytes_before"] += linear.weight.numel() * linear.weight.element_size()
-        report["weight_bytes_after"] += layer.quant_state.nbytes
-    report["model_bytes_after"] = _model_bytes(model)
-    report["bits_per_parameter"] = 8 * report["weight_bytes_after"] / max(report["weight_numel"], 1)
-    return report
-
-
-def _model_bytes(model: nn.Module) -> int:
-    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _default_compute_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-# ---------------------------------------------------------------------------------------------
 # Input checks: each error says what to do
 # ---------------------------------------------------------------------------------------------
-def _check_quant_type(quant_type: str, valid: tuple[str, ...]) -> None:
+def check_quant_type(quant_type: str, valid: tuple[str, ...]) -> None:
+    """Refuse a ``quant_type`` that is not one of ``valid``."""
     if quant_type not in valid:
         raise ValueError(f"unknown quant_type {quant_type!r}; choose one of {', '.join(map(repr, valid))}")
 
 
-def _check_blocksize(blocksize) -> None:
+def check_blocksize(blocksize) -> None:
+    """Refuse a block size that is not a power of two >= 2 (an int, not a bool)."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two >= 2 (QLoRA uses 64), got {blocksize!r}")
 
 
-def _check_float_dtype(dtype, name: str = "compute_dtype") -> None:
+def check_float_dtype(dtype, name: str = "compute_dtype") -> None:
+    """Refuse a ``dtype`` that is neither None nor a floating-point ``torch.dtype``."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{name} must be a floating-point torch.dtype such as torch.float32 or "
                         f"torch.bfloat16 (or None for the default), got {dtype!r}")
 
 
-def _check_tensor(tensor: torch.Tensor) -> None:
+def check_tensor(tensor: torch.Tensor) -> None:
+    """Refuse a tensor that cannot be quantized: not floating-point, or empty."""
     if not tensor.is_floating_point():
         raise TypeError(f"can only quantize floating-point tensors, got {tensor.dtype}; convert with .float() first")
     if tensor.numel() == 0:

@@ -33,6 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import positive_int
+from .models import cuda_half_dtype, gradient_checkpointing_enabled, set_gradient_checkpointing
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (CPU and every GPU)."""
@@ -42,8 +45,7 @@ def seed_everything(seed: int) -> None:
 
 def batches(rows: Sequence, batch_size: int, seed: int = 0, drop_last: bool = True) -> Iterator[list]:
     """Endless, reproducible mini-batches: each epoch is a fresh seeded shuffle of ``rows``."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    positive_int("batch_size", batch_size)
     if len(rows) < batch_size and drop_last:
         raise ValueError(f"batch_size={batch_size} is larger than the {len(rows)} training rows")
     rng = random.Random(seed)
@@ -113,10 +115,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def check_schedule(steps: int, grad_accum: int = 1, warmup_steps: int = 0) -> None:
     """Refuse a run that cannot mean what it says: no steps, no micro-batches per step, or a
     warm-up longer than the run (the learning rate would never reach its peak)."""
-    if steps <= 0:
-        raise ValueError(f"steps must be positive, got {steps}")
-    if grad_accum <= 0:
-        raise ValueError(f"grad_accum (micro-batches per optimizer step) must be at least 1, got {grad_accum}")
+    positive_int("steps", steps)
+    positive_int("grad_accum", grad_accum, "micro-batches per optimizer step, at least 1")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps cannot be negative, got {warmup_steps}")
     if warmup_steps > steps:
@@ -132,22 +132,6 @@ def make_accelerator(device: torch.device):
 
     cpu = device.type == "cpu" and not torch.cuda.is_available()
     return Accelerator(cpu=cpu, mixed_precision="no", device_placement=False)
-
-
-def _checkpointing(model: nn.Module, enable: bool) -> None:
-    """Switch transformers' activation checkpointing on (non-reentrant) or off."""
-    if enable:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            raise ValueError(f"gradient_checkpointing needs a transformers model; {type(model).__name__} "
-                             "has no activation_checkpointing_enable()")
-    elif hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()
 
 
 def train(
@@ -176,6 +160,9 @@ def train(
     over micro-batches. ``eval_fn(model)`` runs every ``eval_every`` steps and at the end.
     ``gradient_checkpointing`` turns on a transformers model's activation checkpointing (recompute
     each layer in backward instead of keeping its activations) for the run, off again after it.
+    A NaN or infinite loss stops the run with ``ValueError`` before its optimizer step. Whether
+    the run ends or fails, checkpointing is switched back; a finished run leaves the model in
+    eval mode, a failed one in the train/eval mode it had before.
 
     With ``loss_fn_does_backward`` the loss function back-propagates itself (GradCache, whose
     backward runs chunk by chunk): it is called as ``loss_fn(model, batch, loss_scale)``, must add
@@ -200,56 +187,64 @@ def train(
         optimizer, lambda s: warmup_cosine(s, steps, warmup_steps))
     autocast, scaler = nullcontext, None
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = cuda_half_dtype()
         autocast = lambda: torch.autocast("cuda", dtype=dtype)
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     if loss_fn_does_backward:   # it runs its own precision and backward
         autocast, scaler = nullcontext, None
-    checkpointing_was_on = bool(getattr(model, "is_activation_checkpointing", False))
-    if gradient_checkpointing and not checkpointing_was_on:
-        _checkpointing(model, True)
+    switch_checkpointing = gradient_checkpointing and not gradient_checkpointing_enabled(model)
+    was_training = model.training
+    if switch_checkpointing:
+        set_gradient_checkpointing(model, True)
     # several processes: DistributedDataParallel averages gradients in backward; one: no wrapper
     wrapped = accelerator.prepare_model(model, device_placement=False) if world > 1 else model
     history = History()
     stream = iter(data)
-    model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress or not accelerator.is_local_main_process)
-    for step in bar:
-        start = time.perf_counter()
-        total = 0.0
-        for micro in range(grad_accum):
-            batch = shard(next(stream), rank, world)
-            if loss_fn_does_backward:
-                total += float(loss_fn(model, batch, 1.0 / grad_accum)) / grad_accum
-                continue
-            # gradients are all-reduced once per optimizer step, in the last micro-batch's backward
-            with accelerator.no_sync(wrapped) if micro < grad_accum - 1 else nullcontext():
-                with autocast():
-                    loss = loss_fn(wrapped, batch) / grad_accum
-                accelerator.backward(scaler.scale(loss) if scaler else loss)
-            total += loss.item()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if max_grad_norm:
-            accelerator.clip_grad_norm_(params, max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            total = accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean").item()
-        history.lr.append(scheduler.get_last_lr()[0])
-        scheduler.step()
-        history.loss.append(total)
-        history.seconds.append(time.perf_counter() - start)
-        bar.set_postfix(loss=f"{total:.3f}")
-        if eval_fn and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
-            model.eval()
-            history.evals.append((step + 1, eval_fn(model)))
-            model.train()
-    if gradient_checkpointing and not checkpointing_was_on:
-        _checkpointing(model, False)
-    model.eval()
+    try:  # whatever happens (an error, a NaN loss, Ctrl-C), the model leaves in the modes it came in
+        model.train()
+        bar = tqdm(range(steps), desc=desc, disable=not progress or not accelerator.is_local_main_process)
+        for step in bar:
+            start = time.perf_counter()
+            total = 0.0
+            for micro in range(grad_accum):
+                batch = shard(next(stream), rank, world)
+                if loss_fn_does_backward:
+                    total += float(loss_fn(model, batch, 1.0 / grad_accum)) / grad_accum
+                    continue
+                # gradients are all-reduced once per optimizer step, in the last micro-batch's backward
+                with accelerator.no_sync(wrapped) if micro < grad_accum - 1 else nullcontext():
+                    with autocast():
+                        loss = loss_fn(wrapped, batch) / grad_accum
+                    accelerator.backward(scaler.scale(loss) if scaler else loss)
+                total += loss.item()
+            if world > 1:
+                total = accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean").item()
+            if not math.isfinite(total):
+                optimizer.zero_grad(set_to_none=True)
+                raise ValueError(f"the loss is {total} at step {step + 1}: training diverged, so this step was not "
+                                 f"taken (the weights are those after step {step}). Lower lr, or check the data")
+            if scaler:
+                scaler.unscale_(optimizer)
+            if max_grad_norm:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.lr.append(scheduler.get_last_lr()[0])
+            scheduler.step()
+            history.loss.append(total)
+            history.seconds.append(time.perf_counter() - start)
+            bar.set_postfix(loss=f"{total:.3f}")
+            if eval_fn and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
+                model.eval()
+                history.evals.append((step + 1, eval_fn(model)))
+                model.train()
+    finally:
+        if switch_checkpointing:
+            set_gradient_checkpointing(model, False)
+        model.train(was_training)
+    model.eval()  # a finished run hands the model back ready for evaluation
     return history

@@ -1,6 +1,8 @@
 """Shared fixtures: the real models are loaded once per test session (they are read-only here)."""
 
+import inspect
 import os
+import re
 
 import pytest
 
@@ -20,3 +22,31 @@ def smollm2():
     from course_lib.models import load_smollm2
 
     return load_smollm2("cpu")
+
+
+# The cross-checks: tests that compare course_lib with a production library. They are found by
+# what their code calls, so a new cross-check is marked without anyone remembering to; `make
+# test-latest` runs just these (`pytest -m crosscheck`) against the newest releases.
+REFERENCE_LIBRARIES = re.compile(
+    r"\b(peft|PeftModel|get_peft_model|LoraConfig|bnb|bnbF|bitsandbytes|sentence_transformers|SentenceTransformer"
+    r"|ST_|st_loss|onnxruntime|ort|InferenceSession|gguf|GGUFReader)\b")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "crosscheck: compares course_lib with a production library "
+                                       "(peft, bitsandbytes, sentence-transformers, onnxruntime, gguf)")
+
+
+def calls_reference_library(function) -> bool:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return bool(REFERENCE_LIBRARIES.search(source))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and calls_reference_library(function):
+            item.add_marker(pytest.mark.crosscheck)

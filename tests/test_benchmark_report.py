@@ -1,15 +1,20 @@
-"""The FIGURE line every benchmark script ends with (benchmarks/report.py): the exact grep-able form."""
+"""What the benchmark scripts share (benchmarks/report.py), and the scripts as a package: each runs as
+``python -m benchmarks.<name>``, says so, and records it; nothing here measures anything."""
 
-import re
+import argparse
+import json
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import report
+from benchmarks import report
+from course_lib.tooling.figures import parse_figure_line
 
-LINE = re.compile(r"^FIGURE [a-z0-9_]+: \S+ \(target (<=|>=|<|>) \S+\) (met|missed)$")
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem not in ("__init__", "report"))
 
 
 @pytest.mark.parametrize("value, op, target, verdict", [
@@ -18,8 +23,8 @@ LINE = re.compile(r"^FIGURE [a-z0-9_]+: \S+ \(target (<=|>=|<|>) \S+\) (met|miss
 ])
 def test_figure_line(value, op, target, verdict):
     line = report.figure("some_ratio", value, op, target)
-    assert LINE.match(line), line
-    assert line.endswith(verdict)
+    figure = parse_figure_line(line)
+    assert (figure.name, figure.op, figure.target, figure.verdict) == ("some_ratio", op, target, verdict)
 
 
 def test_unknown_comparison_is_refused():
@@ -31,3 +36,132 @@ def test_timed_is_the_median_after_a_warm_up():
     calls = []
     assert report.timed(lambda: calls.append(1), repeats=3) >= 0
     assert len(calls) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line and the run's fields
+# ---------------------------------------------------------------------------------------------
+def test_the_command_spells_every_option():
+    args = argparse.Namespace(batch=256, chunk=32, repeats=3, sweep=[16, 64, 256], sweep_chunk=16, lr=0.001,
+                              pairs=2048, figures_only=False)
+    # the command the committed gradcache.json records, the launcher aside
+    assert report.command("gradcache", args) == ("python -m benchmarks.gradcache --batch 256 --chunk 32 --repeats 3 "
+                                                 "--sweep 16 64 256 --sweep-chunk 16 --lr 0.001 --pairs 2048")
+    flags = argparse.Namespace(cache="/tmp/e.safetensors", fast=True, slow=False, out=None, lr=2e-5)
+    assert report.command("x", flags, skip=("cache",)) == "python -m benchmarks.x --fast --lr 2e-05"
+    assert report.command("lora_vs_peft") == "python -m benchmarks.lora_vs_peft"
+
+
+def test_the_parser_is_the_module_s():
+    parser = report.argument_parser("probe", "First paragraph\nof two lines.\n\nDetails.")
+    assert parser.prog == "python -m benchmarks.probe"
+    assert parser.description == "First paragraph\nof two lines."
+    assert parser.parse_args(["--figures-only"]).figures_only
+
+
+def test_the_run_fields():
+    run = report.Run("probe", argparse.Namespace(steps=4, figures_only=False))
+    fields = run.fields(peft="0.0")
+    assert list(fields) == ["command", "date", "seconds", "device", "threads", "machine"]
+    assert fields["command"] == "python -m benchmarks.probe --steps 4"
+    assert fields["device"] == "cpu" and fields["threads"] >= 1 and fields["seconds"] >= 0
+    assert {"cpu_count", "platform", "python", "torch", "peft"} <= set(fields["machine"])
+    plain = report.Run("probe", device=None).fields()
+    assert "device" not in plain and "threads" not in plain and "torch" not in plain["machine"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The results JSON
+# ---------------------------------------------------------------------------------------------
+def test_save_result_adds_the_figures_and_writes_atomically(tmp_path):
+    path = tmp_path / "results" / "probe.json"
+    lines = report.save_result(path, {"command": "c", "ratio": 0.5},
+                               lambda r: [report.figure("ratio", r["ratio"], "<=", 1)])
+    assert lines == ["FIGURE ratio: 0.5 (target <= 1) met"]
+    assert json.loads(path.read_text()) == {"command": "c", "ratio": 0.5, "figures": lines}
+    assert [p.name for p in path.parent.iterdir()] == ["probe.json"]  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path):
+    path = tmp_path / "probe.json"
+    report.write_json(path, {"old": 1})
+    with pytest.raises(ValueError):
+        report.write_json(path, {"new": float("nan")})  # refused: not JSON
+    with pytest.raises(TypeError):
+        report.write_json(path, {"new": object()})
+    assert json.loads(path.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.json"]
+
+
+def test_recompute_figures_replaces_them_in_place(tmp_path):
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps({"command": "c", "figures": ["FIGURE r: 9 (target < 1) missed"], "ratio": 0.5}))
+    lines = report.recompute_figures(path, lambda r: [report.figure("r", r["ratio"], "<", 1)])
+    data = json.loads(path.read_text())
+    assert list(data) == ["command", "figures", "figures_recomputed", "ratio"]
+    assert data["figures"] == lines == ["FIGURE r: 0.5 (target < 1) met"]
+    assert "by --figures-only" in data["figures_recomputed"]
+
+
+def test_recompute_figures_leaves_unchanged_figures_alone(tmp_path):
+    path = tmp_path / "probe.json"
+    text = json.dumps({"ratio": 0.5, "figures": ["FIGURE r: 0.5 (target < 1) met"]}, indent=1) + "\n"
+    path.write_text(text)
+    report.recompute_figures(path, lambda r: [report.figure("r", r["ratio"], "<", 1)])
+    assert path.read_text() == text
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts as a package
+# ---------------------------------------------------------------------------------------------
+def test_the_scripts():
+    assert {"cli_startup", "gradcache", "lora_training", "lora_vs_peft", "model_loading", "mrl_combination",
+            "mrl_search", "peft_methods", "qlora_training", "quant_vs_bnb"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_each_script_says_how_it_is_run_and_has_its_results(name):
+    source = (ROOT / "benchmarks" / f"{name}.py").read_text(encoding="utf-8")
+    assert f"python -m benchmarks.{name}" in source
+    assert "python benchmarks/" not in source and "from report import" not in source
+    result = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text(encoding="utf-8"))
+    assert result["command"].split()[:3] == ["python", "-m", f"benchmarks.{name}"]
+
+
+def test_the_light_scripts_answer_help_from_the_repository_root():
+    """The launcher itself, ``python -m benchmarks.<name>``, in a fresh process (scripts that do not
+    import torch before parsing their arguments: well under a second)."""
+    for name in ("cli_startup", "model_loading"):
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], check=False, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"usage: python -m benchmarks.{name} ") and "--figures-only" in done.stdout
+
+
+def test_every_script_answers_help():
+    """Every script as ``-m`` runs it (`runpy.run_module` with ``__main__``), in one fresh process
+    started at the repository root, so that torch is imported once rather than once per script."""
+    driver = textwrap.dedent("""
+        import contextlib, io, json, runpy, sys
+        out = {}
+        for name in sys.argv[1:]:
+            sys.argv = [name, "--help"]
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                try:
+                    runpy.run_module(f"benchmarks.{name}", run_name="__main__", alter_sys=True)
+                    code = None
+                except SystemExit as exit:
+                    code = exit.code
+            out[name] = [code, buffer.getvalue()]
+        print(json.dumps(out))
+    """)
+    done = subprocess.run([sys.executable, "-c", driver, *SCRIPTS], check=False, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    helps = json.loads(done.stdout.splitlines()[-1])
+    for name in SCRIPTS:
+        code, text = helps[name]
+        assert code == 0, (name, text)
+        assert text.startswith(f"usage: python -m benchmarks.{name} "), (name, text)
+        assert "--figures-only" in text, name

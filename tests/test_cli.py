@@ -102,3 +102,17 @@ def test_the_console_script_is_installed_and_runs():
     assert json.loads(done.stdout)["settings"]["model"] == "smollm2-135m"
     bad = subprocess.run([str(script), "budget", "--model", "nope"], capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_budget_command_imports_no_heavy_library():
+    """``course-lib budget`` starts at once: it imports neither torch, transformers, nbformat nor numpy
+    (a deterministic stand-in for its start-up time, which a loaded machine would make flaky)."""
+    code = ("import sys, contextlib, io\n"
+            "import course_lib.cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    status = course_lib.cli.main(['budget', '--model', 'llama-3-8b', '--method', 'qlora', '--gpu', '24GB'])\n"
+            "assert status == 0, status\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'nbformat', 'numpy') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

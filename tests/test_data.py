@@ -3,6 +3,7 @@ and errors that say how to repair a missing or corrupt file."""
 
 import ast
 import gzip
+import hashlib
 import importlib
 import inspect
 import platform
@@ -177,6 +178,8 @@ def test_readme_states_the_shipped_counts_and_rebuild_command():
         assert f"{n:,}" in readme, f"README lacks the {name} count {n:,}"
     for name in FILES:
         assert f"{(data.DATA_DIR / name).stat().st_size:,}" in readme, f"README lacks the size of {name}"
+        digest = hashlib.sha256((data.DATA_DIR / name).read_bytes()).hexdigest()
+        assert f"`{digest}`" in readme, f"README lacks the SHA-256 of {name}"
 
 
 def corrupt(path: Path, how: str) -> None:
@@ -204,6 +207,22 @@ def test_broken_file_says_how_to_rebuild(tmp_path, monkeypatch, how, name, load)
     with pytest.raises(data.DataError, match="python -m course_lib.data build") as err:
         load()
     assert str(tmp_path / name) in str(err.value)
+
+
+def test_no_data_anywhere_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
+    """Neither a wheel's package data nor a checkout's data/: the error names both places and the
+    three ways out (install from the source tree, $COURSE_DATA_DIR, rebuild)."""
+    monkeypatch.delenv("COURSE_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "PACKAGED_DATA_DIR", tmp_path / "course_lib" / "datasets")
+    monkeypatch.setattr(data, "CHECKOUT_DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(data, "DATA_DIR", data._shipped_dir())
+    assert data.DATA_DIR == tmp_path / "data"
+    with pytest.raises(data.DataError) as err:
+        data.load_instruct("test")
+    message = str(err.value)
+    for part in (str(tmp_path / "course_lib" / "datasets"), str(tmp_path / "data"), "pip install .",
+                 "COURSE_DATA_DIR", "python -m course_lib.data build --out DIR"):
+        assert part in message, part
 
 
 def test_command_line():

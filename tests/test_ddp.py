@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from course_lib import ddp_demo
+from course_lib.tooling import ddp_demo
 
 
 def _free_port() -> int:
@@ -42,7 +42,7 @@ def test_two_processes_train_like_one(tmp_path):
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "course_lib.ddp_demo", "--out", str(tmp_path),
+               "--main_process_port", str(_free_port()), "-m", "course_lib.tooling.ddp_demo", "--out", str(tmp_path),
                "--optimizers", *TOLERANCE]
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]

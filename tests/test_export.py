@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from course_lib import data, export, gguf_export, lora, retrieval
+from course_lib import data, export, gguf_export, instruct, lora, retrieval
 from course_lib.generation import cache_bytes, generate, kv_cache_bytes_per_token, returned_cache
 from course_lib.models import smollm2_gguf_path, tiny_bert, tiny_llama
 
@@ -309,7 +309,7 @@ def test_kv_cache_formula_matches_the_cache_tensors(smollm2):
 
 def test_generation_with_and_without_cache_picks_the_same_tokens(smollm2, smollm2_onnx):
     model, tokenizer = smollm2
-    prompt = retrieval.chat_prompt(tokenizer, "Name a Python function that returns the length of a list.")
+    prompt = instruct.chat_prompt(tokenizer, "Name a Python function that returns the length of a list.")
     cached = generate(model, tokenizer, prompt, max_new_tokens=12, stop_at_eos=False)
     uncached = generate(model, tokenizer, prompt, max_new_tokens=12, use_cache=False, stop_at_eos=False)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]

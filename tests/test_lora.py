@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from course_lib import lora
+from course_lib import lora, lora_combine, lora_io
 from course_lib.models import tiny_bert, tiny_llama
 
 CLOSE = {"rtol": 1e-5, "atol": 1e-6}
@@ -294,7 +294,7 @@ def _two_adapter_models(use_rslora=False, weights=(0.7, -0.3)):
     theirs.add_adapter("two", LoraConfig(r=2, lora_alpha=8, target_modules=targets, use_rslora=use_rslora))
     peft_modules = _copy_into_peft(ours, theirs, ["one", "two"])
     for combo in ("cat", "linear"):
-        lora.add_weighted_adapter(ours, ["one", "two"], list(weights), combo, combination_type=combo)
+        lora_combine.add_weighted_adapter(ours, ["one", "two"], list(weights), combo, combination_type=combo)
         theirs.add_weighted_adapter(["one", "two"], list(weights), combo, combination_type=combo)
     return ours, theirs, peft_modules
 
@@ -344,7 +344,7 @@ def test_adapter_round_trips_with_peft(tmp_path):
     x = torch.randint(0, 128, (2, 7))
     ours = lora.inject_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, lora_alpha=8, use_rslora=True)
     _randomise_b(ours)
-    lora.save_adapter(ours, tmp_path / "ours", task_type="CAUSAL_LM")
+    lora_io.save_adapter(ours, tmp_path / "ours", task_type="CAUSAL_LM")
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["adapter_config.json",
                                                                     "adapter_model.safetensors"]
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
@@ -357,7 +357,7 @@ def test_adapter_round_trips_with_peft(tmp_path):
             if "lora_B" in n:
                 p.normal_()
     theirs.save_pretrained(tmp_path / "peft")
-    back = lora.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    back = lora_io.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(back(x).logits, theirs(x).logits, **CLOSE)
 
 
@@ -367,12 +367,12 @@ def test_per_layer_ranks_travel_as_peft_rank_and_alpha_patterns(tmp_path):
     ours = lora.inject_lora(copy.deepcopy(base), ["q_proj"], r=4, lora_alpha=8)
     lora.inject_lora(ours, r"model\.layers\.1\.self_attn\.v_proj", r=2, lora_alpha=16)  # same name, other layer
     _randomise_b(ours)
-    lora.save_adapter(ours, tmp_path)
+    lora_io.save_adapter(ours, tmp_path)
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     peft_layers = {n.removeprefix("base_model.model."): m for n, m in loaded.named_modules() if hasattr(m, "lora_A")}
     assert set(peft_layers) == set(lora.lora_layers(ours))
     torch.testing.assert_close(loaded(x).logits, ours(x).logits, **CLOSE)
-    again = lora.load_adapter(copy.deepcopy(base), tmp_path)
+    again = lora_io.load_adapter(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(again(x).logits, ours(x).logits, **CLOSE)
 
 
@@ -381,7 +381,7 @@ def test_real_minilm_adapter_round_trips_with_peft(minilm, tmp_path):
     batch = tokenizer(["Parse a JSON document."], return_tensors="pt")
     ours = lora.inject_lora(copy.deepcopy(base), ["query", "value"], r=8, lora_alpha=16)
     _randomise_b(ours)
-    lora.save_adapter(ours, tmp_path / "ours", task_type="FEATURE_EXTRACTION")
+    lora_io.save_adapter(ours, tmp_path / "ours", task_type="FEATURE_EXTRACTION")
     theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(theirs(**batch).last_hidden_state, ours(**batch).last_hidden_state, **CLOSE)
     with torch.no_grad():
@@ -390,7 +390,7 @@ def test_real_minilm_adapter_round_trips_with_peft(minilm, tmp_path):
                 p.mul_(-2.0)  # a different adapter, now saved by peft
     theirs.save_pretrained(tmp_path / "peft")
     del ours
-    back = lora.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    back = lora_io.load_adapter(copy.deepcopy(base), tmp_path / "peft")
     torch.testing.assert_close(back(**batch).last_hidden_state, theirs(**batch).last_hidden_state, **CLOSE)
 
 
@@ -401,7 +401,7 @@ def test_real_minilm_adapter_round_trips_with_peft(minilm, tmp_path):
     ({"r": 0}, ValueError, "r must be a positive integer"),
     ({"r": 33}, ValueError, r"r=33 exceeds min\(in_features, out_features\) = 32.*smaller r"),
     ({"lora_alpha": 0}, ValueError, "lora_alpha must be a positive number"),
-    ({"lora_dropout": 1.0}, ValueError, r"lora_dropout must be in \[0, 1\)"),
+    ({"lora_dropout": 1.0}, ValueError, r"lora_dropout must be a number in \[0, 1\)"),
     ({"target_modules": ["nothing_like_this"]}, ValueError,
      r"matches no module.*encoder\.layer\.0\.attention\.self\.query.*'key', 'query', 'value'"),
     ({"target_modules": "query"}, ValueError, "matches no module"),  # a string is a regex on the full name
@@ -419,20 +419,20 @@ def test_bad_input_is_refused_clearly(kwargs, error, match):
 
 def test_adapter_for_another_model_is_refused(tmp_path):
     ours = lora.inject_lora(tiny_llama(), ["q_proj"], r=4, lora_alpha=8)
-    lora.save_adapter(ours, tmp_path)
+    lora_io.save_adapter(ours, tmp_path)
     with pytest.raises(ValueError, match=r"names module 'model\.layers\.0\.self_attn\.q_proj'.*another base model"):
-        lora.load_adapter(tiny_bert(), tmp_path)
+        lora_io.load_adapter(tiny_bert(), tmp_path)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     wider = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=8, num_key_value_heads=2, head_dim=8))
     with pytest.raises(ValueError, match=r"q_proj\.lora_A: the adapter has shape \(4, 48\), this model needs \(4, 64\)"):
-        lora.load_adapter(wider, tmp_path)
+        lora_io.load_adapter(wider, tmp_path)
     assert not lora.lora_layers(wider)  # checked before anything changed
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ValueError, match="'IA3' adapter, not 'LORA'"):
-        lora.load_adapter(tiny_llama(), tmp_path)
+        lora_io.load_adapter(tiny_llama(), tmp_path)
 
 
 def test_other_misuse_is_refused_clearly():
@@ -443,13 +443,33 @@ def test_other_misuse_is_refused_clearly():
         lora.inject_lora(model, ["query"], r=2, lora_alpha=4)
     lora.inject_lora(model, ["query"], r=3, lora_alpha=4, adapter_name="three")
     with pytest.raises(ValueError, match="'linear' needs adapters of equal rank.*use 'cat'"):
-        lora.add_weighted_adapter(model, ["default", "three"], [0.5, 0.5], "mix", combination_type="linear")
+        lora_combine.add_weighted_adapter(model, ["default", "three"], [0.5, 0.5], "mix", combination_type="linear")
     with pytest.raises(ValueError, match="one weight per adapter"):
-        lora.add_weighted_adapter(model, ["default", "three"], [1.0], "mix")
+        lora_combine.add_weighted_adapter(model, ["default", "three"], [1.0], "mix")
     with pytest.raises(ValueError, match="combination_type must be 'cat'"):
-        lora.add_weighted_adapter(model, ["default", "three"], [0.5, 0.5], "mix", combination_type="svd")
+        lora_combine.add_weighted_adapter(model, ["default", "three"], [0.5, 0.5], "mix", combination_type="svd")
     lora.inject_lora(model, ["query"], r=30, lora_alpha=4, adapter_name="thirty")
     with pytest.raises(ValueError, match=r"'cat' of ranks \[3, 30\] gives rank 33 > min\(in_features, out_features\) = 32"):
-        lora.add_weighted_adapter(model, ["three", "thirty"], [0.5, 0.5], "mix")
+        lora_combine.add_weighted_adapter(model, ["three", "thirty"], [0.5, 0.5], "mix")
     with pytest.raises(ValueError, match=r"unknown adapter 'mix'"):  # nothing was added
         lora.set_adapter(model, "mix")
+
+
+def test_public_view_of_a_models_adapters():
+    """What `course_lib.export` reads: adapter names, and per layer the active and merged ones."""
+    model = tiny_bert()
+    assert "encoder.layer.0.attention.self.query" in lora.linear_layers(model)
+    assert lora.matches("encoder.layer.0.attention.self.query", ["query"])
+    assert not lora.matches("encoder.layer.0.attention.self.query", "query")  # a regex must match it all
+    lora.inject_lora(model, ["query"], r=2, lora_alpha=4, adapter_name="a")
+    lora.inject_adapter(model, {"encoder.layer.0.attention.self.query": (3, 6, 0.0, False)}, "b")
+    assert lora.adapter_names(model) == ["a", "b"]
+    state = lora.adapter_state(model)
+    assert state["encoder.layer.0.attention.self.query"] == {"adapters": ["a", "b"], "active": ["b"], "merged": []}
+    assert state["encoder.layer.1.attention.self.query"] == {"adapters": ["a"], "active": [], "merged": []}
+    lora.set_adapter(model, "a")
+    lora.merge(model)
+    assert all(s["merged"] == ["a"] for s in lora.adapter_state(model).values())
+    with pytest.raises(ValueError, match="name no linear layer"):
+        lora.inject_adapter(model, {"encoder.layer.0.attention.self": (2, 4, 0.0, False)}, "c")
+    assert lora.adapter_names(model) == ["a", "b"]

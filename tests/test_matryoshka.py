@@ -232,9 +232,9 @@ def test_binary_index_matches_numpy_packbits_and_hamming():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dims, message", [
     ((384, 128, 128), r"\[128\] more than once"),
-    ((384, 0), "positive integers"),
-    ((384, -64), "positive integers"),
-    ((384, 64.0), "positive integers"),
+    ((384, 0), "positive integer"),
+    ((384, -64), "positive integer"),
+    ((384, 64.0), "positive integer"),
     ((), "empty"),
 ])
 def test_bad_dims(dims, message):

@@ -142,3 +142,29 @@ def test_gguf_file_stores_what_its_formats_promise(smollm2):
     assert summary["F32"]["bits_per_element"] == 32
     model, _ = smollm2
     assert sum(row["elements"] for row in summary.values()) == models.describe(model)["parameters"]
+
+
+def test_cuda_half_dtype_is_bf16_where_supported(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert models.cuda_half_dtype() is torch.bfloat16 and models.default_dtype("cuda") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert models.cuda_half_dtype() is torch.float16 and models.default_dtype("cuda") is torch.float16
+    assert models.default_dtype("cpu") is torch.float32
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_switches_on_and_off(use_reentrant):
+    model = models.tiny_llama()
+    assert not models.gradient_checkpointing_enabled(model)
+    models.set_gradient_checkpointing(model, True, use_reentrant=use_reentrant)
+    assert models.gradient_checkpointing_enabled(model)
+    models.set_gradient_checkpointing(model, False)
+    assert not models.gradient_checkpointing_enabled(model)
+
+
+def test_gradient_checkpointing_needs_a_transformers_model():
+    plain = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="needs a transformers model; Linear has no"):
+        models.set_gradient_checkpointing(plain, True)
+    models.set_gradient_checkpointing(plain, False)  # nothing to switch off
+    assert not models.gradient_checkpointing_enabled(plain)

@@ -1,4 +1,5 @@
-"""The notebooks are committed executed, and nbval really compares their outputs."""
+"""The notebooks are committed executed, paired with their jupytext sources, and nbval really compares
+their outputs."""
 
 import copy
 import json
@@ -6,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook, new_output
@@ -18,6 +20,60 @@ IGNORE_TAG = "nbval-ignore-output"
 
 def test_there_are_chapters():
     assert NOTEBOOKS, "no notebooks/NN_*.ipynb found"
+
+
+def _cells(nb) -> list[tuple[str, str, list[str]]]:
+    """What the pairing must keep equal: each cell's type, source and tags (outputs live in the .ipynb only)."""
+    return [(c.cell_type, c.source, list(c.metadata.get("tags", []))) for c in nb.cells]
+
+
+def pair_differences(ipynb: Path, source: Path) -> list[str]:
+    """Where the executed notebook and its percent-format source disagree (empty when in sync)."""
+    if not source.exists():
+        return [f"{source.name} is missing: run `jupytext --sync {ipynb.name}` in notebooks/"]
+    a, b = _cells(nbformat.read(ipynb, as_version=4)), _cells(jupytext.read(source))
+    problems = [f"{ipynb.name} has {len(a)} cells, {source.name} has {len(b)}"] if len(a) != len(b) else []
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            what = "type" if x[0] != y[0] else "source" if x[1] != y[1] else "tags"
+            problems.append(f"cell {i} ({x[1][:40]!r}...): the {what} differs")
+    return problems
+
+
+def test_jupytext_configuration_pairs_every_chapter():
+    for path in NOTEBOOKS:  # the configuration jupytext (and JupyterLab) finds for each chapter pairs it
+        formats = jupytext.config.load_jupytext_config(str(path)).formats
+        assert [set(f.split(",")) for f in formats] == [{"ipynb", "py:percent"}], formats
+    sources = sorted(p.with_suffix(".ipynb") for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+    assert sources == NOTEBOOKS, "every chapter is a pair NN_topic.py + NN_topic.ipynb"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_matches_its_jupytext_source(path):
+    problems = pair_differences(path, path.with_suffix(".py"))
+    assert not problems, ("edit the .py or the .ipynb, then `jupytext --sync` it (or save it in JupyterLab):\n"
+                          + "\n".join(problems))
+
+
+def test_pair_check_sees_a_drifted_pair(tmp_path):
+    """The check above can fail: an edited source line, a dropped tag, a removed cell are all reported."""
+    ipynb = NOTEBOOKS[0]
+    nb = jupytext.read(ipynb.with_suffix(".py"))
+    code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    tagged = next(i for i, c in enumerate(nbformat.read(ipynb, as_version=4).cells) if c.metadata.get("tags"))
+    for change, expected in (("source", "the source differs"), ("tags", "the tags differs"),
+                             ("cell", "cells")):
+        drifted = copy.deepcopy(nb)
+        if change == "source":
+            drifted.cells[code].source += "\nx = 1"
+        elif change == "tags":
+            drifted.cells[tagged].metadata["tags"] = []
+        else:
+            del drifted.cells[-1]
+        source = tmp_path / f"{change}.py"
+        jupytext.write(drifted, source, fmt="py:percent")
+        assert pair_differences(ipynb, source) and expected in "\n".join(pair_differences(ipynb, source))
+    assert pair_differences(ipynb, tmp_path / "absent.py")[0].startswith("absent.py is missing")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -3,6 +3,7 @@ peft_methods.METHODS trained a few steps (only its own parameters move), the gen
 prompt / prefix tuning, and the measurement helpers."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_a_fresh_adapter_changes_nothing():
 
 
 def test_adapter_bad_input():
-    with pytest.raises(ValueError, match="bottleneck_size must be positive"):
+    with pytest.raises(ValueError, match="bottleneck_size must be a positive integer"):
         adapters.inject_adapters(models.tiny_llama(), bottleneck_size=0)
     with pytest.raises(ValueError, match="unknown placement .*houlsby"):
         adapters.inject_adapters(models.tiny_llama(), bottleneck_size=4, placement="everywhere")
@@ -67,11 +68,11 @@ def test_unknown_method_and_bad_sizes_are_refused():
         peft_methods.make_method(models.tiny_llama(), "adapter")
     for method in ("prompt_tuning", "prefix_tuning"):
         for n in (0, -3):
-            with pytest.raises(ValueError, match="num_virtual_tokens > 0"):
+            with pytest.raises(ValueError, match=f"num_virtual_tokens must be a positive integer \\(for {method}\\)"):
                 peft_methods.make_method(models.tiny_llama(), method, num_virtual_tokens=n)
-    with pytest.raises(ValueError, match="bottleneck_size must be positive"):
+    with pytest.raises(ValueError, match="bottleneck_size must be a positive integer"):
         peft_methods.make_method(models.tiny_llama(), "bottleneck_adapter", bottleneck_size=-1)
-    with pytest.raises(ValueError, match="r > 0"):
+    with pytest.raises(ValueError, match=r"r must be a positive integer \(for dora\), got 0"):
         peft_methods.make_method(models.tiny_llama(), "dora", r=0)
     with pytest.raises(ValueError, match="takes no settings"):
         peft_methods.make_method(models.tiny_llama(), "full", r=8)
@@ -202,30 +203,31 @@ def test_measure_training_step_leaves_the_model_as_it_was():
 # the real model: SmolLM2 (GQA with 3 KV heads), prefix tuning and the task's scoring
 # ---------------------------------------------------------------------------------------------
 def test_prefix_tuning_and_scoring_on_smollm2(smollm2):
-    from course_lib import data, retrieval
+    from course_lib import data, instruct
 
     model, tok = smollm2
     rows = data.load_instruct("test")[:4]
     instructions, answers = [r["instruction"] for r in rows], [r["answer"] for r in rows]
-    # answer perplexity from the model's loss equals retrieval.perplexity's from its logits
-    assert peft_methods.answer_perplexity(model, tok, instructions, answers) == pytest.approx(
-        retrieval.perplexity(model, tok, instructions, answers), rel=1e-4)
 
     prefixed = peft_methods.make_method(copy.deepcopy(model), "prefix_tuning", num_virtual_tokens=8)
     trainable, _ = lora.count_parameters(prefixed)
     assert trainable == 8 * 30 * 2 * 3 * 64        # tokens × layers × (key, value) × KV heads × head dim
-    loss = retrieval.answer_loss(prefixed, tok, rows)
+    loss = instruct.answer_loss(prefixed, tok, rows)
     loss.backward()
+    # the answer perplexity from the logits is exp of peft's training loss (one batch of 4)
+    assert instruct.perplexity(prefixed, tok, instructions, answers) == pytest.approx(math.exp(loss.item()), rel=1e-4)
     assert prefixed.prompt_encoder.default.embedding.weight.grad.abs().sum() > 0
     with torch.no_grad():
         prefixed.prompt_encoder.default.embedding.weight.mul_(3.0)   # move away from the random start
     prefixed.eval()
-    predicted = retrieval.generate_answers(prefixed, tok, instructions[:2], max_new_tokens=6)
-    batch = tok([retrieval.chat_prompt(tok, instructions[0])], return_tensors="pt", add_special_tokens=False)
+    predicted = instruct.generate_answers(prefixed, tok, instructions[:2], max_new_tokens=6)
+    batch = tok([instruct.chat_prompt(tok, instructions[0])], return_tensors="pt", add_special_tokens=False)
     new_tokens = _greedy(prefixed, batch["input_ids"], 6)[0, batch["input_ids"].shape[1]:].tolist()
     if tok.eos_token_id in new_tokens:                              # generate stops there
         new_tokens = new_tokens[:new_tokens.index(tok.eos_token_id)]
     assert predicted[0] == tok.decode(new_tokens, skip_special_tokens=True)
-    # perplexity through the loss works for prompt tuning too (its logits are longer than the input)
+    # prompt tuning too, although its logits are longer than the input by the virtual tokens
     prompted = peft_methods.make_method(copy.deepcopy(model), "prompt_tuning", num_virtual_tokens=4)
-    assert peft_methods.answer_perplexity(prompted, tok, instructions, answers) > 1
+    with torch.no_grad():
+        prompted_loss = instruct.answer_loss(prompted, tok, rows).item()
+    assert instruct.perplexity(prompted, tok, instructions, answers) == pytest.approx(math.exp(prompted_loss), rel=1e-4)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib import lora, memory, qlora, quant
+from course_lib import linear4bit, lora, memory, qlora
 from course_lib.models import tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -68,7 +68,7 @@ def test_qlora_on_smollm2_matches_bitsandbytes_and_peft(qlora_pair):
     batch = tokenizer(["def add(a, b): return a + b", "Return the name of the function that sorts"],
                       return_tensors="pt", padding=True)
     # same 4-bit layers, same bytes: bitsandbytes' quantize_4bit and ours agree bit for bit
-    ours_4bit = {n: m for n, m in ours.named_modules() if isinstance(m, quant.Linear4bit)}
+    ours_4bit = {n: m for n, m in ours.named_modules() if isinstance(m, linear4bit.Linear4bit)}
     theirs_4bit = {n.replace("base_model.model.", ""): m for n, m in theirs.named_modules()
                    if isinstance(m, bnb.nn.Linear4bit)}
     assert ours_4bit.keys() == theirs_4bit.keys() and len(ours_4bit) == 30 * 7
@@ -100,7 +100,7 @@ def test_qlora_trains_only_the_adapters(qlora_pair):
     trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     # the frozen 4-bit storage is uint8 buffers, not parameters: nothing there can be trained
-    assert all(not isinstance(m.weight, nn.Parameter) for m in ours.modules() if isinstance(m, quant.Linear4bit))
+    assert all(not isinstance(m.weight, nn.Parameter) for m in ours.modules() if isinstance(m, linear4bit.Linear4bit))
 
 
 def test_prepare_model_for_qlora_report_and_freeze():
@@ -112,7 +112,7 @@ def test_prepare_model_for_qlora_report_and_freeze():
     assert report["layers_replaced"] == 2 * 7
     # the paper's accounting, layer by layer: 4 bits per weight, 8 bits per block of 64, one float32
     # per 256 blocks (a whole one even for a small layer) and the float32 mean subtracted first
-    sizes = [m.in_features * m.out_features for m in model.modules() if isinstance(m, quant.Linear4bit)]
+    sizes = [m.in_features * m.out_features for m in model.modules() if isinstance(m, linear4bit.Linear4bit)]
     bits = sum(4 * n + 8 * math.ceil(n / 64) + 32 * math.ceil(n / 64 / 256) + 32 for n in sizes)
     assert report["bits_per_parameter"] == pytest.approx(bits / sum(sizes), rel=1e-12)
     with pytest.raises(ValueError, match="prepare .* first"):
@@ -170,7 +170,7 @@ def test_dequantize_then_merge_is_exact():
     expected = {n: m.base_layer.dequantize(torch.float32) + m.delta_weight("default")
                 for n, m in lora.lora_layers(model).items()}
     merged = lora.merge_and_unload(qlora.dequantize_model(model))
-    assert not lora.lora_layers(merged) and not any(isinstance(m, quant.Linear4bit) for m in merged.modules())
+    assert not lora.lora_layers(merged) and not any(isinstance(m, linear4bit.Linear4bit) for m in merged.modules())
     for name, weight in expected.items():
         torch.testing.assert_close(merged.get_submodule(name).weight, weight, rtol=0, atol=1e-6)
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_merge_and_requantize_loses_small_updates(std, lost):
     err2 = d2 = 0.0
     for name, old in bases.items():
         new = model.get_submodule(name)
-        assert isinstance(new, quant.Linear4bit) and new.quant_type == old.quant_type
+        assert isinstance(new, linear4bit.Linear4bit) and new.quant_type == old.quant_type
         kept = new.dequantize(torch.float32) - old.dequantize(torch.float32)
         err2 += (kept - deltas[name]).pow(2).sum().item()
         d2 += deltas[name].pow(2).sum().item()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib import quant
+from course_lib import linear4bit, quant
 from course_lib.models import tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -215,7 +215,7 @@ def test_linear4bit_forward_matches_dequantized_linear_and_bitsandbytes(smollm2,
     linear = nn.Linear(up.in_features, up.out_features, device=device)
     with torch.no_grad():
         linear.weight.copy_(up.weight)
-    ours = quant.Linear4bit.from_linear(linear, quant_type, compute_dtype=torch.float32)
+    ours = linear4bit.Linear4bit.from_linear(linear, quant_type, compute_dtype=torch.float32)
     theirs = _bnb_linear(linear, quant_type)
     assert _code_mismatch(ours.weight, theirs.weight.view(-1), quant_type) <= MISMATCH_ALLOWED[device]
     x = torch.randn(2, 16, up.in_features, device=device)
@@ -227,7 +227,7 @@ def test_linear4bit_forward_matches_dequantized_linear_and_bitsandbytes(smollm2,
 
 
 def test_linear4bit_weight_is_frozen_storage():
-    layer = quant.Linear4bit.from_linear(nn.Linear(128, 64))
+    layer = linear4bit.Linear4bit.from_linear(nn.Linear(128, 64))
     assert not isinstance(layer.weight, nn.Parameter) and layer.weight.dtype == torch.uint8
     assert [name for name, _ in layer.named_parameters()] == ["bias"] and not layer.bias.requires_grad
     assert set(layer.state_dict()) == {"weight", "absmax", "absmax_offset", "absmax_absmax", "bias"}
@@ -253,7 +253,7 @@ class _TwoMatrixLoRA(nn.Module):
 def test_qlora_backward_reaches_only_lora_and_the_input(smollm2):
     torch.manual_seed(0)
     float_layer = copy.deepcopy(smollm2[0].model.layers[0].self_attn.o_proj)
-    layer = quant.Linear4bit.from_linear(float_layer)
+    layer = linear4bit.Linear4bit.from_linear(float_layer)
     model = _TwoMatrixLoRA(layer)
     x = torch.randn(4, layer.in_features, requires_grad=True)
     saved = []
@@ -278,7 +278,7 @@ def test_qlora_backward_reaches_only_lora_and_the_input(smollm2):
 def test_qlora_with_course_lib_lora(smollm2):
     from course_lib import lora
 
-    layer = quant.Linear4bit.from_linear(smollm2[0].model.layers[0].self_attn.o_proj)
+    layer = linear4bit.Linear4bit.from_linear(smollm2[0].model.layers[0].self_attn.o_proj)
     wrapped = lora.LoRALinear(layer, r=4, lora_alpha=8)
     x = torch.randn(3, layer.in_features, requires_grad=True)
     wrapped(x).sum().backward()
@@ -303,10 +303,10 @@ def test_quantize_model_tiny_llama_matches_bitsandbytes_dequantized_weights():
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         float_logits = model(ids).logits
-        report = quant.quantize_model(model)
+        report = linear4bit.quantize_model(model)
         logits, reference_logits = model(ids).logits, reference(ids).logits
     assert report["layers_replaced"] == len(linear_names) == 14
-    assert all(isinstance(model.get_submodule(n), quant.Linear4bit) for n in linear_names)
+    assert all(isinstance(model.get_submodule(n), linear4bit.Linear4bit) for n in linear_names)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
     relative_error = (logits - float_logits).norm() / float_logits.norm()
@@ -325,7 +325,7 @@ def test_quantize_model_tiny_llama_matches_bitsandbytes_dequantized_weights():
 def test_quantize_model_smollm2(smollm2):
     model, tokenizer = smollm2
     quantized = copy.deepcopy(model)
-    report = quant.quantize_model(quantized)
+    report = linear4bit.quantize_model(quantized)
     assert report["layers_replaced"] == 210
     assert quantized.lm_head.weight is quantized.model.embed_tokens.weight
     assert 4.12 < report["bits_per_parameter"] < 4.14
@@ -355,21 +355,21 @@ def test_nan_or_inf_weights(bad):
     with torch.no_grad():
         linear.weight[1, 1] = bad
     with pytest.raises(ValueError, match="Fix the weights first"):
-        quant.Linear4bit.from_linear(linear)
+        linear4bit.Linear4bit.from_linear(linear)
 
 
 def test_unknown_quant_type_lists_the_valid_ones():
     with pytest.raises(ValueError, match="choose one of 'nf4', 'fp4', 'int4', 'int8'"):
         quant.quantize_blockwise(torch.randn(64), quant_type="nf3")
     with pytest.raises(ValueError, match="choose one of 'nf4', 'fp4', 'int4'$"):
-        quant.Linear4bit.from_linear(nn.Linear(64, 4), quant_type="int8")
+        linear4bit.Linear4bit.from_linear(nn.Linear(64, 4), quant_type="int8")
 
 
 def test_compute_dtype_must_be_floating_point():
     with pytest.raises(TypeError, match="compute_dtype must be a floating-point"):
-        quant.Linear4bit.from_linear(nn.Linear(64, 4), compute_dtype=torch.int8)
+        linear4bit.Linear4bit.from_linear(nn.Linear(64, 4), compute_dtype=torch.int8)
     with pytest.raises(TypeError, match="compute_dtype must be a floating-point"):
-        quant.quantize_model(tiny_llama(), compute_dtype="bfloat16")
+        linear4bit.quantize_model(tiny_llama(), compute_dtype="bfloat16")
 
 
 def test_other_bad_tensors():

@@ -1,4 +1,4 @@
-"""Retrieval and language-model metrics, checked by hand-made cases and by reference libraries."""
+"""Retrieval metrics and the contrastive loss, checked by hand-made cases and by reference libraries."""
 
 import math
 
@@ -7,7 +7,6 @@ import torch
 
 from course_lib import retrieval
 from course_lib.data import load_code_search
-from course_lib.models import tiny_llama
 
 
 def test_ranks_by_hand():
@@ -45,6 +44,8 @@ def test_mismatched_inputs_are_refused():
         retrieval.relevant_ranks(torch.eye(2, 4), torch.eye(3, 4), [0, 3])
     with pytest.raises(TypeError, match="list of texts"):
         retrieval.embed(None, None, "a single string")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        retrieval.embed(None, None, ["a"], batch_size=0)
 
 
 def test_embed_restores_input_order(minilm):
@@ -82,67 +83,6 @@ def test_metrics_agree_with_sentence_transformers_evaluator(tmp_path):
     assert ours["recall@10"] == pytest.approx(ref[key + "recall@10"], abs=1e-6)
     assert retrieval.mrr(ranks, k=10, n_docs=len(pairs)) == pytest.approx(ref[key + "mrr@10"], abs=1e-6)
     assert 0.2 < ours["recall@10"] <= 1.0  # a real model on real pairs, far above chance (10/60)
-
-
-def test_exact_match_normalisation():
-    preds = ["`dumps`", "json.loads()", "parse\nmore text", "Parse", "  split.  ",
-             "The function is `os.path.abspath()`.", "The function is abspath."]
-    answers = ["dumps", "loads", "parse", "parse", "split", "abspath", "abspath"]
-    # case matters (Parse != parse) and a sentence without a quoted name is not parsed for one
-    assert retrieval.exact_match(preds, answers) == pytest.approx(5 / 7)
-    with pytest.raises(ValueError):
-        retrieval.exact_match(["a"], ["a", "b"])
-
-
-def test_perplexity_equals_exp_of_the_transformers_loss():
-    """Our answer-only perplexity equals exp(loss) that transformers computes from the same labels."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz_ <>|/")}
-    raw = Tokenizer(tok_models.WordLevel(vocab, unk_token="_"))
-    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="_", pad_token="|", eos_token=">")
-    tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}/{% endfor %}"
-    model = tiny_llama()
-    instructions, answers = ["find the name"], ["parse"]
-    batch = retrieval.answer_batch(tokenizer, instructions, answers)
-    with torch.no_grad():
-        loss = model(**batch).loss.item()
-    ppl = retrieval.perplexity(model, tokenizer, instructions, answers)
-    assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
-    with torch.no_grad():  # the training loss is log(perplexity) on one example
-        train_loss = retrieval.answer_loss(model, tokenizer, [{"instruction": "find the name", "answer": "parse"}])
-    assert train_loss.item() == pytest.approx(math.log(ppl), rel=1e-5)
-
-    n_answer_tokens = (batch["labels"] != -100).sum().item()
-    assert n_answer_tokens == len("parse") + 1  # answer characters + end of turn
-
-
-def test_text_perplexity_equals_transformers_loss_token_weighted():
-    """Padding in a batch changes nothing: the batched perplexity is exp of the token-weighted mean
-    of transformers' own per-text losses (labels = input_ids, computed one text at a time)."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tok_models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz_ |")}
-    raw = Tokenizer(tok_models.WordLevel(vocab, unk_token="_"))
-    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="_", pad_token="|")
-    model = tiny_llama()
-    texts = ["def parse the file", "ab", "return the sum of two numbers"]
-    nll = tokens = 0.0
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"]
-            nll += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
-            tokens += ids.shape[1] - 1
-    assert retrieval.text_perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(
-        math.exp(nll / tokens), rel=1e-5)
-    with pytest.raises(ValueError, match="two tokens"):
-        retrieval.text_perplexity(model, tokenizer, ["a"])
 
 
 def test_in_batch_negatives_loss_equals_sentence_transformers():

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from course_lib import sitegen
+from course_lib.tooling import sitegen
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,4 +1,4 @@
-"""The site's generated parts (course_lib.sitegen, docs/hooks.py): chapter times and the benchmarks page."""
+"""The site's generated parts (course_lib.tooling.sitegen, docs/hooks.py): chapter times and the benchmarks page."""
 
 import importlib.util
 import json
@@ -7,7 +7,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_lib import sitegen
+from course_lib.tooling import sitegen
+from course_lib.tooling.figures import format_figure, parse_figure_line
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -115,13 +116,13 @@ def test_the_benchmarks_page_names_every_results_json():
 def test_recorded_figures_become_a_table(tmp_path):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "speed.json").write_text(json.dumps({
-        "command": "python benchmarks/speed.py --fast", "date": "2026-01-02", "device": "cpu", "threads": 2,
+        "command": "python -m benchmarks.speed --fast", "date": "2026-01-02", "device": "cpu", "threads": 2,
         "figures": ["FIGURE a_over_b: 0.991 (target <= 1.05) met", "FIGURE c_over_d: 0.251 (target >= 1.0) missed"],
         "ratio": 0.99123, "runs": [{"method": "ours", "seconds": 1.5}, {"method": "theirs", "seconds": 2.0}],
         "losses": list(range(20)),
     }))
     page = sitegen.benchmarks_page(tmp_path / "results")
-    assert "python benchmarks/speed.py --fast" in page and "Run on 2026-01-02 · device cpu · 2 threads." in page
+    assert "python -m benchmarks.speed --fast" in page and "Run on 2026-01-02 · device cpu · 2 threads." in page
     assert "| `a_over_b` | 0.991 | `<= 1.05` | met |" in page
     assert "| `c_over_d` | 0.251 | `>= 1.0` | missed |" in page
     assert "| `ratio` | 0.9912 |" in page
@@ -129,27 +130,37 @@ def test_recorded_figures_become_a_table(tmp_path):
     assert "losses" not in page  # a loss curve is left out
 
 
-def test_without_recorded_figures_the_targets_are_read_from_the_script(tmp_path):
+def test_a_result_without_figures_is_refused_with_the_command_that_adds_them(tmp_path):
     (tmp_path / "results").mkdir()
-    (tmp_path / "results" / "train.json").write_text(json.dumps({"command": "python benchmarks/train.py",
+    (tmp_path / "results" / "train.json").write_text(json.dumps({"command": "python -m benchmarks.train",
                                                                  "date": "2026-01-02", "gain": 0.1}))
-    (tmp_path / "train.py").write_text(
-        'print(figure("gain", r["gain"], ">", 0))\n'
-        'for mode in ("a", "b"):\n'
-        '    print(report.figure(f"speedup_{mode}", 2.0, ">=", args.batch / 4))\n'
-        'print(f"FIGURE load_speedup: {speedup:.1f} (target >= 5) {verdict}")\n')
+    with pytest.raises(ValueError, match=r"train\.json stores no \"figures\": add them with "
+                                         r"`python -m benchmarks\.train --figures-only`"):
+        sitegen.benchmarks_page(tmp_path / "results")
+
+
+def test_the_page_shows_figures_as_format_figure_writes_them(tmp_path):
+    (tmp_path / "results").mkdir()
+    lines = [format_figure("tiny_gap", 3.2e-07, "<=", 1e-05), format_figure("ratio", 1.0034, "<=", 1.02, ".3f"),
+             format_figure("speedup", 96.31, ">=", 5, ".1f")]
+    (tmp_path / "results" / "probe.json").write_text(json.dumps({"command": "c", "date": "d", "figures": lines}))
     page = sitegen.benchmarks_page(tmp_path / "results")
-    assert "does not record the `FIGURE` lines" in page
-    assert "| `gain` | `> 0` |" in page
-    assert "| `speedup_{mode}` | `>= args.batch / 4` |" in page
-    assert "| `load_speedup` | `>= 5` |" in page
-    assert "met?" not in page
+    assert "| `tiny_gap` | 3.2e-07 | `<= 1e-05` | met |" in page
+    assert "| `ratio` | 1.003 | `<= 1.02` | met |" in page
+    assert "| `speedup` | 96.3 | `>= 5` | met |" in page
+    assert "3 figures from 1 scripts: 3 met their target, 0 missed." in page
+
+
+def test_a_result_with_no_figure_says_so(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "quiet.json").write_text(json.dumps({"command": "c", "date": "d", "figures": []}))
+    assert "This run states no figures." in sitegen.benchmarks_page(tmp_path / "results")
 
 
 def test_a_malformed_figure_line_is_refused(tmp_path):
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "bad.json").write_text(json.dumps({"date": "2026-01-02", "figures": ["FIGURE x: 1"]}))
-    with pytest.raises(ValueError, match=r"bad\.json: not a FIGURE line"):
+    with pytest.raises(ValueError, match=r"bad\.json: not a FIGURE line: 'FIGURE x: 1'"):
         sitegen.benchmarks_page(tmp_path / "results")
 
 
@@ -170,7 +181,7 @@ def test_the_hook_fills_both_placeholders(hooks, tmp_path):
                    [("2026-01-02T10:00:00Z", "2026-01-02T10:00:07Z")])
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results" / "probe.json").write_text(json.dumps(
-        {"command": "python benchmarks/probe.py", "date": "2026-01-02", "figures": []}))
+        {"command": "python -m benchmarks.probe", "date": "2026-01-02", "figures": []}))
     (tmp_path / "mkdocs.yml").write_text("site_name: probe\n")
     config = {"config_file_path": str(tmp_path / "mkdocs.yml")}
 
@@ -200,5 +211,7 @@ def test_the_summary_counts_every_recorded_figure(tmp_path):
     assert "3 figures from 2 scripts: 2 met their target, 1 missed." in page
     assert "| `a.py` | `y` | 3 | `<= 2` | missed |" in page
     committed = sitegen.benchmarks_page(ROOT / "benchmarks" / "results")
-    lines = [line for path in RESULTS for line in json.loads(path.read_text()).get("figures", [])]
-    assert f"{len(lines)} figures from {len(RESULTS)} scripts" in committed
+    figures = [parse_figure_line(line) for path in RESULTS for line in json.loads(path.read_text())["figures"]]
+    met = sum(f.met for f in figures)
+    assert (f"{len(figures)} figures from {len(RESULTS)} scripts: {met} met their target, "
+            f"{len(figures) - met} missed.") in committed

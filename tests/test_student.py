@@ -18,7 +18,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_lib import cli, student
+from course_lib import cli
+from course_lib.tooling import student
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))

@@ -106,7 +106,7 @@ def test_a_loss_that_does_its_own_backward_trains_like_the_plain_loss(grad_accum
 
 def test_bad_schedules_are_refused():
     model = nn.Linear(2, 1)
-    for kwargs, message in [({"steps": 0}, "steps must be positive"),
+    for kwargs, message in [({"steps": 0}, "steps must be a positive integer"),
                             ({"grad_accum": 0}, "grad_accum .* at least 1"),
                             ({"grad_accum": -2}, "grad_accum .* at least 1"),
                             ({"steps": 3, "warmup_steps": 4}, "longer than the run"),
@@ -181,6 +181,48 @@ def test_gradient_checkpointing_trains_the_same_and_is_switched_off_after():
     assert all(torch.allclose(state_a[k], state_b[k], atol=1e-6) for k in state_a)
     with pytest.raises(ValueError, match="transformers model"):
         train.train(nn.Linear(2, 1), _mse, iter([]), steps=1, progress=False, gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("was_training", [False, True], ids=["eval-before", "train-before"])
+@pytest.mark.parametrize("failure", ["loss raises", "loss is NaN", "eval raises"])
+def test_a_failing_run_leaves_the_model_as_it_came_in(was_training, failure):
+    """An error in the middle of the loop (the loss function raises, the loss is NaN, the
+    evaluation raises) switches checkpointing back off and restores train/eval mode."""
+    from course_lib import models
+
+    model = models.tiny_llama().train(was_training)
+    calls = []
+
+    def loss(model, rows):
+        calls.append(1)
+        assert model.training and models.gradient_checkpointing_enabled(model)  # on during the run
+        if len(calls) == 3 and failure == "loss raises":
+            raise RuntimeError("out of memory (simulated)")
+        value = _lm_loss(model, rows)
+        return value * float("nan") if len(calls) == 3 and failure == "loss is NaN" else value
+
+    def evaluate(model):
+        raise RuntimeError("evaluation failed (simulated)")
+
+    error = ValueError if failure == "loss is NaN" else RuntimeError
+    with pytest.raises(error, match="at step 3" if failure == "loss is NaN" else "simulated"):
+        train.train(model, loss, train.batches(_token_rows(), 4, seed=0), steps=4, progress=False,
+                    gradient_checkpointing=True, eval_fn=evaluate if failure == "eval raises" else None,
+                    eval_every=2)
+    assert model.training is was_training
+    assert not models.gradient_checkpointing_enabled(model)
+    if failure == "loss is NaN":  # the NaN gradients of the refused step are not left behind
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_checkpointing_that_was_on_stays_on():
+    from course_lib import models
+
+    model = models.tiny_llama()
+    models.set_gradient_checkpointing(model, True)
+    train.train(model, _lm_loss, train.batches(_token_rows(), 4, seed=0), steps=1, progress=False,
+                gradient_checkpointing=True)
+    assert models.gradient_checkpointing_enabled(model) and not model.training
 
 
 def test_shard_splits_a_global_batch_into_equal_contiguous_shares():

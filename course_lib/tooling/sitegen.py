@@ -9,23 +9,23 @@ Nothing here is typed by hand, so nothing here goes stale:
   first input, the run as ``make notebooks`` did it (kernel start-up not included);
 * `chapter_times_table` turns those into the home page's table;
 * `benchmarks_page` renders every ``benchmarks/results/*.json``: the command and date of the
-  run, its ``FIGURE`` lines where the JSON records them, and its numbers.
+  run, the ``FIGURE`` lines it stores (read by `course_lib.tooling.figures`), and its numbers.
 
 ``docs/hooks.py`` calls the last two when mkdocs builds the site.
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 from datetime import datetime
 from pathlib import Path
+
+from course_lib.tooling.figures import Figure, parse_figure_line
 
 # ---------------------------------------------------------------------------------------------
 # Chapter times
 # ---------------------------------------------------------------------------------------------
-CHAPTERS = "[0-9][0-9]_*.ipynb"  # the chapters, as the Makefile finds them (drafts/ is not one)
+CHAPTERS = "[0-9][0-9]_*.ipynb"  # the chapters, as the Makefile finds them
 
 
 def _timestamp(execution: dict, key: str, path: Path, index: int) -> datetime:
@@ -106,8 +106,6 @@ def chapter_times_table(notebook_dir: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # The benchmarks page
 # ---------------------------------------------------------------------------------------------
-FIGURE_LINE = re.compile(r"^FIGURE (?P<name>\S+): (?P<value>\S+) \(target (?P<op><=|>=|<|>) (?P<target>\S+)\) "
-                         r"(?P<verdict>met|missed)$")
 RUN_KEYS = ("command", "date", "device", "threads", "seconds", "wall_seconds", "machine", "figures",
             "figures_recomputed")
 """Keys that describe the run rather than its results: they go in a section's header."""
@@ -175,65 +173,42 @@ def _records_table(name: str, records: list[tuple[str | None, dict]]) -> list[st
     return _table(header, [([label] if keyed else []) + [flat.get(f) for f in fields] for label, flat in records])
 
 
-def script_targets(script: str | Path) -> list[tuple[str, str]]:
-    """(figure name, target) of every ``FIGURE`` line a benchmark script's source states.
+def _figures(data: dict, path: Path) -> list[Figure]:
+    """The figures a results JSON stores under ``"figures"``, parsed.
 
-    Read, not run: the arguments of each ``figure(name, value, op, target)`` call (an f-string
-    name keeps its ``{placeholders}``, a computed target is shown as its expression), and
-    ``print(f"FIGURE name: ... (target op value) ...")`` lines written out by hand.
+    Raises:
+        ValueError: if it stores none (a benchmark writes them; ``--figures-only`` adds them to an
+            older JSON) or one is not a ``FIGURE`` line, naming the file.
     """
-    found = []
-    for node in ast.walk(ast.parse(Path(script).read_text(encoding="utf-8"))):
-        if (isinstance(node, ast.Call) and len(node.args) == 4
-                and (getattr(node.func, "id", None) == "figure" or getattr(node.func, "attr", None) == "figure")):
-            name, _, op, target = node.args
-            if isinstance(op, ast.Constant):
-                found.append((node.lineno, _source_text(name), f"{op.value} {ast.unparse(target)}"))
-        elif isinstance(node, ast.JoinedStr):
-            match = re.match(r"FIGURE ([a-z0-9_]+): .*\(target (<=|>=|<|>) ([^)]+)\)", _source_text(node))
-            if match:
-                found.append((node.lineno, match[1], f"{match[2]} {match[3]}"))
-    return [(name, target) for _, name, target in sorted(found)]
+    if "figures" not in data:
+        raise ValueError(f"{path} stores no \"figures\": add them with "
+                         f"`python -m benchmarks.{path.stem} --figures-only`")
+    try:
+        return [parse_figure_line(line) for line in data["figures"]]
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
-def _source_text(node: ast.expr) -> str:
-    """A string literal's text; an f-string's with ``{expression}`` in place of each value."""
-    if isinstance(node, ast.Constant):
-        return str(node.value)
-    if isinstance(node, ast.JoinedStr):
-        return "".join(_source_text(v) if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}"
-                       for v in node.values)
-    return ast.unparse(node)
+def _figure_cells(figure: Figure) -> list[str]:
+    """A figure's name, value, target and verdict as table cells (numbers as read from the line)."""
+    return [f"`{figure.name}`", str(figure.value), f"`{figure.op} {figure.target}`", figure.verdict]
 
 
-def _figures_section(data: dict, path: Path, script: Path) -> list[str]:
-    """The figures of one run: from the JSON where it records them, else the script's targets."""
-    if "figures" in data:
-        rows = []
-        for line in data["figures"]:
-            match = FIGURE_LINE.match(line)
-            if not match:
-                raise ValueError(f"{path}: not a FIGURE line: {line!r}")
-            rows.append([f"`{match['name']}`", match["value"], f"`{match['op']} {match['target']}`",
-                         match["verdict"]])
-        source = ("Figures, as the run printed them:" if "figures_recomputed" not in data else
-                  f"Figures, recomputed from this run's recorded measurements ({data['figures_recomputed']}):")
-        return [source, "", *_table(["figure", "value", "target", "met?"], rows)]
-    note = (f"This JSON does not record the `FIGURE` lines: `{script.name}` prints them after writing it, "
-            "so their values come only from running it again (the command above, piped to `grep FIGURE`).")
-    targets = script_targets(script) if script.exists() else []
-    if not targets:
-        return [note]
-    return [note + " The targets, as the script's source states them now:", "",
-            *_table(["figure", "target"], [[f"`{n}`", f"`{t}`"] for n, t in targets])]
+def _figures_section(data: dict, path: Path) -> list[str]:
+    """The figures of one run, as the JSON stores them."""
+    figures = _figures(data, path)
+    if not figures:
+        return ["This run states no figures."]
+    source = ("Figures, as the run printed them:" if "figures_recomputed" not in data else
+              f"Figures, recomputed from this run's recorded measurements ({data['figures_recomputed']}):")
+    return [source, "", *_table(["figure", "value", "target", "met?"], [_figure_cells(f) for f in figures])]
 
 
 def benchmark_section(path: str | Path) -> str:
     """Markdown for one ``benchmarks/results/<name>.json``: the run, its figures, its numbers."""
     path = Path(path)
     data = json.loads(path.read_text(encoding="utf-8"))
-    script = path.parent.parent / f"{path.stem}.py"
-    lines = [f"## `{script.name}`", "", "```bash", data.get("command", f"python benchmarks/{script.name}"), "```", ""]
+    lines = [f"## `{path.stem}.py`", "", "```bash", data.get("command", f"python -m benchmarks.{path.stem}"), "```", ""]
     run = [f"run on {data['date']}" if "date" in data else "date not recorded"]
     if "device" in data:
         run.append(f"device {data['device']}")
@@ -246,7 +221,7 @@ def benchmark_section(path: str | Path) -> str:
     lines += [run_line[0].upper() + run_line[1:] + ".", ""]
     if isinstance(data.get("machine"), dict):
         lines += ["Machine: " + " · ".join(f"{k} {_cell(v)}" for k, v in _flatten(data["machine"]).items()) + ".", ""]
-    lines += [*_figures_section(data, path, script), "",
+    lines += [*_figures_section(data, path), "",
               f"Results: every value in the JSON except lists longer than {MAX_LIST} (loss curves, raw timings)."]
     scalars = {}
     tables = []
@@ -264,7 +239,7 @@ def benchmark_section(path: str | Path) -> str:
 
 
 def benchmarks_page(results_dir: str | Path) -> str:
-    """Markdown with a section per ``*.json`` in ``results_dir`` (the scripts sit in its parent)."""
+    """Markdown with a section per ``*.json`` in ``results_dir``, after a summary of all their figures."""
     paths = sorted(Path(results_dir).glob("*.json"))
     if not paths:
         raise ValueError(f"no benchmark results (*.json) in {results_dir}")
@@ -274,14 +249,10 @@ def benchmarks_page(results_dir: str | Path) -> str:
 def figures_summary(paths: list[Path]) -> str:
     """One table of every recorded ``FIGURE`` line of the results at ``paths``, misses counted."""
     rows, met = [], 0
-    for path in paths:
-        for line in json.loads(Path(path).read_text(encoding="utf-8")).get("figures", []):
-            match = FIGURE_LINE.match(line)
-            if not match:
-                raise ValueError(f"{path}: not a FIGURE line: {line!r}")
-            met += match["verdict"] == "met"
-            rows.append([f"`{Path(path).stem}.py`", f"`{match['name']}`", match["value"],
-                         f"`{match['op']} {match['target']}`", match["verdict"]])
+    for path in map(Path, paths):
+        for figure in _figures(json.loads(path.read_text(encoding="utf-8")), path):
+            met += figure.met
+            rows.append([f"`{path.stem}.py`", *_figure_cells(figure)])
     if not rows:
         return ""
     head = (f"## All figures\n\n{len(rows)} figures from {len(paths)} scripts: {met} met their target, "

@@ -1,38 +1,33 @@
-import sys
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from nbtools import build
+# %% [markdown]
+# # 05 · Memory budgeting: what a fine-tuning step holds, estimated and measured
+#
+# "Will it fit?" is the first question of every low-resource fine-tuning run, and the seeds answer
+# it in round gigabytes: full fine-tuning of an 8B model needs "about 80 GB", LoRA "a fraction",
+# QLoRA puts a 70B model on a 24 GB card. Some of those numbers are right, several are wrong by a
+# factor of two to six, and none comes with the arithmetic. This chapter does the arithmetic once,
+# checks it against measurement, and then lets you check any claim in a line.
+#
+# 1. The four terms of a training step's memory (weights, gradients, optimizer state,
+#    activations), derived, then **measured** on SmolLM2 for full fine-tuning, LoRA and QLoRA, with
+#    and without gradient checkpointing, beside `course_lib.budget.estimate`'s prediction.
+# 2. Gradient checkpointing and gradient accumulation: the memory each saves and the time each
+#    costs, measured.
+# 3. The planner (`course_lib.budget.plan`, also the `course-lib plan` command): the seeds'
+#    decision tree checked by the estimate, on the seeds' GPUs (RTX 3060 Ti 8 GB, RTX 4090 24 GB,
+#    A100 40 and 80 GB) for 8B and 70B models.
+# 4. The published figures (QLoRA and LoRA papers) reproduced, and an **errata table**: every
+#    quantitative memory or speed claim in the seeds, with our figure and a verdict, and the seeds'
+#    API calls that do not exist in the real libraries.
+#
+# **Time:** about 2 minutes on 2 CPU cores. Nothing here needs a GPU: on CPU the memory is counted
+# tensor by tensor (chapter 03's `SavedActivations`); with a GPU the cells also print
+# `torch.cuda.max_memory_allocated` beside it.
 
-IGN = "nbval-ignore-output"
-cells = [
-("md", r"""
-# 05 · Memory budgeting: what a fine-tuning step holds, estimated and measured
-
-"Will it fit?" is the first question of every low-resource fine-tuning run, and the seeds answer
-it in round gigabytes: full fine-tuning of an 8B model needs "about 80 GB", LoRA "a fraction",
-QLoRA puts a 70B model on a 24 GB card. Some of those numbers are right, several are wrong by a
-factor of two to six, and none comes with the arithmetic. This chapter does the arithmetic once,
-checks it against measurement, and then lets you check any claim in a line.
-
-1. The four terms of a training step's memory (weights, gradients, optimizer state,
-   activations), derived, then **measured** on SmolLM2 for full fine-tuning, LoRA and QLoRA, with
-   and without gradient checkpointing, beside `course_lib.budget.estimate`'s prediction.
-2. Gradient checkpointing and gradient accumulation: the memory each saves and the time each
-   costs, measured.
-3. The planner (`course_lib.budget.plan`, also the `course-lib plan` command): the seeds'
-   decision tree checked by the estimate, on the seeds' GPUs (RTX 3060 Ti 8 GB, RTX 4090 24 GB,
-   A100 40 and 80 GB) for 8B and 70B models.
-4. The published figures (QLoRA and LoRA papers) reproduced, and an **errata table**: every
-   quantitative memory or speed claim in the seeds, with our figure and a verdict, and the seeds'
-   API calls that do not exist in the real libraries.
-
-**Time:** about 2 minutes on 2 CPU cores. Nothing here needs a GPU: on CPU the memory is counted
-tensor by tensor (chapter 03's `SavedActivations`); with a GPU the cells also print
-`torch.cuda.max_memory_allocated` beside it.
-"""),
-("code", r"""
+# %%
 import importlib.util
 import inspect
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -40,12 +35,14 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import peft
 import torch
 from IPython.display import Markdown, display
 
 from course_lib import budget, lora, memory, models, qlora
 from course_lib.budget import GiB, MiB, estimate
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # peft imports bitsandbytes, which notes a missing optional CPU kernel
+import peft
 
 SEED = 0
 DEVICE = models.default_device()
@@ -56,53 +53,54 @@ TARGETS = {"full": None, "lora": ["q_proj", "v_proj"], "qlora": "all-linear"}  #
 _ = torch.manual_seed(SEED)
 mib = lambda n: n / MiB
 print("device:", DEVICE)
-"""),
-("md", r"""
-## The four terms
 
-A training step holds, for a model with $P$ parameters of which $P_t$ train:
+# %% [markdown]
+# ## The four terms
+#
+# A training step holds, for a model with $P$ parameters of which $P_t$ train:
+#
+# | term | bytes | SmolLM2 in float32 |
+# |---|---|---|
+# | **weights** | $P \cdot a$ ($a$ = 4 in float32, 2 in bfloat16); QLoRA: linear weights in 4.127 bits (NF4 + double quantization, chapter 02), the rest in $a$ | every parameter, trained or not |
+# | **gradients** | $P_t \cdot a_t$, one per trainable parameter | full: all $P$; LoRA: $r(d_{in}+d_{out})$ per adapted layer |
+# | **optimizer state** | AdamW: two float32 moments, $8 P_t$; 8-bit AdamW $\approx 2 P_t$; SGD 0 | |
+# | **activations** | what autograd saves for backward, per token and layer | grows with batch × sequence |
+#
+# The first three depend only on the model and the method. The fourth is the one that grows with the
+# batch, and the one people get wrong: per token and layer, a Llama block saves the inputs of its
+# two RMSNorms (float32), q, k and v, the attention output (a fused kernel keeps no $s \times s$
+# scores), the gate, SiLU and up outputs of the MLP ($3a \cdot i$), and the input of every linear
+# layer whose weight trains, since $\partial L/\partial W = \delta^\top x$ needs $x$. Frozen layers
+# keep nothing for their weight, which is why LoRA's activations are smaller than full
+# fine-tuning's, and why a LoRA layer keeps its own copy of its input. After the last layer the loss
+# keeps its float32 log-probabilities, $4V$ bytes per token: with SmolLM2's 49,152-token vocabulary
+# that is 192 KiB per token, more than all 30 layers' LoRA activations together. The whole formula is
+# `budget.activation_parts`; here it is for the step we are about to measure:
 
-| term | bytes | SmolLM2 in float32 |
-|---|---|---|
-| **weights** | $P \cdot a$ ($a$ = 4 in float32, 2 in bfloat16); QLoRA: linear weights in 4.127 bits (NF4 + double quantization, chapter 02), the rest in $a$ | every parameter, trained or not |
-| **gradients** | $P_t \cdot a_t$, one per trainable parameter | full: all $P$; LoRA: $r(d_{in}+d_{out})$ per adapted layer |
-| **optimizer state** | AdamW: two float32 moments, $8 P_t$; 8-bit AdamW $\approx 2 P_t$; SGD 0 | |
-| **activations** | what autograd saves for backward, per token and layer | grows with batch × sequence |
-
-The first three depend only on the model and the method. The fourth is the one that grows with the
-batch, and the one people get wrong: per token and layer, a Llama block saves the inputs of its
-two RMSNorms (float32), q, k and v, the attention output (a fused kernel keeps no $s \times s$
-scores), the gate, SiLU and up outputs of the MLP ($3a \cdot i$), and the input of every linear
-layer whose weight trains, since $\partial L/\partial W = \delta^\top x$ needs $x$. Frozen layers
-keep nothing for their weight, which is why LoRA's activations are smaller than full
-fine-tuning's, and why a LoRA layer keeps its own copy of its input. After the last layer the loss
-keeps its float32 log-probabilities, $4V$ bytes per token: with SmolLM2's 49,152-token vocabulary
-that is 192 KiB per token, more than all 30 layers' LoRA activations together. The whole formula is
-`budget.activation_parts`; here it is for the step we are about to measure:
-"""),
-("code", r"""
+# %%
 smol = budget.get_config("smollm2-135m")
 print(f"SmolLM2: {smol.parameters():,} parameters (published {smol.published_parameters:,}), "
       f"{smol.num_hidden_layers} layers, hidden {smol.hidden_size}, vocabulary {smol.vocab_size:,}")
-kw = dict(weight_dtype="float32", lora_dtype="float32", device=DEVICE)   # what we measure: float32, this device
+kw = {"weight_dtype": "float32", "lora_dtype": "float32", "device": DEVICE}   # what we measure: float32, this device
 est_lora = estimate(smol, "lora", r=LORA_R, target_modules=TARGETS["lora"], batch_size=BATCH, seq_len=SEQ, **kw)
 print(est_lora.table())
 print("\nactivations by part:")
 for part, n in est_lora.activation_parts.items():
     print(f"  {part:<34}{mib(n):9.1f} MiB")
-"""),
-("md", r"""
-## Measured against estimated
 
-Now the real SmolLM2, one training step each: full fine-tuning, LoRA r = 8 on q and v, and QLoRA
-(`course_lib.qlora`: every linear layer in NF4 with double quantization, LoRA on all of them),
-each with and without gradient checkpointing. `memory.measure_causal_lm_step` counts the
-parameters, the 4-bit buffers, the gradients, AdamW's state, and the peak of the tensors saved for
-backward. Checkpointing is measured in PyTorch's *reentrant* mode: the default (non-reentrant)
-mode recomputes each layer under its own saved-tensor hooks, which hides that layer from our
-counter although a GPU must still hold it.
-"""),
-("code", r"""
+
+# %% [markdown]
+# ## Measured against estimated
+#
+# Now the real SmolLM2, one training step each: full fine-tuning, LoRA r = 8 on q and v, and QLoRA
+# (`course_lib.qlora`: every linear layer in NF4 with double quantization, LoRA on all of them),
+# each with and without gradient checkpointing. `memory.measure_causal_lm_step` counts the
+# parameters, the 4-bit buffers, the gradients, AdamW's state, and the peak of the tensors saved for
+# backward. Checkpointing is measured in PyTorch's *reentrant* mode: the default (non-reentrant)
+# mode recomputes each layer under its own saved-tensor hooks, which hides that layer from our
+# counter although a GPU must still hold it.
+
+# %%
 def prepared(method):
     model, _ = models.load_smollm2(DEVICE, dtype=torch.float32)
     if method == "qlora":
@@ -132,8 +130,8 @@ for (method, ck), m in measured.items():
                 f"{mib(m['optimizer_state']):.1f} | {mib(m['activations_peak']):.1f} | {mib(m['total']):.1f} | "
                 f"{mib(e.total):.1f} | {e.total / m['total']:.3f} |")
 display(Markdown("MiB, one step of " + f"{BATCH} x {SEQ} tokens, float32 on {DEVICE}\n\n" + "\n".join(rows)))
-"""),
-("code", r"""
+
+# %%
 # The estimate is exact for the first three terms and within 5% for the activations, so within 2% in total.
 for key, m in measured.items():
     e = estimated[key]
@@ -144,8 +142,8 @@ for key, m in measured.items():
 if DEVICE == "cuda":  # the allocator's peak also holds the backward's transient buffers: compare with the peak
     for key, m in measured.items():
         print(key, f"estimated peak {mib(estimated[key].peak):.0f} MiB, cuda max allocated {mib(m['cuda_max_allocated']):.0f} MiB")
-"""),
-("code", r"""
+
+# %%
 terms = ["weights", "gradients", "optimizer_state", "activations"]
 colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
 labels = [f"{m}\n{'ckpt' if ck else 'no ckpt'}" for m, ck in measured]
@@ -167,22 +165,22 @@ ax.set_title(f"SmolLM2, one training step of {BATCH} x {SEQ} tokens: measured (l
 ax.legend(loc="upper right")
 plt.tight_layout()
 plt.show()
-"""),
-("md", r"""
-What the bars say. Full fine-tuning holds 16 bytes per parameter before a single activation
-(weights, gradients, two AdamW moments): 2,053 MiB for a 135M model. LoRA keeps only the weights
-(513 MiB), and its activations are smaller too (559 against 753 MiB), since frozen layers save no
-inputs. QLoRA shrinks the weights further, but only the linear layers are quantized: SmolLM2's tied
-49,152 × 576 embedding (108 MiB in float32) is a fifth of the model and stays as it is, so the
-weights fall to 170 MiB, not to an eighth. Its activations (685 MiB) are larger than LoRA's,
-because LoRA on *every* linear layer keeps a copy of every layer's input. On a model this small the
-activations of even a short batch outweigh the parameters: 4 × 128 tokens need more than LoRA's
-whole 515 MiB, most of it the MLP's gate, SiLU and up outputs (270 MiB) and the loss's
-log-probabilities over the vocabulary (97 MiB). Checkpointing cuts them to a quarter (131 MiB for
-LoRA and QLoRA, 133 for full fine-tuning): what is left is each layer's input plus the largest of
-one recomputed layer and the loss.
-"""),
-("code", r"""
+
+# %% [markdown]
+# What the bars say. Full fine-tuning holds 16 bytes per parameter before a single activation
+# (weights, gradients, two AdamW moments): 2,053 MiB for a 135M model. LoRA keeps only the weights
+# (513 MiB), and its activations are smaller too (559 against 753 MiB), since frozen layers save no
+# inputs. QLoRA shrinks the weights further, but only the linear layers are quantized: SmolLM2's tied
+# 49,152 × 576 embedding (108 MiB in float32) is a fifth of the model and stays as it is, so the
+# weights fall to 170 MiB, not to an eighth. Its activations (685 MiB) are larger than LoRA's,
+# because LoRA on *every* linear layer keeps a copy of every layer's input. On a model this small the
+# activations of even a short batch outweigh the parameters: 4 × 128 tokens need more than LoRA's
+# whole 515 MiB, most of it the MLP's gate, SiLU and up outputs (270 MiB) and the loss's
+# log-probabilities over the vocabulary (97 MiB). Checkpointing cuts them to a quarter (131 MiB for
+# LoRA and QLoRA, 133 for full fine-tuning): what is left is each layer's input plus the largest of
+# one recomputed layer and the loss.
+
+# %%
 total = {key: m["total"] for key, m in measured.items()}
 assert round(mib(measured["full", False]["weights"] + measured["full", False]["gradients"]
                  + measured["full", False]["optimizer_state"])) == 2053
@@ -196,21 +194,21 @@ assert round(mib(smol.vocab_size * smol.hidden_size * 4)) == 108
 assert measured["lora", False]["activations_peak"] > measured["lora", False]["weights"]
 assert 0.2 < measured["lora", True]["activations_peak"] / measured["lora", False]["activations_peak"] < 0.3
 print({f"{m} {'ckpt' if ck else 'no ckpt'}": f"{mib(t):.0f} MiB" for (m, ck), t in total.items()})
-"""),
-("md", r"""
-<a id="claim-05-checkpointing"></a>
 
-## Checkpointing and accumulation: memory saved, time paid
+# %% [markdown]
+# <a id="claim-05-checkpointing"></a>
+#
+# ## Checkpointing and accumulation: memory saved, time paid
+#
+# Two levers shrink the activations without changing the model. **Gradient checkpointing** keeps
+# only each layer's input and recomputes the layer during backward: one extra forward pass.
+# **Gradient accumulation** splits the batch into micro-batches and adds their gradients before one
+# optimizer step: the activations are those of one micro-batch, the result the same as the whole
+# batch's for a loss that is a mean over tokens (chapter 03 showed where that is *not* true: a
+# contrastive loss, whose negatives are the rest of the batch). Both trade time for memory; here is
+# how much, on LoRA SmolLM2 with an effective batch of 8 × 128 tokens.
 
-Two levers shrink the activations without changing the model. **Gradient checkpointing** keeps
-only each layer's input and recomputes the layer during backward: one extra forward pass.
-**Gradient accumulation** splits the batch into micro-batches and adds their gradients before one
-optimizer step: the activations are those of one micro-batch, the result the same as the whole
-batch's for a loss that is a mean over tokens (chapter 03 showed where that is *not* true: a
-contrastive loss, whose negatives are the rest of the batch). Both trade time for memory; here is
-how much, on LoRA SmolLM2 with an effective batch of 8 × 128 tokens.
-"""),
-("code", r"""
+# %%
 model, optimizer = prepared("lora")
 study_ids = torch.randint(5, smol.vocab_size, (STUDY_BATCH, STUDY_SEQ), generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
@@ -239,8 +237,8 @@ for micro, ck in settings:
 for (micro, ck), r in study.items():
     print(f"micro-batch {micro} x {STUDY_BATCH // micro}, checkpointing {'on ' if ck else 'off'}: activations "
           f"{mib(r['activations']):6.1f} MiB (estimated {mib(r['estimated']):6.1f})")
-"""),
-("code", r"""
+
+# %% tags=["nbval-ignore-output"]
 base = study[STUDY_BATCH, False]
 for (micro, ck), r in study.items():
     print(f"micro-batch {micro}, checkpointing {'on ' if ck else 'off'}: {r['seconds']:.2f} s per optimizer step "
@@ -256,87 +254,87 @@ ax.set_ylabel("activations saved for backward (MiB)")
 ax.set_title("LoRA SmolLM2, effective batch 8 x 128: memory against time")
 plt.tight_layout()
 plt.show()
-""", IGN),
-("md", r"""
-Accumulation divides the activations by the number of micro-batches exactly (1,118 MiB for the
-whole batch of 8, 560 for micro-batches of 4, 140 for single sequences) and on this CPU costs
-little time: a matrix product over 2 sequences is nearly as efficient per token as over 8, and only
-single sequences were slower (roughly 15-20%; the timings vary from run to run and are not
-compared by nbval). On a GPU small micro-batches leave the device idle, so there the time cost is
-larger. Checkpointing pays one extra forward pass (about 30% more time per step here) to keep 23%
-of the activations (262 MiB). The two combine (3% of the activations at single sequences with
-checkpointing), and together they are what lets a large model train at all on a small card, as
-the planner below shows.
-"""),
-("code", r"""
+
+# %% [markdown]
+# Accumulation divides the activations by the number of micro-batches exactly (1,118 MiB for the
+# whole batch of 8, 560 for micro-batches of 4, 140 for single sequences) and on this CPU costs
+# little time: a matrix product over 2 sequences is nearly as efficient per token as over 8, and only
+# single sequences were slower (roughly 15-20%; the timings vary from run to run and are not
+# compared by nbval). On a GPU small micro-batches leave the device idle, so there the time cost is
+# larger. Checkpointing pays one extra forward pass (about 30% more time per step here) to keep 23%
+# of the activations (262 MiB). The two combine (3% of the activations at single sequences with
+# checkpointing), and together they are what lets a large model train at all on a small card, as
+# the planner below shows.
+
+# %%
 act = {key: r["activations"] for key, r in study.items()}
 assert act[4, False] < 0.55 * act[8, False] and act[2, False] < 0.3 * act[8, False] and act[1, False] < 0.16 * act[8, False]
 assert (round(mib(act[8, False])), round(mib(act[4, False])), round(mib(act[1, False])), round(mib(act[8, True]))) == (1118, 560, 140, 262)
 assert act[8, True] < 0.25 * act[8, False] and act[1, True] < 0.035 * act[8, False]
 assert all(abs(r["estimated"] / r["activations"] - 1) < 0.05 for r in study.values())
 assert study[8, True]["seconds"] > 1.05 * study[8, False]["seconds"]   # recomputation is not free
-"""),
-("md", r"""
-## The planner on the seeds' hardware
 
-Seed 000 gives a decision tree by VRAM (≥ 24 GB: full fine-tuning or LoRA r = 32; 12-24 GB:
-LoRA r = 16; 8-12 GB: LoRA r = 16 with GradCache chunks of 32; below: r = 8, chunks of 16), seeds
-001 and 003 add QLoRA with NF4, double quantization and gradient checkpointing when the 16-bit
-weights do not fit. `budget.plan(model, gpu_memory)` walks that tree, and the seeds' fall-back
-ladder after it, and returns the first configuration whose estimated peak leaves 10% of the card
-free for the CUDA context and fragmentation, or says why nothing fits. Here it is for
-LLaMA-3-8B and LLaMA-3-70B, 4 sequences of 512 tokens per optimizer step (seed 001's 70B
-recipe), bfloat16, on the seeds' cards:
-"""),
-("code", r"""
+# %% [markdown]
+# ## The planner on the seeds' hardware
+#
+# Seed 000 gives a decision tree by VRAM (≥ 24 GB: full fine-tuning or LoRA r = 32; 12-24 GB:
+# LoRA r = 16; 8-12 GB: LoRA r = 16 with GradCache chunks of 32; below: r = 8, chunks of 16), seeds
+# 001 and 003 add QLoRA with NF4, double quantization and gradient checkpointing when the 16-bit
+# weights do not fit. `budget.plan(model, gpu_memory)` walks that tree, and the seeds' fall-back
+# ladder after it, and returns the first configuration whose estimated peak leaves 10% of the card
+# free for the CUDA context and fragmentation, or says why nothing fits. Here it is for
+# LLaMA-3-8B and LLaMA-3-70B, 4 sequences of 512 tokens per optimizer step (seed 001's 70B
+# recipe), bfloat16, on the seeds' cards:
+
+# %%
 GPUS = {"RTX 3060 Ti": "8GB", "RTX 4090": "24GB", "A100 40GB": "40GB", "A100 80GB": "80GB"}
 plans = {(m, gpu): budget.plan(m, size, seq_len=512, batch_size=4) for m in ("llama-3-8b", "llama-3-70b") for gpu, size in GPUS.items()}
 rows = ["| model | GPU | verdict | method | r | micro-batch x accumulation | checkpointing | weights | estimated peak |",
         "|---|---|---|---|---|---|---|---|---|"]
 for (m, gpu), p in plans.items():
     s = p.budget.settings
-    rows.append(f"| {m} | {gpu} | {'fits' if p.fits else 'nothing fits'} | {s['method']} | {s['r'] or '-'} | "
-                f"{s['batch_size']} x {s['gradient_accumulation_steps']} | {'on' if s['gradient_checkpointing'] else 'off'} | "
+    rows.append(f"| {m} | {gpu} | {'fits' if p.fits else 'nothing fits'} | {s.method} | {s.r or '-'} | "
+                f"{s.batch_size} x {s.gradient_accumulation_steps} | {'on' if s.gradient_checkpointing else 'off'} | "
                 f"{p.budget.weights / GiB:.1f} GiB | {p.budget.peak / GiB:.1f} GiB |")
 display(Markdown("\n".join(rows)))
 print(plans["llama-3-70b", "RTX 4090"].reason)
-"""),
-("code", r"""
-verdicts = {key: (p.fits, p.settings["method"]) for key, p in plans.items()}
-assert verdicts["llama-3-8b", "RTX 3060 Ti"] == (True, "qlora") and plans["llama-3-8b", "RTX 3060 Ti"].settings["gradient_checkpointing"]
+
+# %%
+verdicts = {key: (p.fits, p.settings.method) for key, p in plans.items()}
+assert verdicts["llama-3-8b", "RTX 3060 Ti"] == (True, "qlora") and plans["llama-3-8b", "RTX 3060 Ti"].settings.gradient_checkpointing
 assert verdicts["llama-3-8b", "RTX 4090"] == (True, "lora")
 assert verdicts["llama-3-8b", "A100 80GB"] == (True, "lora")   # full fine-tuning: 96 GB before activations
 assert any(t.startswith("full") for t in plans["llama-3-8b", "A100 80GB"].tried)
 assert not plans["llama-3-70b", "RTX 4090"].fits and not plans["llama-3-70b", "A100 40GB"].fits
 assert verdicts["llama-3-70b", "A100 80GB"] == (True, "qlora")
-"""),
-("md", r"""
-The same from the command line, for scripts and for learners who want to check their own card
-(`course-lib plan --help`, `course-lib models` for the known configs; `--json` for machines; exit
-code 0 when it fits, 1 when it does not, 2 for bad input). QLoRA on LLaMA-3-8B with 4 sequences of
-2,048 tokens does *not* fit 24 GB as such: the activations alone are 46 GiB. With gradient
-checkpointing they drop to 6 GiB and it fits:
-"""),
-("code", r"""
+
+# %% [markdown]
+# The same from the command line, for scripts and for learners who want to check their own card
+# (`course-lib plan --help`, `course-lib models` for the known configs; `--json` for machines; exit
+# code 0 when it fits, 1 when it does not, 2 for bad input). QLoRA on LLaMA-3-8B with 4 sequences of
+# 2,048 tokens does *not* fit 24 GB as such: the activations alone are 46 GiB. With gradient
+# checkpointing they drop to 6 GiB and it fits:
+
+# %%
 cli = [sys.executable, "-m", "course_lib.cli", "budget", "--model", "llama-3-8b", "--method", "qlora",
        "--gpu", "24GB", "--seq", "2048", "--batch", "4"]
-out = subprocess.run(cli, capture_output=True, text=True)
+out = subprocess.run(cli, capture_output=True, text=True, check=False)
 print(out.stdout)
-ckpt = subprocess.run(cli + ["--checkpointing"], capture_output=True, text=True)
+ckpt = subprocess.run(cli + ["--checkpointing"], capture_output=True, text=True, check=False)
 print(ckpt.stdout)
-bad = subprocess.run([sys.executable, "-m", "course_lib.cli", "budget", "--model", "llama-9b"], capture_output=True, text=True)
+bad = subprocess.run([sys.executable, "-m", "course_lib.cli", "budget", "--model", "llama-9b"], capture_output=True, text=True, check=False)
 print("exit", bad.returncode, "|", bad.stderr.strip())
 assert out.returncode == 1 and "does not fit" in out.stdout      # exit 1: does not fit
 assert ckpt.returncode == 0 and "fits in 24 GiB" in ckpt.stdout
 assert bad.returncode == 2 and "known models" in bad.stderr and "Traceback" not in bad.stderr
-"""),
-("md", r"""
-## The papers' figures, reproduced
 
-The estimator is only worth trusting if it reproduces numbers someone else measured. The tests
-(`tests/test_budget.py`) hold these; here they are side by side:
-"""),
-("code", r"""
+# %% [markdown]
+# ## The papers' figures, reproduced
+#
+# The estimator is only worth trusting if it reproduces numbers someone else measured. The tests
+# (`tests/test_budget.py`) hold these; here they are side by side:
+
+# %%
 q7 = estimate("llama-7b", "qlora", r=64, target_modules="all-linear", lora_dtype="bfloat16", seq_len=512)
 q7_fp32_rest = estimate("llama-7b", "qlora", weight_dtype="float32", r=64, target_modules="all-linear")
 q7_qv, q7_qkvo = (estimate("llama-7b", "lora", r=16, lora_dtype="bfloat16", target_modules=t).lora_parameters
@@ -366,35 +364,36 @@ paper = [
     ("LoRA: GPT-3 175B checkpoint, r=4 on q,v", "35 MB", f"{g_lora.lora_parameters / 1e6:.1f} MB ({g_lora.trainable_parameters / 1e6:.1f}M parameters in fp16)"),
 ]
 display(Markdown("| figure | published | our estimate |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in paper)))
-"""),
-("md", r"""
-Three of these need a word. The QLoRA paper's 5,048 MB for the 7B base is 13% above even our
-float32 figure; the rest is in no tensor we can count (the CUDA context and the allocator's reserve
-are the usual suspects), so we hold ours below the paper's and within 15% of it. Its "LoRA input
-gradients" we read as the inputs that the adapted layers keep for their weights' gradients: 14%
-over. And the LoRA paper's 1.2 TB does not say which optimizer precision it counts: 16-bit weights
-and gradients with 8-bit Adam give 1.05 TB, with 32-bit AdamW 2.1 TB; its figure lies between,
-which is all that can be checked. The 350 GB is the frozen fp16 weights, and the 35 MB checkpoint
-is 18.9M parameters in fp16, 10,000 times smaller.
-"""),
-("code", r"""
+
+# %% [markdown]
+# Three of these need a word. The QLoRA paper's 5,048 MB for the 7B base is 13% above even our
+# float32 figure; the rest is in no tensor we can count (the CUDA context and the allocator's reserve
+# are the usual suspects), so we hold ours below the paper's and within 15% of it. Its "LoRA input
+# gradients" we read as the inputs that the adapted layers keep for their weights' gradients: 14%
+# over. And the LoRA paper's 1.2 TB does not say which optimizer precision it counts: 16-bit weights
+# and gradients with 8-bit Adam give 1.05 TB, with 32-bit AdamW 2.1 TB; its figure lies between,
+# which is all that can be checked. The 350 GB is the frozen fp16 weights, and the 35 MB checkpoint
+# is 18.9M parameters in fp16, 10,000 times smaller.
+
+# %%
 assert q7_fp32_rest.weights < 5048e6 and abs(q7_fp32_rest.weights / 5048e6 - 1) < 0.15 and q7_qv < 26e6 < q7_qkvo
 assert abs(q7_inputs / 567e6 - 1) < 0.15
 assert q65.peak < 48e9 and abs(held65 / 780e9 - 1) < 0.01
 assert g_held["adamw8bit"] < 1.2e12 < g_held["adamw"]
 assert abs(g_lora.weights / 350e9 - 1) < 0.01 and abs(g_lora.lora_parameters / 35e6 - 1) < 0.1
-"""),
-("md", r"""
-<a id="claim-05-errata"></a>
 
-## Errata: the seeds' memory and speed claims, checked
 
-Every quantitative claim about memory or speed in the five seed tutorials, with what this chapter
-(or the chapter named) computed or measured. Estimates are for bfloat16 weights and 32-bit AdamW
-unless the row says otherwise; "GB" is $10^9$ bytes, as the seeds use it. Verdicts: **holds**,
-**wrong** (by how much), **cannot be checked here** (and why).
-"""),
-("code", r"""
+# %% [markdown]
+# <a id="claim-05-errata"></a>
+#
+# ## Errata: the seeds' memory and speed claims, checked
+#
+# Every quantitative claim about memory or speed in the five seed tutorials, with what this chapter
+# (or the chapter named) computed or measured. Estimates are for bfloat16 weights and 32-bit AdamW
+# unless the row says otherwise; "GB" is $10^9$ bytes, as the seeds use it. Verdicts: **holds**,
+# **wrong** (by how much), **cannot be checked here** (and why).
+
+# %%
 def gb(n):
     return f"{n / 1e9:.1f} GB"
 
@@ -435,8 +434,8 @@ r16, r32 = (estimate(minilm, "lora", r=r, target_modules=["query", "value"], bat
 mrl_json = json.loads(Path("../benchmarks/results/mrl_combination.json").read_text())
 mem = {k: v["memory"]["total"] for k, v in mrl_json["methods"].items()}
 peft_bench = json.loads(Path("../benchmarks/results/lora_vs_peft.json").read_text())
-"""),
-("code", r"""
+
+# %%
 E = []
 def claim(seed, text, ours, verdict):
     E.append((seed, text, ours, verdict))
@@ -514,8 +513,8 @@ claim("001", "QLoRA is 10-30% slower than full fine-tuning", "a property of the 
 claim("001", "1-2B model on an 8 GB machine with INT4, LoRA r=4, 8-bit Adam",
       f"SmolLM2-1.7B, batch 1 x 512, checkpointing: {edge.peak / GiB:.1f} GiB", "**holds** (memory; CPU time not estimated)")
 display(Markdown("| seed | claim | ours | verdict |\n|---|---|---|---|\n" + "\n".join(f"| {s} | {c} | {o} | {v} |" for s, c, o, v in E)))
-"""),
-("code", r"""
+
+# %%
 # The verdicts above follow from these figures.
 assert not plan70.fits and q70.weights > 33e9 and flop_bound_100 > 180
 assert q65w > 31e9 and q33.fits
@@ -527,16 +526,16 @@ assert not plan13.fits and plan13.budget.peak < 8 * GiB
 assert speed_lora < 1.5 and peft_bench["ratios"]["runtime_inference_over_base"] < 1.1
 assert abs(mem["LoRA + MRL"] / mem["LoRA"] - 1) < 0.02 and r32.peak / r16.peak - 1 < 0.05
 assert edge.peak < 8 * GiB
-"""),
-("md", r"""
-<a id="claim-05-api"></a>
 
-### API claims that do not exist in the real libraries
+# %% [markdown]
+# <a id="claim-05-api"></a>
+#
+# ### API claims that do not exist in the real libraries
+#
+# The seeds also call functions that do not exist, or no longer exist, in the libraries they name.
+# Each is checked against the installed versions:
 
-The seeds also call functions that do not exist, or no longer exist, in the libraries they name.
-Each is checked against the installed versions:
-"""),
-("code", r"""
+# %%
 from peft.tuners.lora import LoraModel
 from transformers import AutoModelForCausalLM
 
@@ -557,54 +556,57 @@ except TypeError as e:
     load_in_8bit = False
 api.append(("001", "`from_pretrained(..., load_in_8bit=True)` / `load_in_4bit=True`", load_in_8bit,
             "transformers 5 refuses the keyword; pass `quantization_config=BitsAndBytesConfig(load_in_8bit=True)`"))
-launch = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--help"], capture_output=True, text=True).stdout
+launch = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--help"], capture_output=True, text=True,
+                        check=False).stdout
 api.append(("000", "`accelerate launch --multi_machine_launch`", "--multi_machine_launch" in launch,
             "the flags are `--multi_gpu --num_machines N --machine_rank i --main_process_ip ...` (chapter 07)"))
 display(Markdown("| seed | call | exists | what to use |\n|---|---|---|---|\n"
                  + "\n".join(f"| {s} | {c} | {'yes' if e else 'no'} | {w} |" for s, c, e, w in api)))
 assert not any(exists for _, _, exists, _ in api)
-"""),
-("md", r"""
-## What we measured
 
-| quantity | value |
-|---|---|
-| estimate / measured, SmolLM2 one step, 6 settings | within 2% (first three terms exact) |
-| full fine-tuning: weights + gradients + AdamW | 16 bytes per parameter (2,053 MiB for SmolLM2) |
-| QLoRA weights, SmolLM2 | 170 MiB of 513 (the float32 embedding stays) |
-| checkpointing, LoRA 4 x 128 | activations 559 → 131 MiB; at 8 x 128 about 30% more time per step |
-| accumulation 8 → 8 × 1 | activations about 1/8 |
-| LLaMA-3-8B, 4 x 512 tokens | QLoRA fits 8 GB, LoRA 24 GB; full fine-tuning not even 80 GB |
-| LLaMA-3-70B | nothing fits 24 or 40 GB; QLoRA fits 80 GB |
 
-## Exercises
+# %% [markdown]
+# ## What we measured
+#
+# | quantity | value |
+# |---|---|
+# | estimate / measured, SmolLM2 one step, 6 settings | within 2% (first three terms exact) |
+# | full fine-tuning: weights + gradients + AdamW | 16 bytes per parameter (2,053 MiB for SmolLM2) |
+# | QLoRA weights, SmolLM2 | 170 MiB of 513 (the float32 embedding stays) |
+# | checkpointing, LoRA 4 x 128 | activations 559 → 131 MiB; at 8 x 128 about 30% more time per step |
+# | accumulation 8 → 8 × 1 | activations about 1/8 |
+# | LLaMA-3-8B, 4 x 512 tokens | QLoRA fits 8 GB, LoRA 24 GB; full fine-tuning not even 80 GB |
+# | LLaMA-3-70B | nothing fits 24 or 40 GB; QLoRA fits 80 GB |
+#
+# ## Exercises
+#
+# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
+# `BEGIN SOLUTION` / `END SOLUTION` markers.
+#
+# **Exercise 1: the fixed part by hand.** Write `fixed_bytes(parameters, trainable, weight_bytes,
+# optimizer)`: the bytes of weights, gradients and optimizer state (`"adamw"` or `"sgd"`) for a
+# model trained in one dtype, and check it against the estimator.
 
-Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
-`BEGIN SOLUTION` / `END SOLUTION` markers.
-
-**Exercise 1: the fixed part by hand.** Write `fixed_bytes(parameters, trainable, weight_bytes,
-optimizer)`: the bytes of weights, gradients and optimizer state (`"adamw"` or `"sgd"`) for a
-model trained in one dtype, and check it against the estimator.
-"""),
-("code", r"""
+# %%
 def fixed_bytes(parameters, trainable, weight_bytes, optimizer="adamw"):
     # BEGIN SOLUTION
     return parameters * weight_bytes + trainable * weight_bytes + trainable * {"adamw": 8, "sgd": 0}[optimizer]
     # END SOLUTION
 
 print(fixed_bytes(100, 10, 4))
-"""),
-("code", r"""
+
+# %%
 for opt in ("adamw", "sgd"):
     e = estimate("llama-3-8b", "full", weight_dtype="float32", optimizer=opt)
     assert fixed_bytes(e.parameters, e.trainable_parameters, 4, opt) == e.weights + e.gradients + e.optimizer_state
-"""),
-("md", r"""
-**Exercise 2: the largest batch.** Using `budget.estimate`, find the largest batch of 2,048-token
-sequences with which Qwen2.5-7B trains with QLoRA (r = 16 on every linear layer, gradient
-checkpointing) inside 24 GB, keeping 10% free (`peak <= 0.9 * 24 GiB`).
-"""),
-("code", r"""
+
+
+# %% [markdown]
+# **Exercise 2: the largest batch.** Using `budget.estimate`, find the largest batch of 2,048-token
+# sequences with which Qwen2.5-7B trains with QLoRA (r = 16 on every linear layer, gradient
+# checkpointing) inside 24 GB, keeping 10% free (`peak <= 0.9 * 24 GiB`).
+
+# %%
 def largest_batch(model, gpu_bytes, **settings):
     # BEGIN SOLUTION
     batch = 0
@@ -613,20 +615,16 @@ def largest_batch(model, gpu_bytes, **settings):
     return batch
     # END SOLUTION
 
-qwen = dict(r=16, target_modules="all-linear", seq_len=2048, gradient_checkpointing=True)
+qwen = {"r": 16, "target_modules": "all-linear", "seq_len": 2048, "gradient_checkpointing": True}
 best = largest_batch("qwen2.5-7b", 24 * GiB, **qwen)
 print(best)
-"""),
-("code", r"""
+
+# %%
 assert best >= 1
 assert estimate("qwen2.5-7b", "qlora", batch_size=best, **qwen).peak <= 0.9 * 24 * GiB
 assert estimate("qwen2.5-7b", "qlora", batch_size=best + 1, **qwen).peak > 0.9 * 24 * GiB
-"""),
-("md", r"""
-**Exercise 3 (open).** Pick a claim from a blog post or a model card ("fine-tune X on a Y GB
-card") and check it with `course-lib budget`. Which assumption (sequence length, batch,
-optimizer) decides whether it is true?
-"""),
-]
 
-build(cells, sys.argv[1])
+# %% [markdown]
+# **Exercise 3 (open).** Pick a claim from a blog post or a model card ("fine-tune X on a Y GB
+# card") and check it with `course-lib budget`. Which assumption (sequence length, batch,
+# optimizer) decides whether it is true?

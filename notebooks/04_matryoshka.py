@@ -1,35 +1,29 @@
-import sys
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from nbtools import build
+# %% [markdown]
+# # 04 · Matryoshka embeddings: one vector, many sizes
+#
+# MiniLM embeds a text as 384 numbers. Cut that vector to its first 64 and search quality
+# collapses: the model spread what it knows over all 384. **Matryoshka Representation Learning**
+# (MRL, Kusupati et al., 2022) trains the embedding so that its prefixes (the first 32, 64, 128,
+# 256 numbers) are each good embeddings, like nested dolls. The network does not change; only the
+# loss does: the same contrastive loss is computed on every prefix, each re-normalised, and summed.
+#
+# What that buys is at search time: a 64-number prefix is a six times smaller index, and a
+# **two-stage search** shortlists candidates cheaply at the small size, then re-ranks only the
+# shortlist at full size. This chapter
+#
+# 1. builds the Matryoshka loss (`course_lib.matryoshka`, checked against sentence-transformers'
+#    `MatryoshkaLoss` in the tests) and trains MiniLM + LoRA with and without it,
+# 2. measures recall@10 at every prefix size: where MRL keeps its accuracy and plain truncation
+#    loses it,
+# 3. measures two-stage search: recall against shortlist size and time, index bytes per vector,
+# 4. shows the seeds' headline table (full fine-tuning, LoRA, LoRA + GradCache, LoRA + MRL, all
+#    three) reproduced at this scale, and checks which of its conclusions hold.
+#
+# **Time:** about 2.5 minutes on 2 CPU cores. The search speed-up on the full 20,506-document corpus
+# and the combination table come from `benchmarks/mrl_search.py` and
+# `benchmarks/mrl_combination.py`, whose committed results are shown labelled.
 
-IGN = "nbval-ignore-output"
-cells = [
-("md", r"""
-# 04 · Matryoshka embeddings: one vector, many sizes
-
-MiniLM embeds a text as 384 numbers. Cut that vector to its first 64 and search quality
-collapses: the model spread what it knows over all 384. **Matryoshka Representation Learning**
-(MRL, Kusupati et al., 2022) trains the embedding so that its prefixes (the first 32, 64, 128,
-256 numbers) are each good embeddings, like nested dolls. The network does not change; only the
-loss does: the same contrastive loss is computed on every prefix, each re-normalised, and summed.
-
-What that buys is at search time: a 64-number prefix is a six times smaller index, and a
-**two-stage search** shortlists candidates cheaply at the small size, then re-ranks only the
-shortlist at full size. This chapter
-
-1. builds the Matryoshka loss (`course_lib.matryoshka`, checked against sentence-transformers'
-   `MatryoshkaLoss` in the tests) and trains MiniLM + LoRA with and without it,
-2. measures recall@10 at every prefix size: where MRL keeps its accuracy and plain truncation
-   loses it,
-3. measures two-stage search: recall against shortlist size and time, index bytes per vector,
-4. shows the seeds' headline table (full fine-tuning, LoRA, LoRA + GradCache, LoRA + MRL, all
-   three) reproduced at this scale, and checks which of its conclusions hold.
-
-**Time:** about 2.5 minutes on 2 CPU cores. The search speed-up on the full 20,506-document corpus
-and the combination table come from `benchmarks/mrl_search.py` and
-`benchmarks/mrl_combination.py`, whose committed results are shown labelled.
-"""),
-("code", r"""
+# %%
 import copy
 import json
 import time
@@ -51,21 +45,21 @@ EVAL_DIMS = [32, 48, 64, 96, 128, 192, 256, 384]   # prefix sizes we score
 SHORTLIST_DIM = 64
 KS = [10, 20, 50, 100, 200, 500]                    # shortlist sizes of the two-stage search
 _ = torch.manual_seed(SEED)
-"""),
-("md", r"""
-## The loss: the same loss on every prefix
 
-For a batch of query embeddings $q$ and document embeddings $d$ (384 numbers each) and nested
-dimensions $m_1 > m_2 > \dots$, the Matryoshka loss is
+# %% [markdown]
+# ## The loss: the same loss on every prefix
+#
+# For a batch of query embeddings $q$ and document embeddings $d$ (384 numbers each) and nested
+# dimensions $m_1 > m_2 > \dots$, the Matryoshka loss is
+#
+# $$L = \sum_i w_i \; \ell\big(\mathrm{norm}(q_{:, :m_i}),\ \mathrm{norm}(d_{:, :m_i})\big)$$
+#
+# where $\ell$ is the in-batch-negatives loss of chapters 01 and 03 and $\mathrm{norm}$ rescales
+# each prefix to unit length (a unit vector's prefix is shorter than 1, by a different amount for
+# each vector). It costs no extra forward pass: the prefixes are slices of the same output.
+# On a batch of training pairs, the pretrained MiniLM's loss grows as the prefix shrinks:
 
-$$L = \sum_i w_i \; \ell\big(\mathrm{norm}(q_{:, :m_i}),\ \mathrm{norm}(d_{:, :m_i})\big)$$
-
-where $\ell$ is the in-batch-negatives loss of chapters 01 and 03 and $\mathrm{norm}$ rescales
-each prefix to unit length (a unit vector's prefix is shorter than 1, by a different amount for
-each vector). It costs no extra forward pass: the prefixes are slices of the same output.
-On a batch of training pairs, the pretrained MiniLM's loss grows as the prefix shrinks:
-"""),
-("code", r"""
+# %%
 base, tok = models.load_minilm(DEVICE)
 train_rows = data.load_code_search("train")
 test_pairs = data.load_code_search("test")
@@ -82,16 +76,17 @@ for m, v in per_dim.items():
 print(f"Matryoshka loss (sum, weights 1): {mrl_loss(q, d).item():.3f}")
 assert per_dim[32] > per_dim[384]
 assert abs(mrl_loss(q, d).item() - sum(per_dim.values())) < 1e-4
-"""),
-("md", r"""
-## Training with and without MRL
 
-Two copies of MiniLM with LoRA r = 16 on the query and value projections (the seeds' rank), the
-same pairs in the same order, the same learning rate; one trained with the ordinary loss, one
-with the Matryoshka loss over 384/256/128/64/32. The step is `gradcache.code_search_step`, the
-ordinary step here (GradCache would give the same gradients, chapter 03).
-"""),
-("code", r"""
+
+# %% [markdown]
+# ## Training with and without MRL
+#
+# Two copies of MiniLM with LoRA r = 16 on the query and value projections (the seeds' rank), the
+# same pairs in the same order, the same learning rate; one trained with the ordinary loss, one
+# with the Matryoshka loss over 384/256/128/64/32. The step is `gradcache.code_search_step`, the
+# ordinary step here (GradCache would give the same gradients, chapter 03).
+
+# %% tags=["nbval-ignore-output"]
 def fit(loss_fn, desc):
     torch.manual_seed(SEED)
     model = copy.deepcopy(base)
@@ -105,17 +100,17 @@ lora_plain, history_plain = fit(None, "LoRA")
 lora_mrl, history_mrl = fit(mrl_loss, "LoRA + MRL")
 print(f"{TRAIN_STEPS} steps of {BATCH} pairs each: {history_plain.seconds_per_step:.1f} s/step without MRL, "
       f"{history_mrl.seconds_per_step:.1f} s/step with")
-""", IGN),
-("md", r"""
-<a id="claim-04-prefix-recall"></a>
 
-## Recall at every prefix size
+# %% [markdown]
+# <a id="claim-04-prefix-recall"></a>
+#
+# ## Recall at every prefix size
+#
+# Each model embeds the 506 test queries and a corpus of their 506 functions plus
+# `N_DISTRACTORS` distractors; we truncate both sides to each prefix size, re-normalise, and
+# measure recall@10 (`matryoshka.metrics_by_dim`).
 
-Each model embeds the 506 test queries and a corpus of their 506 functions plus
-`N_DISTRACTORS` distractors; we truncate both sides to each prefix size, re-normalise, and
-measure recall@10 (`matryoshka.metrics_by_dim`).
-"""),
-("code", r"""
+# %%
 relevant = list(range(len(test_pairs)))
 embeddings, by_dim = {}, {}
 for name, model in [("pretrained", base), ("LoRA", lora_plain), ("LoRA + MRL", lora_mrl)]:
@@ -133,8 +128,8 @@ plt.show()
 print(f"{'dims':>4s} " + " ".join(f"{name:>11s}" for name in by_dim) + "   (recall@10)")
 for m in EVAL_DIMS:
     print(f"{m:4d} " + " ".join(f"{by_dim[name][m]['recall@10']:11.3f}" for name in by_dim))
-"""),
-("code", r"""
+
+# %%
 r10 = {name: {m: v["recall@10"] for m, v in metrics.items()} for name, metrics in by_dim.items()}
 # plain truncation loses accuracy as the prefix shrinks; MRL keeps more of it at every small prefix
 assert r10["pretrained"][32] < r10["pretrained"][384] - 0.1 and r10["LoRA"][32] < r10["LoRA"][384] - 0.1
@@ -147,17 +142,17 @@ display(Markdown(
     f"{drop['LoRA']:.3f} for LoRA without MRL, but by {drop['LoRA + MRL']:.3f} with MRL. At 32 numbers MRL "
     f"keeps {r10['LoRA + MRL'][32]:.3f} against {r10['LoRA'][32]:.3f}; at the full 384 the two are "
     f"{r10['LoRA + MRL'][384]:.3f} (MRL) and {r10['LoRA'][384]:.3f}."))
-"""),
-("md", r"""
-## Two-stage search: shortlist small, re-rank big
 
-`matryoshka.TwoStageIndex` stores the corpus twice: the 64-number prefixes (the shortlist
-index) and the full vectors. A search scores every document on the small index, keeps the best
-`k`, and re-ranks only those `k` at 384 numbers. With `k` equal to the whole corpus the re-rank
-sees every document and the result *is* full-dimension brute force (the tests check it); the
-question is how small `k` can be.
-"""),
-("code", r"""
+# %% [markdown]
+# ## Two-stage search: shortlist small, re-rank big
+#
+# `matryoshka.TwoStageIndex` stores the corpus twice: the 64-number prefixes (the shortlist
+# index) and the full vectors. A search scores every document on the small index, keeps the best
+# `k`, and re-ranks only those `k` at 384 numbers. With `k` equal to the whole corpus the re-rank
+# sees every document and the result *is* full-dimension brute force (the tests check it); the
+# question is how small `k` can be.
+
+# %% tags=["nbval-ignore-output"]
 q_emb, d_emb = embeddings["LoRA + MRL"]
 index = matryoshka.TwoStageIndex(d_emb, SHORTLIST_DIM)
 full_recall = by_dim["LoRA + MRL"][384]["recall@10"]
@@ -192,8 +187,8 @@ print(f"brute force at 384: recall@10 {full_recall:.3f}, {brute_seconds * 1e3:.1
 for k, v in two_stage.items():
     print(f"k = {k:4d}: recall@10 {v['recall@10']:.3f}, {v['seconds'] * 1e3:.1f} ms, "
           f"{brute_seconds / v['seconds']:.1f}x brute force")
-""", IGN),
-("code", r"""
+
+# %%
 exhaustive = index.search(q_emb, n_docs, top=10)     # k = the whole corpus: brute force exactly
 assert matryoshka.two_stage_recall(exhaustive, relevant, ks=(10,))["recall@10"] == full_recall
 recall_by_k = {k: round(v["recall@10"], 3) for k, v in two_stage.items()}
@@ -201,21 +196,21 @@ print("recall@10 by shortlist size:", recall_by_k)
 enough = [k for k in KS if two_stage[k]["recall@10"] >= 0.99 * full_recall]
 print(f"smallest shortlist within 1% of brute force: k = {enough[0]} of {n_docs} documents")
 assert enough and enough[0] <= 100      # a shortlist of at most 100 recovers full-size search
-"""),
-("md", r"""
-At this corpus size (about 1,500 documents) a full-size scan is already a millisecond-scale
-matrix product: the two-stage search is barely faster at the smallest `k` and slower beyond, since
-it pays for its second stage (gathering `k` full vectors per query); it wins once the corpus is
-large. `benchmarks/mrl_search.py` measures it on all 20,506 documents and on a million synthetic
-vectors (below).
 
-### Index bytes per vector
+# %% [markdown]
+# At this corpus size (about 1,500 documents) a full-size scan is already a millisecond-scale
+# matrix product: the two-stage search is barely faster at the smallest `k` and slower beyond, since
+# it pays for its second stage (gathering `k` full vectors per query); it wins once the corpus is
+# large. `benchmarks/mrl_search.py` measures it on all 20,506 documents and on a million synthetic
+# vectors (below).
+#
+# ### Index bytes per vector
+#
+# The shortlist index can also be quantised: int8 (one byte per number plus a float32 scale per
+# vector) or one sign bit per number (binary; scored by Hamming distance). Each stores the same
+# 64-number prefixes; the re-rank stays at full float32.
 
-The shortlist index can also be quantised: int8 (one byte per number plus a float32 scale per
-vector) or one sign bit per number (binary; scored by Hamming distance). Each stores the same
-64-number prefixes; the re-rank stays at full float32.
-"""),
-("code", r"""
+# %%
 bytes_per_vector = {f"float32, {m}": matryoshka.build_index(d_emb[:1], m, "float32").nbytes for m in (384, 64)}
 for kind in ("int8", "binary"):
     bytes_per_vector[f"{kind}, {SHORTLIST_DIM}"] = matryoshka.build_index(d_emb[:1], SHORTLIST_DIM, kind).nbytes
@@ -229,19 +224,19 @@ print(f"two-stage recall@10 with k=100 from a {SHORTLIST_DIM}-number shortlist i
       ", ".join(f"{kind} {r:.3f}" for kind, r in quantised_recall.items()) + f" (brute force {full_recall:.3f})")
 assert bytes_per_vector == {"float32, 384": 1536, "float32, 64": 256, "int8, 64": 68, "binary, 64": 8}
 assert quantised_recall["int8"] >= quantised_recall["float32"] - 0.01
-"""),
-("md", r"""
-<a id="claim-04-search-speed"></a>
 
-## The search at full scale (benchmark)
+# %% [markdown]
+# <a id="claim-04-search-speed"></a>
+#
+# ## The search at full scale (benchmark)
+#
+# `benchmarks/mrl_search.py` trains the same kind of LoRA + MRL model on 2,048 pairs, embeds the
+# 506 test queries against all 20,506 documents, and times brute force against two-stage search
+# for shortlist dimensions 32, 64, 128 and shortlists of 10 to 1,000; then it times the chosen
+# setting on a million synthetic unit vectors (timing only: random vectors have no Matryoshka
+# structure, so their recall means nothing). Its committed results:
 
-`benchmarks/mrl_search.py` trains the same kind of LoRA + MRL model on 2,048 pairs, embeds the
-506 test queries against all 20,506 documents, and times brute force against two-stage search
-for shortlist dimensions 32, 64, 128 and shortlists of 10 to 1,000; then it times the chosen
-setting on a million synthetic unit vectors (timing only: random vectors have no Matryoshka
-structure, so their recall means nothing). Its committed results:
-"""),
-("code", r"""
+# %%
 search = json.loads(Path("../benchmarks/results/mrl_search.json").read_text())
 print(f"benchmark run: {search['command']}\n  ({search['date']}, {search['seconds'] // 60} min on {search['threads']} CPU threads)")
 bf = search["brute_force"]
@@ -267,30 +262,30 @@ print(f"on {syn['n_docs']:,d} synthetic vectors (timing only), shortlist at {syn
       f"one at a time {syn['seconds_per_query_brute_force'] * 1e3:.0f} ms -> {syn['seconds_per_query_two_stage'] * 1e3:.0f} ms "
       f"per query ({syn['speedup_per_query']:.1f}x); {syn['n_queries']} at once {syn['seconds_batched_brute_force']:.2f} s -> "
       f"{syn['seconds_batched_two_stage']:.2f} s ({syn['speedup_batched']:.1f}x)")
-"""),
-("md", r"""
-How the queries arrive decides the answer. **One at a time**, as a search service receives
-them, brute force reads the whole corpus for every query (20,506 × 1,536 bytes, 1.82 ms);
-a shortlist at 64 numbers with k = 200 reads a sixth of that plus 200 full vectors, keeps
-recall@10 within 1% (0.619 against 0.623) and is **6.7× faster** (the issue's target, ≥ 4×, is
-met). On a million synthetic vectors the same setting goes from 104 ms to 13 ms per query
-(8.0×). **All 506 queries at once**, brute force is one matrix product that reads the corpus once
-for all of them, while the re-rank still gathers k full vectors per query: the best setting
-within 1% (shortlist at 128, k = 20) is only 2.2× faster, and 4.0× on a million vectors; the
-benchmark prints these as missed targets.
 
-A binary shortlist index at 64 numbers (8 bytes per vector) loses far more than it saves here
-(recall@10 0.506 at k = 200); int8 (68 bytes) stays within two queries of float32 at every
-setting. Note also that recall@10 need not grow with k: a larger shortlist admits documents that
-the full-size score ranks above the right one (at 128 numbers, k = 20 found 0.623 and k = 50
-0.617). Only k = the whole corpus is guaranteed to equal brute force.
+# %% [markdown]
+# How the queries arrive decides the answer. **One at a time**, as a search service receives
+# them, brute force reads the whole corpus for every query (20,506 × 1,536 bytes, 1.82 ms);
+# a shortlist at 64 numbers with k = 200 reads a sixth of that plus 200 full vectors, keeps
+# recall@10 within 1% (0.619 against 0.623) and is **6.7× faster** (the issue's target, ≥ 4×, is
+# met). On a million synthetic vectors the same setting goes from 104 ms to 13 ms per query
+# (8.0×). **All 506 queries at once**, brute force is one matrix product that reads the corpus once
+# for all of them, while the re-rank still gathers k full vectors per query: the best setting
+# within 1% (shortlist at 128, k = 20) is only 2.2× faster, and 4.0× on a million vectors; the
+# benchmark prints these as missed targets.
+#
+# A binary shortlist index at 64 numbers (8 bytes per vector) loses far more than it saves here
+# (recall@10 0.506 at k = 200); int8 (68 bytes) stays within two queries of float32 at every
+# setting. Note also that recall@10 need not grow with k: a larger shortlist admits documents that
+# the full-size score ranks above the right one (at 128 numbers, k = 20 found 0.623 and k = 50
+# 0.617). Only k = the whole corpus is guaranteed to equal brute force.
+#
+# The seeds' own two-stage figures (1,000 candidates shortlisted in 20 ms and re-ranked in 50 ms:
+# 70 ms against 100 ms without MRL) come without a corpus size or hardware and cannot be
+# reproduced; the shape of the claim, a several-fold faster search at nearly the same recall,
+# holds for one-query-at-a-time search.
 
-The seeds' own two-stage figures (1,000 candidates shortlisted in 20 ms and re-ranked in 50 ms:
-70 ms against 100 ms without MRL) come without a corpus size or hardware and cannot be
-reproduced; the shape of the claim, a several-fold faster search at nearly the same recall,
-holds for one-query-at-a-time search.
-"""),
-("code", r"""
+# %%
 b_pq, b_b = search["best_at_99pct"]["per_query"], search["best_at_99pct"]["batched"]
 assert (b_pq["dim"], b_pq["k"], b_pq["speedup_per_query"], round(b_pq["recall@10"], 3)) == (64, 200, 6.67, 0.619)
 assert (b_b["dim"], b_b["k"], b_b["speedup_batched"]) == (128, 20, 2.17)
@@ -301,19 +296,19 @@ at = {(s["dim"], s["k"]): s for s in search["two_stage"]}
 assert round(at[64, 200]["recall@10_binary"], 3) == 0.506
 assert all(round(abs(s["recall@10_int8"] - s["recall@10"]) * search["n_queries"]) <= 2 for s in search["two_stage"])   # queries
 assert at[128, 20]["recall@10"] > at[128, 50]["recall@10"]        # a larger shortlist can lose a hit
-"""),
-("md", r"""
-<a id="claim-04-combination"></a>
 
-## The seeds' combination table, at this scale (benchmark)
+# %% [markdown]
+# <a id="claim-04-combination"></a>
+#
+# ## The seeds' combination table, at this scale (benchmark)
+#
+# The seeds' headline table trains CLIP on Flickr30k for three epochs five ways. We reproduce its
+# *comparisons* on code search with MiniLM: `benchmarks/mrl_combination.py` trains each method on
+# the same 2,048 pairs in the same order (batch 64; LoRA r = 16; GradCache chunk 16; MRL over
+# 384…32), measures one training step's memory by chapter 03's exact accounting, and scores the
+# test split against 2,506 documents at 384 and at 64 numbers.
 
-The seeds' headline table trains CLIP on Flickr30k for three epochs five ways. We reproduce its
-*comparisons* on code search with MiniLM: `benchmarks/mrl_combination.py` trains each method on
-the same 2,048 pairs in the same order (batch 64; LoRA r = 16; GradCache chunk 16; MRL over
-384…32), measures one training step's memory by chapter 03's exact accounting, and scores the
-test split against 2,506 documents at 384 and at 64 numbers.
-"""),
-("code", r"""
+# %%
 combo = json.loads(Path("../benchmarks/results/mrl_combination.json").read_text())
 print(f"benchmark run: {combo['command']}\n  ({combo['date']}, {combo['seconds'] // 60} min on {combo['threads']} CPU threads)")
 mib = lambda b: b / 2**20
@@ -332,40 +327,40 @@ display(Markdown(
     "Seeds: Flickr30k, CLIP, 3 epochs on a GPU.\n\n"
     "| method | R@1 384 | R@10 384 | R@1 64 | R@10 64 | trainable | step memory | min/epoch | seeds R@1 | seeds memory | seeds time |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows_md)))
-"""),
-("md", r"""
-How far apart must two numbers be to differ? With 506 test queries, one query is 0.2 points
-of recall, and the standard error of a recall near 0.4 is about 2 points
-($\sqrt{0.4 \cdot 0.6 / 506}$). The seeds' accuracy differences (0.1 to 1.8 points) are of that
-size too. Their conclusions, one by one, against this table:
 
-* **LoRA matches full fine-tuning** (71.0% vs 71.2%): *holds*. R@10 0.790 against 0.796, R@1
-  0.399 against 0.389: within noise, with 147,456 trainable parameters instead of 22.7 million.
-* **LoRA cuts memory threefold** (8 GB vs 24 GB): *not here*: 2,458 MiB against 3,425 MiB, a
-  factor 1.4. For a 22.7M-parameter encoder, the weights, gradients and AdamW state of full
-  fine-tuning are only 87 + 86 + 172 MiB; the activations saved at batch 64 dominate both (3,080
-  MiB for full fine-tuning, 2,369 MiB for LoRA, which needs no saved inputs for the frozen
-  weights' gradients). LoRA's saving grows with the model's size relative to its activations.
-* **GradCache costs almost no accuracy** (70.9% vs 71.0%): *holds*, and must: it computes the same
-  gradient (chapter 03). The 0.4-point R@1 difference comes from dropout masks drawn in another
-  order (chunk by chunk), well within noise.
-* **GradCache saves memory** (5 GB vs 8 GB, −37%): *holds, and more*: 520 MiB against 2,458 MiB
-  (−79%) with chunk 16 of a batch of 64; the saving is set by the batch-to-chunk ratio, not a
-  fixed percentage. It costs 16% more time per epoch (one extra forward pass; the seeds: +10%).
-* **MRL adds accuracy at full dimension** (72.8% vs 71.0%): *not here*. At 384 numbers LoRA + MRL
-  has R@1 0.371 against 0.399 and R@10 0.785 against 0.790: no gain, at most a small loss.
-* **MRL adds accuracy at low dimension**: *holds at 32 numbers*, R@10 0.547 against 0.514 (and
-  0.555 against 0.514 with GradCache); at 64 the gain (0.672 against 0.656) is within noise,
-  at 128 there is none. At this training budget (32 steps) MRL has only begun to reorganise the
-  prefixes; the live curve above shows the same.
-* **MRL costs memory** (10 GB vs 8 GB): *wrong*. 2,459 MiB against 2,458 MiB: the extra losses
-  are computed on slices of embeddings already in memory.
-* **All three together: 6 GB and the fastest of the MRL runs** (2.1 h vs 2.5 h): the memory
-  *holds* (520 MiB, GradCache's), the time *does not*: 6.3 minutes per epoch against 5.0 for
-  LoRA + MRL; GradCache's extra forward pass cannot make a run faster than the same run without
-  it.
-"""),
-("code", r"""
+# %% [markdown]
+# How far apart must two numbers be to differ? With 506 test queries, one query is 0.2 points
+# of recall, and the standard error of a recall near 0.4 is about 2 points
+# ($\sqrt{0.4 \cdot 0.6 / 506}$). The seeds' accuracy differences (0.1 to 1.8 points) are of that
+# size too. Their conclusions, one by one, against this table:
+#
+# * **LoRA matches full fine-tuning** (71.0% vs 71.2%): *holds*. R@10 0.790 against 0.796, R@1
+#   0.399 against 0.389: within noise, with 147,456 trainable parameters instead of 22.7 million.
+# * **LoRA cuts memory threefold** (8 GB vs 24 GB): *not here*: 2,458 MiB against 3,425 MiB, a
+#   factor 1.4. For a 22.7M-parameter encoder, the weights, gradients and AdamW state of full
+#   fine-tuning are only 87 + 86 + 172 MiB; the activations saved at batch 64 dominate both (3,080
+#   MiB for full fine-tuning, 2,369 MiB for LoRA, which needs no saved inputs for the frozen
+#   weights' gradients). LoRA's saving grows with the model's size relative to its activations.
+# * **GradCache costs almost no accuracy** (70.9% vs 71.0%): *holds*, and must: it computes the same
+#   gradient (chapter 03). The 0.4-point R@1 difference comes from dropout masks drawn in another
+#   order (chunk by chunk), well within noise.
+# * **GradCache saves memory** (5 GB vs 8 GB, −37%): *holds, and more*: 520 MiB against 2,458 MiB
+#   (−79%) with chunk 16 of a batch of 64; the saving is set by the batch-to-chunk ratio, not a
+#   fixed percentage. It costs 16% more time per epoch (one extra forward pass; the seeds: +10%).
+# * **MRL adds accuracy at full dimension** (72.8% vs 71.0%): *not here*. At 384 numbers LoRA + MRL
+#   has R@1 0.371 against 0.399 and R@10 0.785 against 0.790: no gain, at most a small loss.
+# * **MRL adds accuracy at low dimension**: *holds at 32 numbers*, R@10 0.547 against 0.514 (and
+#   0.555 against 0.514 with GradCache); at 64 the gain (0.672 against 0.656) is within noise,
+#   at 128 there is none. At this training budget (32 steps) MRL has only begun to reorganise the
+#   prefixes; the live curve above shows the same.
+# * **MRL costs memory** (10 GB vs 8 GB): *wrong*. 2,459 MiB against 2,458 MiB: the extra losses
+#   are computed on slices of embeddings already in memory.
+# * **All three together: 6 GB and the fastest of the MRL runs** (2.1 h vs 2.5 h): the memory
+#   *holds* (520 MiB, GradCache's), the time *does not*: 6.3 minutes per epoch against 5.0 for
+#   LoRA + MRL; GradCache's extra forward pass cannot make a run faster than the same run without
+#   it.
+
+# %%
 m = combo["methods"]
 r = lambda name, dim, k: m[name]["scores"][str(dim)][f"recall@{k}"]
 mem = lambda name: round(m[name]["memory"]["total"] / 2**20)
@@ -387,11 +382,11 @@ assert r("LoRA + MRL", 384, 1) <= r("LoRA", 384, 1)                             
 assert r("LoRA + MRL", 32, 10) - r("LoRA", 32, 10) > 0.03                                 # a gain at 32
 assert abs(m["LoRA + MRL"]["memory"]["total"] / m["LoRA"]["memory"]["total"] - 1) < 0.01  # MRL costs no memory
 assert m["LoRA + GradCache + MRL"]["epoch_seconds"] > m["LoRA + MRL"]["epoch_seconds"]      # all three is not faster
-"""),
-("md", r"""
-## What we measured
-"""),
-("code", r"""
+
+# %% [markdown]
+# ## What we measured
+
+# %%
 display(Markdown(f'''
 | quantity | measured here |
 |---|---|
@@ -402,18 +397,19 @@ display(Markdown(f'''
 | two-stage speed-up at ≥ 99% of brute-force recall@10, {search["n_docs"]:,d} documents, one query at a time / all at once (benchmark) | {search["best_at_99pct"]["per_query"]["speedup_per_query"]:.1f}x / {search["best_at_99pct"]["batched"]["speedup_batched"]:.1f}x |
 | one query at a time on {syn["n_docs"]:,d} synthetic vectors (benchmark, timing only) | {syn["speedup_per_query"]:.1f}x |
 '''))
-"""),
-("md", r"""
-## Exercises
 
-Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
-`BEGIN SOLUTION` / `END SOLUTION` markers.
 
-**Exercise 1: a prefix, re-normalised.** Write `prefix(emb, m)`: the first `m` numbers of each
-row of `emb`, rescaled to unit length. The check compares it with `matryoshka.truncate` and
-shows why the re-normalisation matters for cosine scores.
-"""),
-("code", r"""
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
+# `BEGIN SOLUTION` / `END SOLUTION` markers.
+#
+# **Exercise 1: a prefix, re-normalised.** Write `prefix(emb, m)`: the first `m` numbers of each
+# row of `emb`, rescaled to unit length. The check compares it with `matryoshka.truncate` and
+# shows why the re-normalisation matters for cosine scores.
+
+# %%
 def prefix(emb, m):
     # BEGIN SOLUTION
     return torch.nn.functional.normalize(emb[:, :m], dim=-1)
@@ -422,19 +418,20 @@ def prefix(emb, m):
 g = torch.Generator().manual_seed(1)
 x = torch.nn.functional.normalize(torch.randn(5, 384, generator=g), dim=-1)
 print(tuple(prefix(x, 64).shape))
-"""),
-("code", r"""
+
+# %%
 assert torch.allclose(prefix(x, 64), matryoshka.truncate(x, 64), atol=1e-6)
 assert torch.allclose(prefix(x, 64).norm(dim=1), torch.ones(5), atol=1e-5)
 assert (x[:, :64].norm(dim=1) < 0.9).all()      # without re-normalising, a prefix is far shorter than 1
-"""),
-("md", r"""
-**Exercise 2: two-stage search by hand.** Write `two_stage(q, docs, k, m)` returning, for each
-query, the index of its best document found by shortlisting `k` documents at the first `m`
-numbers and re-ranking them at full size. The check compares it with `matryoshka.two_stage_search`
-on the chapter's real embeddings.
-"""),
-("code", r"""
+
+
+# %% [markdown]
+# **Exercise 2: two-stage search by hand.** Write `two_stage(q, docs, k, m)` returning, for each
+# query, the index of its best document found by shortlisting `k` documents at the first `m`
+# numbers and re-ranking them at full size. The check compares it with `matryoshka.two_stage_search`
+# on the chapter's real embeddings.
+
+# %%
 def two_stage(q, docs, k, m):
     # BEGIN SOLUTION
     norm = torch.nn.functional.normalize
@@ -444,17 +441,13 @@ def two_stage(q, docs, k, m):
     # END SOLUTION
 
 print(two_stage(q_emb[:3], d_emb, 20, 32).tolist())
-"""),
-("code", r"""
+
+# %%
 expected = matryoshka.two_stage_search(q_emb[:50], d_emb, k=20, shortlist_dim=32, top=1).indices.squeeze(1)
 assert torch.equal(two_stage(q_emb[:50], d_emb, 20, 32), expected)
-"""),
-("md", r"""
-**Exercise 3 (open).** Train LoRA + MRL with weights that favour the small prefixes
-(`matryoshka_weights=(1, 1, 1, 2, 4)`) and plot its recall curve beside the two above. What
-does the full-size recall pay for the gain at 32? Then try a binary shortlist index at 128
-numbers (16 bytes per vector): which `k` recovers brute force?
-"""),
-]
 
-build(cells, sys.argv[1])
+# %% [markdown]
+# **Exercise 3 (open).** Train LoRA + MRL with weights that favour the small prefixes
+# (`matryoshka_weights=(1, 1, 1, 2, 4)`) and plot its recall curve beside the two above. What
+# does the full-size recall pay for the gain at 32? Then try a binary shortlist index at 128
+# numbers (16 bytes per vector): which `k` recovers brute force?

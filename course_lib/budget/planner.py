@@ -7,15 +7,17 @@ nothing does; `seed_recipe` is seed 000's tree itself. `course-lib plan` prints 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .budget import Budget, GiB, _names, estimate, format_bytes, parse_memory
-from .model_configs import get_config
+from ..checks import fraction, optional_positive_int
+from .configs import get_config
+from .estimate import Budget, GiB, _names, estimate_settings, format_bytes, parse_memory
+from .settings import Settings
 
 
 @dataclass
 class Plan:
-    """What `plan` chose: ``settings`` are `estimate`'s keyword arguments, ``budget`` their estimate.
+    """What `plan` chose: ``settings`` (a `Settings`, every default filled in) and ``budget``, their estimate.
 
     When nothing fits, ``fits`` is False, ``settings`` and ``budget`` describe the smallest
     configuration tried, and ``reason`` says what is too big. ``tried`` has one line per method and
@@ -27,7 +29,7 @@ class Plan:
     gpu_memory: int
     usable: int
     seed_recipe: str
-    settings: dict
+    settings: Settings
     budget: Budget
     tried: list[str] = field(default_factory=list)
     reason: str = ""
@@ -35,19 +37,19 @@ class Plan:
 
     def summary(self) -> str:
         """Human-readable: the verdict, the settings, the estimate's table, what was tried."""
-        s = self.budget.settings  # every setting, defaults filled in
+        s = self.settings
         lines = [f"{self.model} on {format_bytes(self.gpu_memory)} ({format_bytes(self.usable)} usable after headroom)",
                  f"seed 000's tree for this GPU: {self.seed_recipe}"]
         lines += [f"  tried: {t}" for t in self.tried]
         if self.fits:
-            recipe = s["method"] + ("" if s["method"] == "full" else f" r={s['r']} on {_names(s['target_modules'])}")
-            if s["method"] == "qlora":
-                recipe += f" ({s['quant_type']}{', double quantization' if s['double_quant'] else ''})"
-            split = (f"GradCache chunks of {s['chunk_size']}" if s["chunk_size"]
-                     else f"gradient accumulation {s['gradient_accumulation_steps']}"
-                     if s["gradient_accumulation_steps"] > 1 else "the whole batch at once")
-            lines.append(f"plan: {recipe}, batch {s['batch_size']} x {s['seq_len']} tokens, {split}, "
-                         f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
+            recipe = s.method + ("" if s.method == "full" else f" r={s.r} on {_names(s.target_modules)}")
+            if s.method == "qlora":
+                recipe += f" ({s.quant_type}{', double quantization' if s.double_quant else ''})"
+            split = (f"GradCache chunks of {s.chunk_size}" if s.chunk_size
+                     else f"gradient accumulation {s.gradient_accumulation_steps}"
+                     if s.gradient_accumulation_steps > 1 else "the whole batch at once")
+            lines.append(f"plan: {recipe}, batch {s.batch_size} x {s.seq_len} tokens, {split}, "
+                         f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
                          f"estimated peak {format_bytes(self.budget.peak)}")
         else:
             lines.append(f"nothing fits: {self.reason}")
@@ -56,7 +58,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"fits": self.fits, "model": self.model, "gpu_memory": self.gpu_memory, "usable": self.usable,
-                "seed_recipe": self.seed_recipe, "settings": self.settings, "budget": self.budget.to_dict(),
+                "seed_recipe": self.seed_recipe, "settings": self.settings.to_dict(), "budget": self.budget.to_dict(),
                 "tried": self.tried, "reason": self.reason, "notes": self.notes}
 
 
@@ -90,12 +92,10 @@ def plan(model, gpu_memory, *, batch_size: int | None = None, seq_len: int = 512
     """
     c = get_config(model)
     gpu = parse_memory(gpu_memory)
-    if not 0 <= headroom < 1:
-        raise ValueError(f"headroom is a fraction of the GPU memory kept free, from 0 to 1; got {headroom!r}")
+    fraction("headroom", headroom, "the share of the GPU memory kept free")
     encoder = c.architecture == "bert"
-    batch = batch_size if batch_size is not None else (64 if encoder else 4)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch!r}")
+    batch = optional_positive_int("batch_size", batch_size)
+    batch = batch if batch is not None else (64 if encoder else 4)
     usable = int(gpu * (1 - headroom))
     words, methods, r_tree, chunk_tree = seed_recipe(gpu)
     targets = target_modules or {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "bert": ["query", "key", "value"],
@@ -103,32 +103,28 @@ def plan(model, gpu_memory, *, batch_size: int | None = None, seq_len: int = 512
     pieces = [d for d in range(batch, 0, -1) if batch % d == 0]
     if chunk_tree is not None:
         pieces = [d for d in pieces if d <= chunk_tree] or [1]
-    common = {"weight_dtype": weight_dtype, "optimizer": optimizer, "seq_len": seq_len}
     mrl = ("MRL adds a loss over a few truncations of the same embedding: no memory worth modelling "
            "(the seed's '+5-10%' is not reproduced here)")
     notes = [mrl] if encoder else []
 
-    def settings(method, r, checkpointing, piece):
-        s = dict(common, method=method, gradient_checkpointing=checkpointing)
-        if method != "full":
-            s.update(r=r, target_modules=targets)
-        if encoder:
-            s.update(batch_size=batch, chunk_size=piece if piece < batch else None)
-        else:
-            s.update(batch_size=piece, gradient_accumulation_steps=batch // piece)
-        return s
+    def rung(method: str, r: int, checkpointing: bool, piece: int) -> Settings:
+        """One rung of the ladder: ``piece`` sequences per forward pass, as GradCache chunks or micro-batches."""
+        lora = {} if method == "full" else {"r": r, "target_modules": targets}
+        split = ({"batch_size": batch, "chunk_size": piece if piece < batch else None} if encoder
+                 else {"batch_size": piece, "gradient_accumulation_steps": batch // piece})
+        return Settings.build(c, method, weight_dtype=weight_dtype, optimizer=optimizer, seq_len=seq_len,
+                              gradient_checkpointing=checkpointing, **lora, **split)
 
     tried, smallest = [], None
     ladder = [(m, r_tree, ck) for m in [*methods, "qlora"] for ck in (False, True)]
     ladder += [("qlora", r, True) for r in (8, 4) if r < r_tree]
     for method, r, checkpointing in ladder:
         for piece in pieces:
-            s = settings(method, r, checkpointing, piece)
-            b = estimate(c, **{k: v for k, v in s.items() if k != "method"}, method=method)
+            s = rung(method, r, checkpointing, piece)
+            b = estimate_settings(c, s)
             if b.peak <= usable:
-                if s.get("chunk_size"):
-                    whole = estimate(c, **{k: v for k, v in s.items() if k not in ("method", "chunk_size")},
-                                     method=method)
+                if s.chunk_size:
+                    whole = estimate_settings(c, replace(s, chunk_size=None))
                     if whole.peak <= usable:
                         notes.append(f"the tree's GradCache is not needed here: the whole batch fits "
                                      f"(peak {format_bytes(whole.peak)}); chunks only cost a second forward pass")
@@ -144,7 +140,7 @@ def plan(model, gpu_memory, *, batch_size: int | None = None, seq_len: int = 512
         reason = (f"the 4-bit weights alone take {format_bytes(b.weights)}, more than the {format_bytes(usable)} "
                   f"usable on this GPU; a larger GPU, several GPUs, or a smaller model")
     else:
-        reason = (f"with QLoRA r={s['r']}, checkpointing and one sequence of {seq_len} tokens per step the peak is "
+        reason = (f"with QLoRA r={s.r}, checkpointing and one sequence of {seq_len} tokens per step the peak is "
                   f"{format_bytes(b.peak)} (activations {format_bytes(b.activations)}, backward buffers "
                   f"{format_bytes(b.transient)}) > {format_bytes(usable)}; shorten the sequences")
     return Plan(False, c.name, gpu, usable, words, s, b, tried, reason, notes)

@@ -1,33 +1,26 @@
-import sys
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from nbtools import build
+# %% [markdown]
+# # 02 · QLoRA: a 4-bit base, NF4 from first principles
+#
+# QLoRA (Dettmers et al., 2023) fine-tunes a model whose frozen weights are stored in **4 bits**,
+# with LoRA adapters (chapter 01) trained in 16/32-bit on top. Its pieces are a 4-bit data type
+# built for normally distributed weights (**NF4**), **double quantization** of the scaling
+# constants, **paged optimizers**, and LoRA. This chapter builds each from scratch
+# (`course_lib.quant`, `course_lib.qlora`), checks them against bitsandbytes on SmolLM2's real
+# weights, and measures the claims:
+#
+# 1. why NF4's levels are normal quantiles, and what it does to the quantization error;
+# 2. bits per parameter and model bytes, from the stored tensors;
+# 3. perplexity of SmolLM2 in float32, NF4, NF4 + double quantization, FP4 and INT4;
+# 4. QLoRA training with our `Linear4bit` and with transformers' `BitsAndBytesConfig` + peft, side by side;
+# 5. optimizer memory: 32-bit AdamW, 8-bit AdamW, paged AdamW;
+# 6. the deployment trap: merging an adapter into a 4-bit base.
+#
+# **Time:** about 2 minutes on 2 CPU cores (every chapter's measured time is on the home page).
 
-IGN = "nbval-ignore-output"
-cells = [
-("md", r"""
-# 02 · QLoRA: a 4-bit base, NF4 from first principles
-
-QLoRA (Dettmers et al., 2023) fine-tunes a model whose frozen weights are stored in **4 bits**,
-with LoRA adapters (chapter 01) trained in 16/32-bit on top. Its pieces are a 4-bit data type
-built for normally distributed weights (**NF4**), **double quantization** of the scaling
-constants, **paged optimizers**, and LoRA. This chapter builds each from scratch
-(`course_lib.quant`, `course_lib.qlora`), checks them against bitsandbytes on SmolLM2's real
-weights, and measures the claims:
-
-1. why NF4's levels are normal quantiles, and what it does to the quantization error;
-2. bits per parameter and model bytes, from the stored tensors;
-3. perplexity of SmolLM2 in float32, NF4, NF4 + double quantization, FP4 and INT4;
-4. QLoRA training with our `Linear4bit` and with transformers' `BitsAndBytesConfig` + peft, side by side;
-5. optimizer memory: 32-bit AdamW, 8-bit AdamW, paged AdamW;
-6. the deployment trap: merging an adapter into a 4-bit base.
-
-**Time:** about 2 minutes on 2 CPU cores (every chapter's measured time is on the home page).
-"""),
-("code", r"""
+# %%
 import copy
 import json
 import logging
-import time
 import warnings
 from pathlib import Path
 
@@ -36,14 +29,14 @@ import torch
 from IPython.display import Markdown, display
 from scipy.stats import norm
 
-from course_lib import data, lora, memory, models, qlora, quant, retrieval, train
+from course_lib import data, instruct, linear4bit, lora, memory, models, qlora, quant, train
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # bitsandbytes notes a missing optional CPU kernel
 warnings.filterwarnings("ignore", category=FutureWarning)
-import bitsandbytes as bnb  # noqa: E402
-import bitsandbytes.functional as bnbF  # noqa: E402
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import BitsAndBytesConfig  # noqa: E402
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig
 
 SEED = 0
 DEVICE = models.default_device()
@@ -55,21 +48,21 @@ SMOLLM_BATCH = 8
 N_INSTRUCT = 16      # test instructions scored by answer perplexity
 N_EXAMPLES = 4       # of those, answers generated and shown
 _ = torch.manual_seed(SEED)
-"""),
-("md", r"""
-<a id="claim-02-nf4-levels"></a>
 
-## NF4: 16 levels at the quantiles of a normal distribution
+# %% [markdown]
+# <a id="claim-02-nf4-levels"></a>
+#
+# ## NF4: 16 levels at the quantiles of a normal distribution
+#
+# Blockwise quantization divides each block of 64 weights by its absolute maximum, so the values
+# lie in [-1, 1], and stores for each value the index of the nearest of 16 levels. Pretrained
+# weights are close to normally distributed, so the QLoRA paper places the levels at *quantiles*
+# of the standard normal: then each level is used about equally often, and no code is wasted on
+# a range where there are few weights. The construction is asymmetric so that 0 is represented
+# exactly: 8 positive levels from quantiles of the upper half, 7 negative ones from the lower half,
+# plus 0, all divided by the largest so they span [-1, 1].
 
-Blockwise quantization divides each block of 64 weights by its absolute maximum, so the values
-lie in [-1, 1], and stores for each value the index of the nearest of 16 levels. Pretrained
-weights are close to normally distributed, so the QLoRA paper places the levels at *quantiles*
-of the standard normal: then each level is used about equally often, and no code is wasted on
-a range where there are few weights. The construction is asymmetric so that 0 is represented
-exactly: 8 positive levels from quantiles of the upper half, 7 negative ones from the lower half,
-plus 0, all divided by the largest so they span [-1, 1].
-"""),
-("code", r"""
+# %%
 offset = quant.NF4_OFFSET   # (1 - 1/(2·15) + 1 - 1/(2·16)) / 2: how far into the tails the extreme quantiles sit
 positive = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1].numpy())          # 8 positive levels
 negative = -norm.ppf(torch.linspace(offset, 0.5, 8)[:-1].numpy())         # 7 negative levels
@@ -80,14 +73,14 @@ print("equal to course_lib.quant.nf4_codebook():", torch.allclose(levels, quant.
 print("equal to bitsandbytes' NF4 table:        ",
       torch.allclose(levels, bnbF.get_4bit_type("nf4", device="cpu"), atol=1e-6))
 assert torch.allclose(levels, bnbF.get_4bit_type("nf4", device="cpu"), atol=1e-6)
-"""),
-("md", r"""
-Here are SmolLM2's real weights (every linear layer of three of its 30 blocks), each divided by
-the absmax of its block of 64, with the NF4 levels drawn on top, and next to them the evenly
-spaced INT4 levels. The *code entropy* says how evenly a type uses its 16 codes: 4 bits would
-be perfectly even.
-"""),
-("code", r"""
+
+# %% [markdown]
+# Here are SmolLM2's real weights (every linear layer of three of its 30 blocks), each divided by
+# the absmax of its block of 64, with the NF4 levels drawn on top, and next to them the evenly
+# spaced INT4 levels. The *code entropy* says how evenly a type uses its 16 codes: 4 bits would
+# be perfectly even.
+
+# %%
 smollm, tok = models.load_smollm2(DEVICE)
 linear_names = [n for n, m in smollm.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
 weights = {n: smollm.get_submodule(n).weight.detach() for n in linear_names}
@@ -115,17 +108,17 @@ ax.legend(loc="upper right")
 plt.show()
 print(f"code entropy (bits of 4): NF4 {entropy['nf4']:.3f}, FP4 {entropy['fp4']:.3f}, INT4 {entropy['int4']:.3f}")
 assert entropy["nf4"] > entropy["int4"] and entropy["nf4"] > entropy["fp4"]
-"""),
-("md", r"""
-<a id="claim-02-nf4-error"></a>
 
-## Quantization error on every layer of SmolLM2
+# %% [markdown]
+# <a id="claim-02-nf4-error"></a>
+#
+# ## Quantization error on every layer of SmolLM2
+#
+# Each of SmolLM2's 210 linear layers quantized with NF4, FP4 (bitsandbytes' 4-bit float), INT4
+# (16 evenly spaced levels) and INT8 (255 levels), blocksize 64, then dequantized: the mean
+# squared error per layer and the largest error, relative to the layer's mean square weight.
 
-Each of SmolLM2's 210 linear layers quantized with NF4, FP4 (bitsandbytes' 4-bit float), INT4
-(16 evenly spaced levels) and INT8 (255 levels), blocksize 64, then dequantized: the mean
-squared error per layer and the largest error, relative to the layer's mean square weight.
-"""),
-("code", r"""
+# %%
 errors = {t: {"mse": [], "max": []} for t in ("nf4", "fp4", "int4", "int8")}
 for name in linear_names:
     w = weights[name]
@@ -147,24 +140,24 @@ print(f"NF4 has a lower error than FP4 on {wins} of {len(linear_names)} layers, 
       f"{sum(a < b for a, b in zip(errors['nf4']['mse'], errors['int4']['mse']))}")
 assert mean_mse["int8"] < mean_mse["nf4"] < min(mean_mse["fp4"], mean_mse["int4"])
 assert wins == len(linear_names)   # NF4 beats FP4 on every single layer
-"""),
-("md", r"""
-<a id="claim-02-double-quant"></a>
 
-## Bits per parameter, and what the model weighs
+# %% [markdown]
+# <a id="claim-02-double-quant"></a>
+#
+# ## Bits per parameter, and what the model weighs
+#
+# A 4-bit code per weight plus a float32 absmax per block of 64 costs 4 + 32/64 = **4.5 bits**.
+# Double quantization stores each absmax in 8 bits (after subtracting their mean) with one float32
+# per 256 blocks: 4 + 8/64 + 32/(64·256) ≈ **4.127 bits**, the QLoRA paper's figure. Here the
+# counts come from the bytes of the stored tensors, for SmolLM2's linear layers (the embedding,
+# shared with the output layer, stays float32):
 
-A 4-bit code per weight plus a float32 absmax per block of 64 costs 4 + 32/64 = **4.5 bits**.
-Double quantization stores each absmax in 8 bits (after subtracting their mean) with one float32
-per 256 blocks: 4 + 8/64 + 32/(64·256) ≈ **4.127 bits**, the QLoRA paper's figure. Here the
-counts come from the bytes of the stored tensors, for SmolLM2's linear layers (the embedding,
-shared with the output layer, stays float32):
-"""),
-("code", r"""
+# %%
 reports = {}
 quantized = {}
 for label, qt, dq in [("NF4", "nf4", False), ("NF4 + DQ", "nf4", True), ("FP4", "fp4", False), ("INT4", "int4", False)]:
     model = copy.deepcopy(smollm)
-    reports[label] = quant.quantize_model(model, qt, double_quant=dq)
+    reports[label] = linear4bit.quantize_model(model, qt, double_quant=dq)
     quantized[label] = model
 r = reports["NF4 + DQ"]
 print(f"{r['layers_replaced']} layers, {r['weight_numel']:,d} weights: "
@@ -174,20 +167,20 @@ for label, rep in reports.items():
           f"whole model {rep['model_bytes_before'] / 2**20:.0f} -> {rep['model_bytes_after'] / 2**20:.0f} MiB")
 assert abs(reports["NF4"]["bits_per_parameter"] - 4.5) < 0.01
 assert abs(reports["NF4 + DQ"]["bits_per_parameter"] - (4 + 8 / 64 + 32 / (64 * 256))) < 0.01
-"""),
-("md", r"""
-<a id="claim-02-perplexity"></a>
 
-## Perplexity: does the 4-bit type matter?
+# %% [markdown]
+# <a id="claim-02-perplexity"></a>
+#
+# ## Perplexity: does the 4-bit type matter?
+#
+# Perplexity of each copy on held-out text: the first 128 tokens of 8 Python functions from the
+# code-search *test* split (SmolLM2 never trained on our splits; the same texts for every copy).
 
-Perplexity of each copy on held-out text: the first 128 tokens of 8 Python functions from the
-code-search *test* split (SmolLM2 never trained on our splits; the same texts for every copy).
-"""),
-("code", r"""
+# %%
 held_out = [row["document"] for row in data.load_code_search("test")[:PPL_TEXTS]]
-ppl = {"float32": retrieval.text_perplexity(smollm, tok, held_out, max_length=PPL_TOKENS)}
+ppl = {"float32": instruct.text_perplexity(smollm, tok, held_out, max_length=PPL_TOKENS)}
 for label, model in quantized.items():
-    ppl[label] = retrieval.text_perplexity(model, tok, held_out, max_length=PPL_TOKENS)
+    ppl[label] = instruct.text_perplexity(model, tok, held_out, max_length=PPL_TOKENS)
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.bar(list(ppl), list(ppl.values()), color=["gray", "tab:blue", "tab:blue", "tab:orange", "tab:red"])
 ax.set(ylabel="perplexity (lower is better)", ylim=(min(ppl.values()) * 0.95, max(ppl.values()) * 1.02),
@@ -195,26 +188,24 @@ ax.set(ylabel="perplexity (lower is better)", ylim=(min(ppl.values()) * 0.95, ma
 plt.show()
 for label, value in ppl.items():
     print(f"{label:9s} perplexity {value:6.3f}  ({value / ppl['float32'] - 1:+.1%} vs float32)")
-"""),
-("code", r"""
+
+# %%
 # the QLoRA paper's ordering: NF4 is the best 4-bit type; double quantization costs (almost) nothing
 assert ppl["float32"] < ppl["NF4"] < ppl["FP4"] < ppl["INT4"]
 assert abs(ppl["NF4 + DQ"] / ppl["NF4"] - 1) < 0.01
-"""),
-]
-cells += [
-("md", r"""
-## QLoRA training, ours and bitsandbytes + peft side by side
 
-The production recipe: transformers loads the model with `BitsAndBytesConfig(load_in_4bit=True,
-bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`, peft's
-`prepare_model_for_kbit_training` freezes it, and `get_peft_model` adds LoRA. Ours:
-`qlora.prepare_model_for_qlora` then `lora.inject_lora`. Both run on a CPU (bitsandbytes 0.50
-has CPU kernels); we compute in float32, since this CPU is ~7x slower in bfloat16. We give both
-the *same* initial adapter (copied from peft's) and the same batches. Because our NF4 codes are
-bit-identical to bitsandbytes', the two runs should agree step for step.
-"""),
-("code", r"""
+# %% [markdown]
+# ## QLoRA training, ours and bitsandbytes + peft side by side
+#
+# The production recipe: transformers loads the model with `BitsAndBytesConfig(load_in_4bit=True,
+# bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`, peft's
+# `prepare_model_for_kbit_training` freezes it, and `get_peft_model` adds LoRA. Ours:
+# `qlora.prepare_model_for_qlora` then `lora.inject_lora`. Both run on a CPU (bitsandbytes 0.50
+# has CPU kernels); we compute in float32, since this CPU is ~7x slower in bfloat16. We give both
+# the *same* initial adapter (copied from peft's) and the same batches. Because our NF4 codes are
+# bit-identical to bitsandbytes', the two runs should agree step for step.
+
+# %% tags=["nbval-ignore-output"]
 bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
 theirs, _ = models.load_smollm2(DEVICE, quantization_config=bnb_config)
@@ -234,14 +225,14 @@ with torch.no_grad():
 instruct_train = data.load_instruct("train")
 def fit(model, steps, desc, lr=2e-3):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    return train.train(model, lambda m, batch: retrieval.answer_loss(m, tok, batch),
+    return train.train(model, lambda m, batch: instruct.answer_loss(m, tok, batch),
                        train.batches(instruct_train, SMOLLM_BATCH, seed=SEED), steps=steps,
                        optimizer=optimizer, warmup_steps=1, seed=SEED, desc=desc)
 
 agree = {"course_lib": fit(ours, AGREE_STEPS, "course_lib QLoRA"),
          "bitsandbytes + peft": fit(theirs, AGREE_STEPS, "bnb + peft QLoRA")}
-""", IGN),
-("code", r"""
+
+# %%
 print(f"{'step':>4s} {'course_lib':>11s} {'bnb + peft':>11s}")
 for step, (a, b) in enumerate(zip(agree["course_lib"].loss, agree["bitsandbytes + peft"].loss), 1):
     print(f"{step:4d} {a:11.4f} {b:11.4f}")
@@ -251,31 +242,31 @@ gap = max((ours_ad[k] - theirs_ad[k]).abs().max().item() for k in ours_ad)
 print(f"after {AGREE_STEPS} steps the adapters differ by less than 1e-4: {gap < 1e-4}")
 assert max(abs(a - b) for a, b in zip(agree["course_lib"].loss, agree["bitsandbytes + peft"].loss)) < 1e-3
 assert gap < 1e-4
-"""),
-("code", r"""
+
+# %% tags=["nbval-ignore-output"]
 print(f"seconds per step: course_lib {agree['course_lib'].seconds_per_step:.1f}, "
       f"bitsandbytes + peft {agree['bitsandbytes + peft'].seconds_per_step:.1f}")
 del theirs
-""", IGN),
-("md", r"""
-<a id="claim-02-qlora-vs-lora"></a>
 
-## Does a 4-bit base cost accuracy? QLoRA vs 32-bit LoRA on the same steps
+# %% [markdown]
+# <a id="claim-02-qlora-vs-lora"></a>
+#
+# ## Does a 4-bit base cost accuracy? QLoRA vs 32-bit LoRA on the same steps
+#
+# The paper's headline: LoRA on a 4-bit NF4 base matches LoRA on a 16-bit base. We train the same
+# adapter (r = 8 on q and v, same initial A, same batches, learning rate 2e-3) on the float32
+# SmolLM2 and on the NF4 + double-quantization copy for the same number of steps and score both on
+# chapter 00's instruction task by the perplexity of the right answers (exact match needs far more
+# steps than this notebook's budget: the benchmark below compares it after 40).
 
-The paper's headline: LoRA on a 4-bit NF4 base matches LoRA on a 16-bit base. We train the same
-adapter (r = 8 on q and v, same initial A, same batches, learning rate 2e-3) on the float32
-SmolLM2 and on the NF4 + double-quantization copy for the same number of steps and score both on
-chapter 00's instruction task by the perplexity of the right answers (exact match needs far more
-steps than this notebook's budget: the benchmark below compares it after 40).
-"""),
-("code", r"""
+# %% tags=["nbval-ignore-output"]
 instruct_test = data.load_instruct("test")[:N_INSTRUCT]
 instructions, answers = [r["instruction"] for r in instruct_test], [r["answer"] for r in instruct_test]
 
 def score(model, examples=True):
-    result = {"perplexity": retrieval.perplexity(model, tok, instructions, answers)}
+    result = {"perplexity": instruct.perplexity(model, tok, instructions, answers)}
     if examples:  # generation is the slow part: a few examples only
-        result["examples"] = retrieval.generate_answers(model, tok, instructions[:N_EXAMPLES])
+        result["examples"] = instruct.generate_answers(model, tok, instructions[:N_EXAMPLES])
     return result
 
 runs = {}
@@ -291,8 +282,8 @@ for label in ["LoRA, float32 base", "QLoRA, NF4 + DQ base"]:
     history = fit(model, QLORA_STEPS, label)
     runs[label] = {"model": model, "history": history, **score(model)}
 base_scores = {"float32": score(smollm, examples=False), "NF4 + DQ": score(quantized["NF4 + DQ"], examples=False)}
-""", IGN),
-("code", r"""
+
+# %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for label, run in runs.items():
     ax.plot(range(1, QLORA_STEPS + 1), run["history"].loss, label=label)
@@ -306,20 +297,20 @@ for label, s in [("zero-shot, float32", base_scores["float32"]), ("zero-shot, NF
 print(f"\n{'gold':16s} {'LoRA, float32 base':24s} QLoRA, NF4 + DQ base")
 for gold, a, b in zip(answers, *(run["examples"] for run in runs.values())):
     print(f"{gold:16s} {a!r:24s} {b!r}")
-"""),
-("code", r"""
+
+# %%
 lo, ql = runs["LoRA, float32 base"], runs["QLoRA, NF4 + DQ base"]
 assert ql["perplexity"] < base_scores["NF4 + DQ"]["perplexity"] / 5     # QLoRA learned the task
 assert abs(ql["perplexity"] / lo["perplexity"] - 1) < 0.15                # and about as well as 32-bit LoRA
-"""),
-("md", r"""
-### Exact match after 40 steps (benchmark)
 
-`benchmarks/qlora_training.py` runs the same comparison for 40 steps, with bitsandbytes + peft
-as a third run, and scores exact match of the generated answers on 100 test instructions. Too
-long for this notebook; its committed results:
-"""),
-("code", r"""
+# %% [markdown]
+# ### Exact match after 40 steps (benchmark)
+#
+# `benchmarks/qlora_training.py` runs the same comparison for 40 steps, with bitsandbytes + peft
+# as a third run, and scores exact match of the generated answers on 100 test instructions. Too
+# long for this notebook; its committed results:
+
+# %%
 bench = json.loads(Path("../benchmarks/results/qlora_training.json").read_text())
 print(f"benchmark run: {bench['command']}  ({bench['date']}, {bench['seconds'] // 60} min on {bench['threads']} CPU threads)")
 print(f"{'':18s} {'exact match':>11s} {'answer ppl':>10s} {'s/step':>7s} {'final loss':>10s}")
@@ -328,22 +319,21 @@ for run in bench["runs"]:
           f"{run['seconds_per_step']:7.1f} {run['loss'][-1]:10.4f}")
 bench_runs = {run["method"]: run for run in bench["runs"]}
 lora_b, ours_b, bnb_b = (bench_runs[k] for k in ("lora_fp32", "qlora_course_lib", "qlora_bnb_peft"))
-"""),
-]
-cells += [
-("md", r"""
-<a id="claim-02-optimizers"></a>
 
-## Optimizer memory: 32-bit AdamW, 8-bit AdamW, paged AdamW
 
-AdamW keeps two moments per trainable parameter, 8 bytes in float32. bitsandbytes' `AdamW8bit`
-stores each moment in 1 byte (blockwise-quantized with the dynamic 8-bit code, one absmax per
-block of 256) for tensors of at least 4096 values and keeps 32-bit state for smaller ones. With
-LoRA the trainable parameters are few, so the saving matters most for *full* fine-tuning. We
-count the state tensors after one step, for QLoRA's adapters and for all of SmolLM2's
-parameters (a random gradient stands in for a real one: the state's size does not depend on it).
-"""),
-("code", r"""
+# %% [markdown]
+# <a id="claim-02-optimizers"></a>
+#
+# ## Optimizer memory: 32-bit AdamW, 8-bit AdamW, paged AdamW
+#
+# AdamW keeps two moments per trainable parameter, 8 bytes in float32. bitsandbytes' `AdamW8bit`
+# stores each moment in 1 byte (blockwise-quantized with the dynamic 8-bit code, one absmax per
+# block of 256) for tensors of at least 4096 values and keeps 32-bit state for smaller ones. With
+# LoRA the trainable parameters are few, so the saving matters most for *full* fine-tuning. We
+# count the state tensors after one step, for QLoRA's adapters and for all of SmolLM2's
+# parameters (a random gradient stands in for a real one: the state's size does not depend on it).
+
+# %%
 def state_bytes(params, cls):
     params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for p in params:
@@ -362,33 +352,31 @@ for scope, params in [("QLoRA adapters", [p for p in ql["model"].parameters() if
 for scope, b in optim_bytes.items():
     print(f"{scope:23s} {b['n']:>12,d} params: AdamW {b['AdamW'] / 2**20:8.2f} MiB, AdamW8bit "
           f"{b['AdamW8bit'] / 2**20:7.2f} MiB ({b['AdamW8bit'] / b['n']:.2f} B/param), PagedAdamW {b['PagedAdamW'] / 2**20:8.2f} MiB")
-"""),
-("code", r"""
+
+# %%
 for b in optim_bytes.values():
     assert b["AdamW"] == 8 * b["n"] == b["PagedAdamW"]      # paging moves the state, it does not shrink it
 full = optim_bytes["all SmolLM2 parameters"]
 assert 2 <= full["AdamW8bit"] / full["n"] < 2.1              # one byte per moment, plus small tables
-"""),
-("md", r"""
-**Paged optimizers** allocate their state in CUDA *unified memory*: when the GPU runs out (a
-long sequence makes activations spike), the driver evicts state pages to CPU RAM and brings them
-back when the optimizer step needs them, instead of failing with out-of-memory. The state is as
-large as before, as the table shows; what changes is where it may live. On a CPU there is no
-separate device memory to page out of, so `PagedAdamW` is simply AdamW here: it matters on a GPU,
-under memory spikes.
-"""),
-]
-cells += [
-("md", r"""
-## The deployment trap: merging into a 4-bit base
 
-After QLoRA, people want one model file. Merging means $W = \text{dequant}(W_{4bit}) + \Delta W$,
-and the tempting next step is to quantize $W$ to 4 bits again. But the update of a LoRA adapter is
-small, and each weight can only move to a neighbouring NF4 level, about 0.1 × absmax away: most
-of $\Delta W$ is rounded away. `lora.merge` refuses a 4-bit base and names the alternatives;
-`qlora.merge_and_requantize` does it on purpose and reports what survived.
-"""),
-("code", r"""
+# %% [markdown]
+# **Paged optimizers** allocate their state in CUDA *unified memory*: when the GPU runs out (a
+# long sequence makes activations spike), the driver evicts state pages to CPU RAM and brings them
+# back when the optimizer step needs them, instead of failing with out-of-memory. The state is as
+# large as before, as the table shows; what changes is where it may live. On a CPU there is no
+# separate device memory to page out of, so `PagedAdamW` is simply AdamW here: it matters on a GPU,
+# under memory spikes.
+
+# %% [markdown]
+# ## The deployment trap: merging into a 4-bit base
+#
+# After QLoRA, people want one model file. Merging means $W = \text{dequant}(W_{4bit}) + \Delta W$,
+# and the tempting next step is to quantize $W$ to 4 bits again. But the update of a LoRA adapter is
+# small, and each weight can only move to a neighbouring NF4 level, about 0.1 × absmax away: most
+# of $\Delta W$ is rounded away. `lora.merge` refuses a 4-bit base and names the alternatives;
+# `qlora.merge_and_requantize` does it on purpose and reports what survived.
+
+# %% tags=["nbval-ignore-output"]
 trained = ql["model"]
 try:
     lora.merge(trained)
@@ -402,8 +390,8 @@ report = qlora.merge_and_requantize(lossy)
 deploy = {"unmerged on NF4 (as trained)": trained, "dequantize + merge (float32)": exact,
           "merge + re-quantize (NF4)": lossy}
 deploy_scores = {label: score(model, examples=False) for label, model in deploy.items()}
-""", IGN),
-("code", r"""
+
+# %%
 print(f"re-quantization kept {report['update_kept']:.0%} of the update along its direction; relative error of the "
       f"applied update {report['update_error']:.2f}; {report['codes_changed']:.2%} of the codes changed")
 print(f"\n{'':30s} {'perplexity':>10s} {'linear layers':>16s}")
@@ -412,26 +400,24 @@ sizes = {"unmerged on NF4 (as trained)": "4.1 bits + LoRA", "dequantize + merge 
 for label, s in deploy_scores.items():
     print(f"{label:30s} {s['perplexity']:10.4g} {sizes[label]:>16s}")
 print(f"{'no adapter (NF4 + DQ base)':30s} {base_scores['NF4 + DQ']['perplexity']:10.4g}")
-"""),
-("code", r"""
+
+# %%
 a, b, c = (deploy_scores[k] for k in deploy)
 assert abs(b["perplexity"] / a["perplexity"] - 1) < 1e-3            # dequantize + merge is exact
 assert report["update_error"] > 0.5                                 # re-quantizing loses most of ΔW
 assert c["perplexity"] > 2 * a["perplexity"]                        # and much of what training bought
-"""),
-("md", r"""
-The correct ways to deploy a QLoRA adapter, then: serve it **unmerged** on the 4-bit base (what
-was trained, and the smallest), or **dequantize to 16/32 bits and merge** (exact, one plain
-model, four to eight times larger). If a 4-bit merged model is needed anyway, quantize the merged
-16-bit model with a method that calibrates on data (GPTQ, AWQ) and measure the result, rather
-than rounding to NF4 blindly.
-"""),
-]
-cells += [
-("md", r"""
-## What we measured
-"""),
-("code", r"""
+
+# %% [markdown]
+# The correct ways to deploy a QLoRA adapter, then: serve it **unmerged** on the 4-bit base (what
+# was trained, and the smallest), or **dequantize to 16/32 bits and merge** (exact, one plain
+# model, four to eight times larger). If a 4-bit merged model is needed anyway, quantize the merged
+# 16-bit model with a method that calibrates on data (GPTQ, AWQ) and measure the result, rather
+# than rounding to NF4 blindly.
+
+# %% [markdown]
+# ## What we measured
+
+# %%
 table = f'''
 | quantity | measured here |
 |---|---|
@@ -447,43 +433,43 @@ table = f'''
 | merge + re-quantize: share of ΔW kept / perplexity | {report["update_kept"]:.0%} / {c["perplexity"]:.4g} (unmerged {a["perplexity"]:.4g}) |
 '''
 display(Markdown(table))
-"""),
-("md", r"""
-## What the seeds and the paper claim, and what we measured
 
-* **NF4 levels are normal quantiles, bit-exact with bitsandbytes:** our construction from
-  `scipy.stats.norm.ppf` reproduces bitsandbytes' 16 values to 1e-6, and our codes are identical
-  to `quantize_4bit`'s (the tests check every layer type of SmolLM2).
-* **NF4 suits normally distributed weights:** on SmolLM2's weights NF4 uses its 16 codes most
-  evenly (3.86 bits of entropy of 4, against 3.70 for FP4 and 3.61 for INT4) and has the lowest
-  quantization error of the three on all 210 layers (mean relative MSE 8.8e-03, against 1.6e-02
-  for FP4 and 1.3e-02 for INT4). Note that bitsandbytes' FP4 has a *larger* mean squared error than
-  plain INT4 here, yet a lower perplexity: where the error falls matters, not only its size.
-* **Bits per parameter:** 4.500 without and 4.127 with double quantization, from the stored
-  tensors, as the paper computes; SmolLM2's linear layers go from 405 MiB to 52.2 MiB.
-* **The paper's ordering of data types:** perplexity 14.17 in float32, 17.47 NF4, 17.49 NF4 + DQ,
-  17.80 FP4, 18.90 INT4. NF4 is the best 4-bit type and double quantization costs 0.1%. A 135M
-  model loses far more to 4 bits (+23%) than the 7B-65B models of the paper, which have more
-  redundancy per weight.
-* **"A 4-bit base matches 16-bit LoRA":** not on this model at these budgets. After 5 identical
-  steps, answer perplexity 54.19 with the NF4 base against 48.13 with the float32 base (13%
-  apart), from 1744 and 1372 zero-shot: the NF4 base starts further away. After the benchmark's
-  40 steps the gap remains: exact match 0.07 against 0.14 and answer perplexity 12.39 against
-  10.52 (its `FIGURE` lines report both targets as missed). The paper's claim is for 7B-65B
-  models trained to convergence, where a 4-bit base loses far less than our 135M model (+23%
-  perplexity here); we cannot test that on a CPU, and do not claim it.
-* **Our QLoRA equals the production one:** the same initial adapter on our `Linear4bit` and on
-  transformers' `BitsAndBytesConfig` + peft gives the same losses to 4 decimals and adapters
-  within 1e-4 here, and in the benchmark the same loss at every one of 40 steps and the same
-  exact match and perplexity; ours took 1.22x bitsandbytes' time per step.
-* **8-bit AdamW:** 2.04 bytes per parameter of state for all of SmolLM2 (261 MiB against
-  1026 MiB); for LoRA's small adapters only 3.03 bytes, since bitsandbytes keeps 32-bit state for
-  tensors under 4096 values. Paged AdamW holds exactly AdamW's bytes.
-* **Merging into a 4-bit base:** re-quantizing after the merge kept under 1% of the adapter's
-  update and changed under 0.005% of the 4-bit codes; the perplexity went back to 1607 (the untuned
-  NF4 model: 1744), while dequantize-then-merge reproduced the adapter's 54.19 exactly.
-"""),
-("code", r"""
+# %% [markdown]
+# ## What the seeds and the paper claim, and what we measured
+#
+# * **NF4 levels are normal quantiles, bit-exact with bitsandbytes:** our construction from
+#   `scipy.stats.norm.ppf` reproduces bitsandbytes' 16 values to 1e-6, and our codes are identical
+#   to `quantize_4bit`'s (the tests check every layer type of SmolLM2).
+# * **NF4 suits normally distributed weights:** on SmolLM2's weights NF4 uses its 16 codes most
+#   evenly (3.86 bits of entropy of 4, against 3.70 for FP4 and 3.61 for INT4) and has the lowest
+#   quantization error of the three on all 210 layers (mean relative MSE 8.8e-03, against 1.6e-02
+#   for FP4 and 1.3e-02 for INT4). Note that bitsandbytes' FP4 has a *larger* mean squared error than
+#   plain INT4 here, yet a lower perplexity: where the error falls matters, not only its size.
+# * **Bits per parameter:** 4.500 without and 4.127 with double quantization, from the stored
+#   tensors, as the paper computes; SmolLM2's linear layers go from 405 MiB to 52.2 MiB.
+# * **The paper's ordering of data types:** perplexity 14.17 in float32, 17.47 NF4, 17.49 NF4 + DQ,
+#   17.80 FP4, 18.90 INT4. NF4 is the best 4-bit type and double quantization costs 0.1%. A 135M
+#   model loses far more to 4 bits (+23%) than the 7B-65B models of the paper, which have more
+#   redundancy per weight.
+# * **"A 4-bit base matches 16-bit LoRA":** not on this model at these budgets. After 5 identical
+#   steps, answer perplexity 54.19 with the NF4 base against 48.13 with the float32 base (13%
+#   apart), from 1744 and 1372 zero-shot: the NF4 base starts further away. After the benchmark's
+#   40 steps the gap remains: exact match 0.07 against 0.14 and answer perplexity 12.39 against
+#   10.52 (its `FIGURE` lines report both targets as missed). The paper's claim is for 7B-65B
+#   models trained to convergence, where a 4-bit base loses far less than our 135M model (+23%
+#   perplexity here); we cannot test that on a CPU, and do not claim it.
+# * **Our QLoRA equals the production one:** the same initial adapter on our `Linear4bit` and on
+#   transformers' `BitsAndBytesConfig` + peft gives the same losses to 4 decimals and adapters
+#   within 1e-4 here, and in the benchmark the same loss at every one of 40 steps and the same
+#   exact match and perplexity; ours took 1.22x bitsandbytes' time per step.
+# * **8-bit AdamW:** 2.04 bytes per parameter of state for all of SmolLM2 (261 MiB against
+#   1026 MiB); for LoRA's small adapters only 3.03 bytes, since bitsandbytes keeps 32-bit state for
+#   tensors under 4096 values. Paged AdamW holds exactly AdamW's bytes.
+# * **Merging into a 4-bit base:** re-quantizing after the merge kept under 1% of the adapter's
+#   update and changed under 0.005% of the 4-bit codes; the perplexity went back to 1607 (the untuned
+#   NF4 model: 1744), while dequantize-then-merge reproduced the adapter's 54.19 exactly.
+
+# %%
 # The figures quoted in the paragraph above, checked against what this run computed.
 assert (round(entropy["nf4"], 2), round(entropy["fp4"], 2), round(entropy["int4"], 2)) == (3.86, 3.70, 3.61)
 assert [f"{mean_mse[t]:.1e}" for t in ("nf4", "fp4", "int4")] == ["8.8e-03", "1.6e-02", "1.3e-02"]
@@ -500,18 +486,18 @@ assert (ours_b["exact_match"], lora_b["exact_match"], ours_b["perplexity"], lora
 assert ours_b["loss"] == bnb_b["loss"] and ours_b["exact_match"] == bnb_b["exact_match"]
 assert round(ours_b["seconds_per_step"] / bnb_b["seconds_per_step"], 2) == 1.22
 assert close((c["perplexity"], a["perplexity"], b["perplexity"]), (1607, 54.19, 54.19), 0.5)
-"""),
-("md", r"""
-## Exercises
 
-Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
-`BEGIN SOLUTION` / `END SOLUTION` markers.
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
+# `BEGIN SOLUTION` / `END SOLUTION` markers.
+#
+# **Exercise 1: dequantize by hand.** Quantize the tensor `w` below with NF4 (blocksize 64, no
+# double quantization) and dequantize it yourself from the packed codes, the absmax values and the
+# codebook: the first value of each pair sits in the *high* nibble of its byte.
 
-**Exercise 1: dequantize by hand.** Quantize the tensor `w` below with NF4 (blocksize 64, no
-double quantization) and dequantize it yourself from the packed codes, the absmax values and the
-codebook: the first value of each pair sits in the *high* nibble of its byte.
-"""),
-("code", r"""
+# %%
 w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
 state = quant.quantize_blockwise(w, "nf4", 64, double_quant=False)
 # BEGIN SOLUTION
@@ -519,30 +505,26 @@ codes = torch.stack([state.packed >> 4, state.packed & 0x0F], dim=1).flatten().l
 by_hand = (quant.nf4_codebook()[codes].view(-1, 64) * state.absmax.view(-1, 1)).view(w.shape)
 # END SOLUTION
 print(by_hand.shape)
-"""),
-("code", r"""
+
+# %%
 assert torch.equal(by_hand, quant.dequantize_blockwise(state))
-"""),
-("md", r"""
-**Exercise 2: bits per parameter at another block size.** What does NF4 with double
-quantization cost per weight at blocksize 128? Write it as a formula, then check it against the
-stored tensors.
-"""),
-("code", r"""
+
+# %% [markdown]
+# **Exercise 2: bits per parameter at another block size.** What does NF4 with double
+# quantization cost per weight at blocksize 128? Write it as a formula, then check it against the
+# stored tensors.
+
+# %%
 # BEGIN SOLUTION
 bits_128 = 4 + 8 / 128 + 32 / (128 * 256)
 # END SOLUTION
 print(f"{bits_128:.4f} bits")
-"""),
-("code", r"""
+
+# %%
 big = torch.randn(128 * 256 * 4)
 assert abs(quant.bits_per_parameter(quant.quantize_blockwise(big, "nf4", 128, double_quant=True)) - bits_128) < 1e-3
-"""),
-("md", r"""
-**Exercise 3 (open).** Train QLoRA with INT4 instead of NF4 as the base type
-(`qlora.prepare_model_for_qlora(model, quant_type="int4")`). Does the worse base perplexity carry
-over to the fine-tuned model, or does the adapter make up for it?
-"""),
-]
 
-build(cells, sys.argv[1])
+# %% [markdown]
+# **Exercise 3 (open).** Train QLoRA with INT4 instead of NF4 as the base type
+# (`qlora.prepare_model_for_qlora(model, quant_type="int4")`). Does the worse base perplexity carry
+# over to the fine-tuned model, or does the adapter make up for it?

@@ -1,12 +1,12 @@
 """Data parallelism with the course's training loop: the same code, N processes.
 
-    accelerate launch --multi_gpu --num_processes 2 -m course_lib.ddp_demo --out runs/ddp
+    accelerate launch --multi_gpu --num_processes 2 -m course_lib.tooling.ddp_demo --out runs/ddp
 
 starts two processes (``torch.distributed.run`` underneath; on a machine without GPUs they talk
 over gloo on the CPU; with GPUs, set ``ACCELERATE_USE_CPU=1`` to keep them on the CPU). Each
 trains a tiny Llama with `course_lib.train.train` on its half of every global batch, once with
 AdamW and once with plain SGD, and writes its final weights to ``OUT/{optimizer}-rank{i}.safetensors``
-and its loss curve to ``OUT/{optimizer}-rank{i}.json``. ``python -m course_lib.ddp_demo --out DIR``
+and its loss curve to ``OUT/{optimizer}-rank{i}.json``. ``python -m course_lib.tooling.ddp_demo --out DIR``
 is the one-process run of the same global batches, for comparison. Nothing in the loop changes
 between the two: `train.train` asks accelerate how many processes there are and which one it is.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import models, train
+from .. import models, train
 
 SEQUENCE_LENGTH = 16
 

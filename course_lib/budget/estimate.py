@@ -20,10 +20,8 @@ buffer of the backward pass (the loss's gradient over the vocabulary), which no 
 sees but a GPU must have room for; ``Budget.peak`` is the sum of both. The CUDA context and
 allocator fragmentation are left to `plan`'s headroom.
 
-`plan` turns the seeds' decision tree (seed 000: LoRA r=32 / 16 / 16 + GradCache / 8 + GradCache
-by VRAM, full fine-tuning optional from 24 GB; seeds 001 and 003: QLoRA with NF4, double
-quantization and gradient checkpointing when the 16-bit weights do not fit) into settings that
-the estimate says fit, or says why nothing does.
+What a step is estimated for is a `Settings` (`course_lib.budget.settings`), checked when it is
+built; `course_lib.budget.planner` searches those settings for the ones that fit a GPU.
 
 GPU memory is sold in binary units (a "24 GB" card holds 24 GiB), so ``"24GB"`` means 24 · 2³⁰
 bytes here, and figures are printed in MiB and GiB.
@@ -35,24 +33,16 @@ import math
 import re
 from dataclasses import dataclass, fields
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2 + 2 * 4 / 2048, "sgd": 0.0}
-"""Optimizer state in bytes per trainable parameter: AdamW keeps two float32 moments; bitsandbytes'
-8-bit AdamW two uint8 moments plus one float32 absmax per block of 2048 values for each (tensors
-under 4096 values stay 32-bit there, which is not modelled); SGD without momentum keeps nothing.
-torch's AdamW on bfloat16 parameters keeps bfloat16 moments (4 bytes): that is not "adamw" here."""
-ATTENTION = ("sdpa", "eager")
-GiB, MiB = 2**30, 2**20
+from .configs import ModelConfig, get_config
+from .settings import DTYPE_BYTES, OPTIMIZERS, Settings, lora_targets
 
-# The configs (what the estimate needs of a model, and the known models) have their own module.
-from .model_configs import ALIASES, ARCHITECTURES, MODELS, ModelConfig, get_config  # noqa: F401
+GiB, MiB = 2**30, 2**20
 
 
 # ---------------------------------------------------------------------------------------------
 # Sizes: 4-bit storage, LoRA, memory units
 # ---------------------------------------------------------------------------------------------
-def four_bit_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int:
+def four_bit_storage_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int:
     """Bytes of one weight stored in 4 bits, as `course_lib.quant.quantize_blockwise` stores it.
 
     Two codes per byte, one absmax per block of ``blocksize`` values: float32 (4.5 bits per weight
@@ -63,27 +53,6 @@ def four_bit_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -
     if double_quant:
         return -(-numel // 2) + blocks + 4 * -(-blocks // 256) + 4
     return -(-numel // 2) + 4 * blocks
-
-
-def _targets(config: ModelConfig, target_modules) -> list[tuple[str, int, int, bool]]:
-    """The linear layers LoRA wraps, matched as peft does: a name matches a target if it equals it or
-    ends with ``"." + target``; ``"all-linear"`` is every linear layer except the output head."""
-    linears = config.linears()
-    if target_modules == "all-linear":
-        return linears
-    if isinstance(target_modules, str) or not all(isinstance(t, str) for t in target_modules):
-        raise ValueError(f"target_modules must be a list of module names or 'all-linear', got {target_modules!r}")
-    chosen = [lin for lin in linears if any(lin[0] == t or lin[0].endswith("." + t) for t in target_modules)]
-    if not chosen:
-        names = sorted({n.split(".")[-1] for n in [*config.block_linears(), *config.other_linears()]})
-        raise ValueError(f"target_modules {list(target_modules)} match no linear layer of {config.name}; "
-                         f"its linear layers are {names}")
-    return chosen
-
-
-def default_target_modules(config: ModelConfig) -> list[str]:
-    """peft's defaults for the family: the query and value projections."""
-    return {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt": ["q_proj", "v_proj"]}[config.architecture]
 
 
 _UNITS = {"": GiB, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": MiB, "mb": MiB, "mib": MiB,
@@ -139,7 +108,7 @@ class Budget:
     parameters: int
     trainable_parameters: int
     activation_parts: dict[str, int]
-    settings: dict
+    settings: Settings
 
     @property
     def total(self) -> int:
@@ -152,18 +121,19 @@ class Budget:
     def to_dict(self) -> dict:
         """Plain numbers (bytes) and settings, for ``json.dumps``."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out.update(total=self.total, peak=self.peak)
+        out.update(activation_parts=dict(self.activation_parts), settings=self.settings.to_dict(),
+                   total=self.total, peak=self.peak)
         return out
 
     def table(self, gpu_memory: int | None = None) -> str:
         """The breakdown as an aligned text table (what ``course-lib budget`` prints)."""
         s = self.settings
-        head = (f"{s['model']}  {s['method']}"
-                + (f" r={s['r']} on {_names(s['target_modules'])}" if s["method"] != "full" else "")
-                + f"  {s['weight_dtype']}  {s['optimizer']}  batch {s['batch_size']} x {s['seq_len']} tokens"
-                + (f"  GradCache chunks of {s['chunk_size']}" if s["chunk_size"] else "")
-                + (f"  accumulation {s['gradient_accumulation_steps']}" if s["gradient_accumulation_steps"] > 1 else "")
-                + ("  checkpointing" if s["gradient_checkpointing"] else ""))
+        head = (f"{s.model}  {s.method}"
+                + (f" r={s.r} on {_names(s.target_modules)}" if s.method != "full" else "")
+                + f"  {s.weight_dtype}  {s.optimizer}  batch {s.batch_size} x {s.seq_len} tokens"
+                + (f"  GradCache chunks of {s.chunk_size}" if s.chunk_size else "")
+                + (f"  accumulation {s.gradient_accumulation_steps}" if s.gradient_accumulation_steps > 1 else "")
+                + ("  checkpointing" if s.gradient_checkpointing else ""))
         rows = [("weights", self.weights), ("LoRA parameters", self.lora_parameters), ("gradients", self.gradients),
                 ("optimizer state", self.optimizer_state), ("activations", self.activations),
                 ("total", self.total), ("+ transient in backward", self.transient), ("peak", self.peak)]
@@ -204,83 +174,42 @@ def estimate(config, method: str = "lora", *, r: int | None = None, target_modul
       ``device``: "cuda" or "cpu", which decides the attention kernel and how dropout stores its mask.
     """
     c = get_config(config)
-    s = _check_settings(c, method, r, target_modules, weight_dtype, lora_dtype, quant_type, double_quant,
-                        optimizer, gradient_checkpointing, batch_size, seq_len, gradient_accumulation_steps,
-                        chunk_size, attention, device)
-    a, ell = DTYPE_BYTES[weight_dtype], DTYPE_BYTES[lora_dtype]
+    return estimate_settings(c, Settings.build(
+        c, method, r=r, target_modules=target_modules, weight_dtype=weight_dtype, lora_dtype=lora_dtype,
+        quant_type=quant_type, double_quant=double_quant, optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing, batch_size=batch_size, seq_len=seq_len,
+        gradient_accumulation_steps=gradient_accumulation_steps, chunk_size=chunk_size, attention=attention,
+        device=device))
+
+
+def estimate_settings(config, settings: Settings) -> Budget:
+    """`estimate` for settings already built (`Settings.build`): what the planner calls."""
+    c, s = get_config(config), settings
+    if s.model != c.name:
+        raise ValueError(f"these settings were built for {s.model}, not {c.name}")
+    a, ell = DTYPE_BYTES[s.weight_dtype], DTYPE_BYTES[s.lora_dtype]
     parameters = c.parameters()
-    targets = _targets(c, s["target_modules"]) if method != "full" else []
-    lora_params = sum(s["r"] * (i + o) for _, i, o, _ in targets)
-    if method == "qlora":
+    targets = lora_targets(c, s.target_modules) if s.method != "full" else []
+    lora_params = sum(s.r * (i + o) for _, i, o, _ in targets)
+    if s.method == "qlora":
         quantized = sum(i * o for _, i, o, _ in c.linears())
-        four_bit = sum(four_bit_bytes(i * o, s["double_quant"]) for _, i, o, _ in c.linears())
+        four_bit = sum(four_bit_storage_bytes(i * o, s.double_quant) for _, i, o, _ in c.linears())
         weights = four_bit + (parameters - quantized) * a
     else:
         weights = parameters * a
-    trainable = parameters if method == "full" else lora_params
-    grad_bytes = a if method == "full" else ell
+    trainable = parameters if s.method == "full" else lora_params
+    grad_bytes = a if s.method == "full" else ell
     parts = activation_parts(c, s, targets)
     return Budget(weights=weights, lora_parameters=lora_params * ell, gradients=trainable * grad_bytes,
-                  optimizer_state=math.ceil(trainable * OPTIMIZERS[optimizer]), activations=sum(parts.values()),
+                  optimizer_state=math.ceil(trainable * OPTIMIZERS[s.optimizer]), activations=sum(parts.values()),
                   transient=_transient(c, s), parameters=parameters + lora_params, trainable_parameters=trainable,
                   activation_parts=parts, settings=s)
-
-
-def _check_settings(c, method, r, target_modules, weight_dtype, lora_dtype, quant_type, double_quant, optimizer,
-                    gradient_checkpointing, batch_size, seq_len, gradient_accumulation_steps, chunk_size,
-                    attention, device) -> dict:
-    """Every setting checked, defaults filled in; the errors say which combination to use instead."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    for name, value, choices in (("weight_dtype", weight_dtype, DTYPE_BYTES), ("lora_dtype", lora_dtype, DTYPE_BYTES),
-                                 ("optimizer", optimizer, OPTIMIZERS), ("attention", attention, ATTENTION),
-                                 ("device", device, ("cuda", "cpu"))):
-        if value not in choices:
-            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
-                        ("gradient_accumulation_steps", gradient_accumulation_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if c.max_position_embeddings and seq_len > c.max_position_embeddings:
-        raise ValueError(f"{c.name} has {c.max_position_embeddings} learned positions; seq_len must be at most that, "
-                         f"got {seq_len}")
-    if chunk_size is not None:
-        if c.architecture != "bert":
-            raise ValueError("chunk_size (GradCache) is for contrastive encoders; a causal LM's per-sequence loss "
-                             "splits with gradient_accumulation_steps and a smaller batch_size instead")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= batch_size:
-            raise ValueError(f"chunk_size must be an integer from 1 to batch_size ({batch_size}), got {chunk_size!r}")
-    if method == "full":
-        given = [n for n, v in (("r", r), ("target_modules", target_modules), ("quant_type", quant_type),
-                                ("double_quant", double_quant)) if v is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} do not apply to full fine-tuning, which trains every weight in "
-                             f"{weight_dtype}; drop them or choose method='lora' / 'qlora'")
-    else:
-        if r is None:
-            r = 8
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive integer (LoRA's rank, e.g. 8 or 16), got {r!r}")
-        target_modules = default_target_modules(c) if target_modules is None else target_modules
-        target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
-    if method != "qlora" and (quant_type is not None or double_quant is not None):
-        raise ValueError("quant_type and double_quant describe a 4-bit base: use method='qlora', or drop them")
-    if method == "qlora":
-        quant_type = quant_type or "nf4"
-        if quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"unknown quant_type {quant_type!r}; choose nf4 or fp4")
-        double_quant = True if double_quant is None else bool(double_quant)
-    return {"model": c.name, "method": method, "r": r, "target_modules": target_modules, "weight_dtype": weight_dtype,
-            "lora_dtype": lora_dtype, "quant_type": quant_type, "double_quant": double_quant, "optimizer": optimizer,
-            "gradient_checkpointing": bool(gradient_checkpointing), "batch_size": batch_size, "seq_len": seq_len,
-            "gradient_accumulation_steps": gradient_accumulation_steps, "chunk_size": chunk_size,
-            "attention": attention, "device": device}
 
 
 # ---------------------------------------------------------------------------------------------
 # Activations: what autograd saves for backward
 # ---------------------------------------------------------------------------------------------
-def activation_parts(config: ModelConfig, settings: dict, targets: list) -> dict[str, int]:
+def activation_parts(config: ModelConfig, settings: Settings, targets: list) -> dict[str, int]:
     """Bytes autograd saves for backward in one step, by part (`estimate`'s ``activation_parts``).
 
     Derived from what each operation keeps for its gradient, and checked tensor by tensor against
@@ -317,12 +246,12 @@ def activation_parts(config: ModelConfig, settings: dict, targets: list) -> dict
     the recomputed layer (transformers' default; ``use_reentrant=True`` shows both).
     """
     c, s = config, settings
-    a = DTYPE_BYTES[s["weight_dtype"]]
-    tokens = (s["chunk_size"] or s["batch_size"]) * s["seq_len"]
+    a = DTYPE_BYTES[s.weight_dtype]
+    tokens = s.tokens
     layer, shared_input = _layer_bytes(c, s, targets)
     L, h = c.num_hidden_layers, c.hidden_size
-    full = s["method"] == "full"
-    input_grads = full or s["gradient_checkpointing"]  # transformers makes the embeddings' output require grad
+    full = s.method == "full"
+    input_grads = full or s.gradient_checkpointing  # transformers makes the embeddings' output require grad
     parts = {}
     ids = 16 if c.architecture == "bert" else 8  # token ids (and BERT's token types) for the embeddings' backward
     before = (ids if full else 0) * tokens
@@ -330,7 +259,7 @@ def activation_parts(config: ModelConfig, settings: dict, targets: list) -> dict
         before += tokens * (a * h + 8 + _mask_bytes(c, s) * h)  # embedding LayerNorm and dropout
     parts["embeddings"] = before
     after = _head_bytes(c, s, targets) * tokens
-    if s["gradient_checkpointing"]:
+    if s.gradient_checkpointing:
         parts["layer inputs kept by checkpointing"] = L * tokens * h * a
         recompute = (sum(layer.values()) - shared_input) * tokens
         if recompute > after:
@@ -341,22 +270,22 @@ def activation_parts(config: ModelConfig, settings: dict, targets: list) -> dict
         parts.update({f"layers: {k}": L * tokens * v for k, v in layer.items() if v})
         parts["final norm and loss" if c.architecture != "bert" else "pooling and loss"] = after
     if c.architecture == "llama":
-        parts["rotary cos and sin"] = 2 * s["seq_len"] * c.head_size * a
-    if s["chunk_size"]:
-        parts["GradCache: cached embeddings and their gradients"] = 2 * s["batch_size"] * h * 4
+        parts["rotary cos and sin"] = 2 * s.seq_len * c.head_size * a
+    if s.chunk_size:
+        parts["GradCache: cached embeddings and their gradients"] = 2 * s.batch_size * h * 4
     return {k: int(v) for k, v in parts.items()}
 
 
-def _mask_bytes(c: ModelConfig, s: dict) -> int:
-    return 0 if c.dropout == 0 else (1 if s["device"] == "cuda" else DTYPE_BYTES[s["weight_dtype"]])
+def _mask_bytes(c: ModelConfig, s: Settings) -> int:
+    return 0 if c.dropout == 0 else (1 if s.device == "cuda" else DTYPE_BYTES[s.weight_dtype])
 
 
-def _layer_bytes(c: ModelConfig, s: dict, targets: list) -> tuple[dict[str, float], float]:
+def _layer_bytes(c: ModelConfig, s: Settings, targets: list) -> tuple[dict[str, float], float]:
     """Bytes per token saved by one block, by part, and how much of it is the block's input storage."""
-    a, ell, m = DTYPE_BYTES[s["weight_dtype"]], DTYPE_BYTES[s["lora_dtype"]], _mask_bytes(c, s)
-    h, i, nh, seq = c.hidden_size, c.intermediate_size, c.num_attention_heads, s["seq_len"]
+    a, ell, m = DTYPE_BYTES[s.weight_dtype], DTYPE_BYTES[s.lora_dtype], _mask_bytes(c, s)
+    h, i, nh, seq = c.hidden_size, c.intermediate_size, c.num_attention_heads, s.seq_len
     hq, hkv = nh * c.head_size, c.num_key_value_heads * c.head_size
-    full = s["method"] == "full"
+    full = s.method == "full"
     wrapped = {n.split(".", 2)[2] for n, *_ in targets if n.startswith("layers.0.")}
     linears = c.block_linears()
 
@@ -368,8 +297,8 @@ def _layer_bytes(c: ModelConfig, s: dict, targets: list) -> tuple[dict[str, floa
         return len(lora) * ell * size
 
     names = list(linears)
-    parts = {"LoRA A outputs": len(wrapped) * s["r"] * ell if wrapped else 0}
-    fused = s["attention"] == "sdpa" and (s["device"] == "cuda" or c.dropout == 0)
+    parts = {"LoRA A outputs": len(wrapped) * s.r * ell if wrapped else 0}
+    fused = s.attention == "sdpa" and (s.device == "cuda" or c.dropout == 0)
     if fused:
         attention = a * (hq + 2 * hkv) + a * hq + 4 * nh
     else:
@@ -397,10 +326,10 @@ def _layer_bytes(c: ModelConfig, s: dict, targets: list) -> tuple[dict[str, floa
     return parts, shared
 
 
-def _head_bytes(c: ModelConfig, s: dict, targets: list) -> float:
+def _head_bytes(c: ModelConfig, s: Settings, targets: list) -> float:
     """Bytes per token kept after the last block: final norm, output layer input, the loss's log-probabilities."""
-    a = DTYPE_BYTES[s["weight_dtype"]]
-    h, full = c.hidden_size, s["method"] == "full"
+    a = DTYPE_BYTES[s.weight_dtype]
+    h, full = c.hidden_size, s.method == "full"
     if c.architecture == "bert":  # mean pooling keeps the mask; a trained pooler keeps the last hidden state
         pooler = full or any(n == "pooler.dense" for n, *_ in targets)
         return a + (a * h if pooler else 0)
@@ -408,15 +337,12 @@ def _head_bytes(c: ModelConfig, s: dict, targets: list) -> float:
     return norm + (a * h if full else 0) + 4 * c.vocab_size + 8
 
 
-def _transient(c: ModelConfig, s: dict) -> int:
+def _transient(c: ModelConfig, s: Settings) -> int:
     """The largest buffers that live only inside backward: the loss's float32 gradients with respect to
     the log-probabilities and the logits (2 · 4·V per token) for a causal LM; with QLoRA, also the
     largest weight dequantized for one matmul."""
-    tokens = (s["chunk_size"] or s["batch_size"]) * s["seq_len"]
+    tokens = s.tokens
     loss = 8 * tokens * c.vocab_size if c.architecture != "bert" else 0
-    dequantized = max(i * o for _, i, o, _ in c.linears()) * DTYPE_BYTES[s["weight_dtype"]]
-    return loss + (dequantized if s["method"] == "qlora" else 0)
+    dequantized = max(i * o for _, i, o, _ in c.linears()) * DTYPE_BYTES[s.weight_dtype]
+    return loss + (dequantized if s.method == "qlora" else 0)
 
-
-# The planner uses the estimate, so it lives in its own module; re-exported here for one import.
-from .planner import Plan, plan, seed_recipe  # noqa: F401

@@ -1,35 +1,30 @@
-import sys
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from nbtools import build
+# %% [markdown]
+# # 06 · Edge deployment: merge, export, quantize, and measure on a CPU
+#
+# A fine-tuned adapter is not yet a deployable model. This chapter takes the course's two models
+# through the whole road to a laptop or a phone, measuring what each step costs and saves:
+#
+# 1. **merge** the LoRA adapter into the base weights and save a plain transformers checkpoint
+#    (`course_lib.export.merge_adapter`, `save_merged`), and check the merged model computes what
+#    base + adapter computed;
+# 2. **export to ONNX** with `torch.onnx.export` (the seeds' `transformers.onnx.export` no longer
+#    exists) and run it with **onnxruntime**; then **INT8** with onnxruntime's dynamic quantization;
+# 3. **export to GGUF**, llama.cpp's format, with the `gguf` package, in float16, 8-bit (Q8_0)
+#    and 4-bit (Q4_0), and read it back with transformers;
+# 4. **generate** with and without the **KV cache**, and count the cache's bytes per token.
+#
+# For MiniLM the task metric is recall@10 on the code-search test split (chapter 00); for SmolLM2
+# the answer perplexity on test instructions (chapter 01) and whether the greedy answers stay the
+# same. Every speed here is measured on this machine's 2 CPU cores and varies from run to run: those
+# outputs are not compared by nbval, and the claims about them are asserted as generous ratios.
+#
+# **Time:** about 4 minutes on 2 CPU cores (SmolLM2's ONNX export alone takes most of a minute,
+# generating 256 tokens without the KV cache another half).
 
-IGN = "nbval-ignore-output"
-cells = [
-("md", r"""
-# 06 · Edge deployment: merge, export, quantize, and measure on a CPU
-
-A fine-tuned adapter is not yet a deployable model. This chapter takes the course's two models
-through the whole road to a laptop or a phone, measuring what each step costs and saves:
-
-1. **merge** the LoRA adapter into the base weights and save a plain transformers checkpoint
-   (`course_lib.export.merge_adapter`, `save_merged`), and check the merged model computes what
-   base + adapter computed;
-2. **export to ONNX** with `torch.onnx.export` (the seeds' `transformers.onnx.export` no longer
-   exists) and run it with **onnxruntime**; then **INT8** with onnxruntime's dynamic quantization;
-3. **export to GGUF**, llama.cpp's format, with the `gguf` package, in float16, 8-bit (Q8_0)
-   and 4-bit (Q4_0), and read it back with transformers;
-4. **generate** with and without the **KV cache**, and count the cache's bytes per token.
-
-For MiniLM the task metric is recall@10 on the code-search test split (chapter 00); for SmolLM2
-the answer perplexity on test instructions (chapter 01) and whether the greedy answers stay the
-same. Every speed here is measured on this machine's 2 CPU cores and varies from run to run: those
-outputs are not compared by nbval, and the claims about them are asserted as generous ratios.
-
-**Time:** about 4 minutes on 2 CPU cores (SmolLM2's ONNX export alone takes most of a minute,
-generating 256 tokens without the KV cache another half).
-"""),
-("code", r"""
+# %%
 import copy
 import importlib.util
+import logging
 import shutil
 import statistics
 import tempfile
@@ -41,7 +36,21 @@ import torch
 from IPython.display import Markdown, display
 from transformers import AutoModel, AutoModelForCausalLM
 
-from course_lib import budget, data, export, generation, gguf_export, lora, models, retrieval, train
+from course_lib import (
+    budget,
+    data,
+    export,
+    generation,
+    gguf_export,
+    instruct,
+    lora,
+    lora_io,
+    models,
+    retrieval,
+    train,
+)
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # peft (used to merge) imports bitsandbytes, which notes a missing optional CPU kernel
 
 SEED = 0
 DEVICE = "cpu"           # deployment on a CPU is the point of this chapter
@@ -55,16 +64,16 @@ OUT = Path(tempfile.mkdtemp(prefix="course06-"))   # every exported file goes he
 _ = torch.manual_seed(SEED)
 mb = lambda path: sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6 if Path(path).is_dir() else Path(path).stat().st_size / 1e6
 print(f"{THREADS} threads")
-"""),
-("md", r"""
-## MiniLM: fine-tune, merge, export
 
-First a model worth deploying: MiniLM with LoRA r = 8 on the query and value projections, a few
-contrastive steps on the code-search pairs as in chapter 01. The adapter is saved on its own (what a
-runtime-LoRA deployment ships beside the base model); then the merged copy is saved as an
-ordinary checkpoint, exported to ONNX, and quantized to INT8.
-"""),
-("code", r"""
+# %% [markdown]
+# ## MiniLM: fine-tune, merge, export
+#
+# First a model worth deploying: MiniLM with LoRA r = 8 on the query and value projections, a few
+# contrastive steps on the code-search pairs as in chapter 01. The adapter is saved on its own (what a
+# runtime-LoRA deployment ships beside the base model); then the merged copy is saved as an
+# ordinary checkpoint, exported to ONNX, and quantized to INT8.
+
+# %%
 minilm, tok = models.load_minilm(DEVICE)
 lora.inject_lora(minilm, target_modules=["query", "value"], r=8, lora_alpha=16)
 optimizer = torch.optim.AdamW([p for p in minilm.parameters() if p.requires_grad], lr=1e-3)
@@ -72,21 +81,21 @@ history = train.train(minilm, lambda m, batch: retrieval.code_search_loss(m, tok
                       train.batches(data.load_code_search("train"), MINILM_BATCH, seed=SEED), steps=MINILM_STEPS,
                       optimizer=optimizer, warmup_steps=2, seed=SEED, desc="MiniLM LoRA", progress=False)
 minilm.eval()
-lora.save_adapter(minilm, OUT / "minilm-adapter")
+lora_io.save_adapter(minilm, OUT / "minilm-adapter")
 merged = export.merge_adapter(copy.deepcopy(minilm))
 export.save_merged(merged, OUT / "minilm-merged", tokenizer=tok)
 export.export_onnx_encoder(merged, OUT / "minilm.onnx", tokenizer=tok)
 export.quantize_onnx_int8(OUT / "minilm.onnx", OUT / "minilm-int8.onnx")
 print(f"loss {history.loss[0]:.3f} -> {history.loss[-1]:.3f}")
-"""),
-("md", r"""
-<a id="claim-06-minilm"></a>
 
-The merged model must compute what base + adapter computed. On a batch of test queries, the
-embeddings of the runtime-LoRA model, the merged model, and the ONNX file agree to float32
-rounding; the INT8 file does not, by design:
-"""),
-("code", r"""
+# %% [markdown]
+# <a id="claim-06-minilm"></a>
+#
+# The merged model must compute what base + adapter computed. On a batch of test queries, the
+# embeddings of the runtime-LoRA model, the merged model, and the ONNX file agree to float32
+# rounding; the INT8 file does not, by design:
+
+# %%
 test_pairs = data.load_code_search("test")
 queries = [p["query"] for p in test_pairs[:64]]
 onnx_fp32 = export.OnnxEncoder(OUT / "minilm.onnx", num_threads=THREADS)
@@ -98,8 +107,9 @@ diff = {name: (e - emb["runtime LoRA"]).abs().max().item() for name, e in emb.it
 cos_int8 = torch.nn.functional.cosine_similarity(emb["ONNX int8"], emb["runtime LoRA"]).min().item()
 print({k: f"{v:.0e}" if v < 1e-3 else f"{v:.2f}" for k, v in diff.items()}, f"| INT8 lowest cosine {cos_int8:.2f}")
 assert diff["merged"] < 1e-5 and diff["ONNX fp32"] < 1e-4 and diff["ONNX int8"] > 1e-3 and cos_int8 > 0.95
-"""),
-("code", r"""
+
+
+# %% tags=["nbval-ignore-output"]
 def time_load(fn, repeats=1):
     best = float("inf")
     for _ in range(repeats):
@@ -110,7 +120,7 @@ def time_load(fn, repeats=1):
 
 def runtime_lora_minilm():
     base, _ = models.load_minilm(DEVICE)
-    return lora.load_adapter(base, OUT / "minilm-adapter")
+    return lora_io.load_adapter(base, OUT / "minilm-adapter")
 
 encoders = {
     "PyTorch fp32, runtime LoRA": (runtime_lora_minilm, mb(models.minilm_path()) + mb(OUT / "minilm-adapter")),
@@ -131,16 +141,16 @@ for name, (load, size) in encoders.items():
     scores = retrieval.evaluate_code_search(model, tok, test_pairs)
     minilm_rows[name] = {"MB": size, "load_s": load_s, "query_ms": 1000 * statistics.median(lat),
                          "eval_s": time.perf_counter() - start, **scores}
-display(Markdown("| MiniLM | MB on disk | load (s) | latency per query (ms) | recall@10 ({} queries) | MRR |\n|---|---|---|---|---|---|\n".format(len(test_pairs))
+display(Markdown(f"| MiniLM | MB on disk | load (s) | latency per query (ms) | recall@10 ({len(test_pairs)} queries) | MRR |\n|---|---|---|---|---|---|\n"
                  + "\n".join(f"| {n} | {r['MB']:.1f} | {r['load_s']:.2f} | {r['query_ms']:.1f} | {r['recall@10']:.3f} | {r['mrr']:.3f} |"
                              for n, r in minilm_rows.items())))
-""", IGN),
-("md", r"""
-The speeds above vary from run to run, and the INT8 results with the CPU's integer kernels
-(that cell is not compared by nbval); the sizes and the float32 recall do not, and are checked
-here:
-"""),
-("code", r"""
+
+# %% [markdown]
+# The speeds above vary from run to run, and the INT8 results with the CPU's integer kernels
+# (that cell is not compared by nbval); the sizes and the float32 recall do not, and are checked
+# here:
+
+# %%
 for name, r in minilm_rows.items():
     print(f"{name:<28} {r['MB']:4.0f} MB" + ("" if "int8" in name else f"   recall@10 {r['recall@10']:.3f}"))
 m = minilm_rows
@@ -149,24 +159,24 @@ assert abs(m["ONNX int8"]["recall@10"] - m["ONNX fp32"]["recall@10"]) <= 0.02   
 assert m["ONNX int8"]["MB"] < 0.3 * m["ONNX fp32"]["MB"]
 assert mb(OUT / "minilm-adapter") < 1.0                                                # the adapter: well under 1 MB
 assert m["ONNX int8"]["query_ms"] < m["PyTorch merged"]["query_ms"]                    # generous: measured ~2x apart
-"""),
-("md", r"""
-## SmolLM2: fine-tune, merge, export to ONNX and GGUF
 
-The same road for the causal LM. SmolLM2 gets a LoRA adapter from a few instruction steps
-(chapter 01), is merged, and goes three ways: ONNX (with its KV cache as inputs and outputs, so
-one file serves generation with and without it), ONNX INT8, and GGUF in float16, Q8_0 (8 bits
-plus a float16 scale per block of 32: 8.5 bits per weight) and Q4_0 (4.5 bits).
-"""),
-("code", r"""
+# %% [markdown]
+# ## SmolLM2: fine-tune, merge, export to ONNX and GGUF
+#
+# The same road for the causal LM. SmolLM2 gets a LoRA adapter from a few instruction steps
+# (chapter 01), is merged, and goes three ways: ONNX (with its KV cache as inputs and outputs, so
+# one file serves generation with and without it), ONNX INT8, and GGUF in float16, Q8_0 (8 bits
+# plus a float16 scale per block of 32: 8.5 bits per weight) and Q4_0 (4.5 bits).
+
+# %%
 smol, smol_tok = models.load_smollm2(DEVICE)
 lora.inject_lora(smol, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
 optimizer = torch.optim.AdamW([p for p in smol.parameters() if p.requires_grad], lr=2e-3)
-smol_history = train.train(smol, lambda m, batch: retrieval.answer_loss(m, smol_tok, batch),
+smol_history = train.train(smol, lambda m, batch: instruct.answer_loss(m, smol_tok, batch),
                            train.batches(data.load_instruct("train"), SMOL_BATCH, seed=SEED), steps=SMOL_STEPS,
                            optimizer=optimizer, warmup_steps=1, seed=SEED, desc="SmolLM2 LoRA", progress=False)
 smol.eval()
-lora.save_adapter(smol, OUT / "smollm2-adapter")
+lora_io.save_adapter(smol, OUT / "smollm2-adapter")
 smol_merged = export.merge_adapter(copy.deepcopy(smol))
 export.save_merged(smol_merged, OUT / "smollm2-merged", tokenizer=smol_tok)
 start = time.perf_counter()
@@ -176,17 +186,17 @@ export.quantize_onnx_int8(OUT / "smollm2.onnx", OUT / "smollm2-int8.onnx")
 for dtype in ("f16", "q8_0", "q4_0"):
     gguf_export.export_gguf(smol_merged, OUT / f"smollm2-{dtype}.gguf", tokenizer=smol_tok, dtype=dtype)
 print(f"loss {smol_history.loss[0]:.2f} -> {smol_history.loss[-1]:.2f}")
-"""),
-("code", r"""
+
+# %% tags=["nbval-ignore-output"]
 print(f"ONNX export of SmolLM2: {onnx_export_s:.0f} s")
-""", IGN),
-("md", r"""
-The GGUF file must read back as what was written. gguf-py's own reader gives the tensors with the
-same names and shapes; float16 values equal PyTorch's float16 rounding exactly, and the 8-bit and
-4-bit ones are within their blocks' quantization steps. transformers loads the file too
-(`from_pretrained(..., gguf_file=...)`), which is what a learner without llama.cpp can use:
-"""),
-("code", r"""
+
+# %% [markdown]
+# The GGUF file must read back as what was written. gguf-py's own reader gives the tensors with the
+# same names and shapes; float16 values equal PyTorch's float16 rounding exactly, and the 8-bit and
+# 4-bit ones are within their blocks' quantization steps. transformers loads the file too
+# (`from_pretrained(..., gguf_file=...)`), which is what a learner without llama.cpp can use:
+
+# %%
 back = {d: gguf_export.gguf_state_dict(OUT / f"smollm2-{d}.gguf") for d in ("f16", "q8_0", "q4_0")}
 reference = {k: v for k, v in smol_merged.state_dict().items() if k != "lm_head.weight"}
 assert set(back["f16"]) == set(reference) and all(back["f16"][k].shape == v.shape for k, v in reference.items())
@@ -202,24 +212,24 @@ gguf_load_s = time.perf_counter() - start
 same = all(torch.allclose(gguf_model.state_dict()[k], v, atol=1e-6) for k, v in back["q8_0"].items())
 print("transformers reads the Q8_0 file back with the values gguf-py reads:", same)
 assert same
-"""),
-("md", r"""
-<a id="claim-06-smollm2"></a>
 
-Now the table. Each SmolLM2 variant is scored on the same test instructions: answer perplexity
-(lower is better), how many of the greedy answers equal the merged PyTorch model's, and the speed
-of generating 32 tokens with the KV cache. The GGUF rows run as PyTorch models with the
-dequantized weights (for accuracy); their speed is llama.cpp's business, which this machine cannot
-install (below).
-"""),
-("code", r"""
-instruct = data.load_instruct("test")[:N_INSTRUCT]
-instructions, answers = [r["instruction"] for r in instruct], [r["answer"] for r in instruct]
-prompts = [retrieval.chat_prompt(smol_tok, x) for x in instructions[:N_GREEDY]]
+# %% [markdown]
+# <a id="claim-06-smollm2"></a>
+#
+# Now the table. Each SmolLM2 variant is scored on the same test instructions: answer perplexity
+# (lower is better), how many of the greedy answers equal the merged PyTorch model's, and the speed
+# of generating 32 tokens with the KV cache. The GGUF rows run as PyTorch models with the
+# dequantized weights (for accuracy); their speed is llama.cpp's business, which this machine cannot
+# install (below).
+
+# %% tags=["nbval-ignore-output"]
+test_rows = data.load_instruct("test")[:N_INSTRUCT]
+instructions, answers = [r["instruction"] for r in test_rows], [r["answer"] for r in test_rows]
+prompts = [instruct.chat_prompt(smol_tok, x) for x in instructions[:N_GREEDY]]
 
 def runtime_lora_smol():
     base, _ = models.load_smollm2(DEVICE)
-    return lora.load_adapter(base, OUT / "smollm2-adapter")
+    return lora_io.load_adapter(base, OUT / "smollm2-adapter")
 
 def from_gguf_weights(dtype):
     model = copy.deepcopy(smol_merged)
@@ -238,7 +248,7 @@ variants = {
 smol_rows, greedy = {}, {}
 for name, (load, size) in variants.items():
     model, load_s = time_load(load, repeats=1)
-    ppl = retrieval.perplexity(model, smol_tok, instructions, answers)
+    ppl = instruct.perplexity(model, smol_tok, instructions, answers)
     greedy[name] = [generation.generate(model, smol_tok, p, max_new_tokens=10).token_ids for p in prompts]
     tps = None if name.startswith("GGUF") else generation.generate(model, smol_tok, prompts[0], max_new_tokens=32, stop_at_eos=False).tokens_per_second
     smol_rows[name] = {"MB": size, "load_s": gguf_load_s if name == "GGUF Q8_0" else load_s, "tokens_per_s": tps, "perplexity": ppl}
@@ -248,8 +258,8 @@ for name, r in smol_rows.items():
 display(Markdown(f"| SmolLM2 | MB on disk | load (s) | tokens/s (32 new, KV cache) | answer perplexity ({N_INSTRUCT}) | greedy answers = merged ({N_GREEDY}) |\n|---|---|---|---|---|---|\n"
                  + "\n".join(f"| {n} | {r['MB']:.0f} | {r['load_s']:.1f} | {'-' if n.startswith('GGUF') else format(r['tokens_per_s'], '.0f')} | {r['perplexity']:.2f} | {r['same_answers']} |"
                              for n, r in smol_rows.items())))
-""", IGN),
-("code", r"""
+
+# %%
 for name, r in smol_rows.items():  # (ONNX INT8's figures depend on the CPU's integer kernels: in the table above)
     print(f"{name:<28} {r['MB']:5.0f} MB" + ("" if "int8" in name else
           f"   perplexity {r['perplexity']:.3g}   greedy answers as merged {r['same_answers']}/{N_GREEDY}"))
@@ -261,8 +271,8 @@ assert abs(s["GGUF Q8_0"]["perplexity"] / s["PyTorch merged"]["perplexity"] - 1)
 assert s["ONNX int8"]["MB"] < 0.3 * s["ONNX fp32"]["MB"] and s["GGUF Q4_0"]["MB"] < 0.4 * s["GGUF f16"]["MB"]
 assert s["GGUF Q4_0"]["perplexity"] > 2 * s["PyTorch merged"]["perplexity"]               # 4 bits: far worse
 assert s["ONNX int8"]["perplexity"] > 2 * s["PyTorch merged"]["perplexity"]               # activations in 8 bits hurt the LLM
-"""),
-("code", r"""
+
+# %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
 names = list(smol_rows)
 axes[0].barh(names, [smol_rows[n]["MB"] for n in names], color="#4c72b0")
@@ -277,19 +287,19 @@ axes[1].set_ylabel(f"answer perplexity ({N_INSTRUCT} test instructions)")
 fig.suptitle("SmolLM2 after LoRA: size against quality of each deployment format")
 plt.tight_layout()
 plt.show()
-"""),
-("md", r"""
-<a id="claim-06-kv-cache"></a>
 
-## Generation with and without the KV cache
+# %% [markdown]
+# <a id="claim-06-kv-cache"></a>
+#
+# ## Generation with and without the KV cache
+#
+# Without a cache, generating token $t$ runs all $t$ tokens before it through the model again; with
+# it, each layer keeps the keys and values of earlier positions and a step feeds one token. The
+# price is memory, $2 \cdot \text{layers} \cdot \text{KV heads} \cdot \text{head dim}$ numbers per
+# token (`generation.kv_cache_bytes_per_token`), checked here against the size of the cache tensors
+# after a generation:
 
-Without a cache, generating token $t$ runs all $t$ tokens before it through the model again; with
-it, each layer keeps the keys and values of earlier positions and a step feeds one token. The
-price is memory, $2 \cdot \text{layers} \cdot \text{KV heads} \cdot \text{head dim}$ numbers per
-token (`generation.kv_cache_bytes_per_token`), checked here against the size of the cache tensors
-after a generation:
-"""),
-("code", r"""
+# %%
 config = smol_merged.config
 per_token = generation.kv_cache_bytes_per_token(config, torch.float32)
 prompt_ids = smol_tok("def fibonacci(n):", add_special_tokens=False)["input_ids"]   # a short prompt: the study is the new tokens
@@ -302,8 +312,8 @@ for name in ("llama-3-8b", "llama-3-70b"):
     c = budget.get_config(name)
     b = generation.kv_cache_bytes_per_token(c, torch.bfloat16)
     print(f"{name} in bfloat16: {b / 2**10:.0f} KiB per token, {b * 8192 / 2**30:.2f} GiB for one 8,192-token sequence")
-"""),
-("code", r"""
+
+# %% tags=["nbval-ignore-output"]
 onnx_lm = export.OnnxCausalLM(OUT / "smollm2.onnx", num_threads=THREADS)
 kv = {}
 for n in NEW_TOKENS:
@@ -321,102 +331,104 @@ ax.set_ylabel("tokens per second (onnxruntime, 2 cores)")
 ax.legend()
 plt.tight_layout()
 plt.show()
-""", IGN),
-("code", r"""
+
+# %%
 print({n: r["same_tokens"] for n, r in kv.items()}, {n: f"{r['cache_MB']:.1f} MB" for n, r in kv.items()})
 assert all(r["same_tokens"] for r in kv.values())                       # the cache changes the time, not the answer
 assert kv[256]["with"] > 2 * kv[256]["without"]                          # generous: the gap grows with the length
 assert kv[256]["with"] / kv[256]["without"] > kv[32]["with"] / kv[32]["without"]
-"""),
-("md", r"""
-<a id="claim-06-llama-cpp"></a>
 
-The cache turns generation from quadratic into linear work: the longer the answer, the larger
-the gap (about 2x at 32 new tokens, 7x at 256 in our run), while its memory grows by 45 KiB per
-token for SmolLM2 (in float32), 128 KiB for LLaMA-3-8B in bfloat16. For one long sequence on a small device the cache, not the weights, can
-become the limit.
+# %% [markdown]
+# <a id="claim-06-llama-cpp"></a>
+#
+# The cache turns generation from quadratic into linear work: the longer the answer, the larger
+# the gap (about 2x at 32 new tokens, 7x at 256 in our run), while its memory grows by 45 KiB per
+# token for SmolLM2 (in float32), 128 KiB for LLaMA-3-8B in bfloat16. For one long sequence on a small device the cache, not the weights, can
+# become the limit.
+#
+# ## llama.cpp
+#
+# `llama-cpp-python` has no binary wheel on PyPI for this machine (only a source archive that
+# compiles llama.cpp, which this course does not do in CI), so the GGUF files are not run with
+# llama.cpp here:
 
-## llama.cpp
-
-`llama-cpp-python` has no binary wheel on PyPI for this machine (only a source archive that
-compiles llama.cpp, which this course does not do in CI), so the GGUF files are not run with
-llama.cpp here:
-"""),
-("code", r"""
+# %%
 print("llama_cpp importable here:", importlib.util.find_spec("llama_cpp") is not None)
-"""),
-("md", r"""
-On your own machine, with the `smollm2-q8_0.gguf` this chapter writes (set `OUT` to a folder you
-keep, and skip the clean-up cell):
 
-```bash
-pip install llama-cpp-python --extra-index-url https://abetlen.github.io/llama-cpp-python/whl/cpu
-python -c "from llama_cpp import Llama; print(Llama(model_path='smollm2-q8_0.gguf').create_completion('def add(a, b):', max_tokens=32)['choices'][0]['text'])"
-```
+# %% [markdown]
+# On your own machine, with the `smollm2-q8_0.gguf` this chapter writes (set `OUT` to a folder you
+# keep, and skip the clean-up cell):
+#
+# ```bash
+# pip install llama-cpp-python --extra-index-url https://abetlen.github.io/llama-cpp-python/whl/cpu
+# python -c "from llama_cpp import Llama; print(Llama(model_path='smollm2-q8_0.gguf').create_completion('def add(a, b):', max_tokens=32)['choices'][0]['text'])"
+# ```
+#
+# or with llama.cpp's own command-line tool: `llama-cli -m smollm2-q8_0.gguf -p "..." -n 32`.
+#
+# ## Where the seeds' claims stand
+#
+# * **`transformers.onnx.export`** (seed 001): the module no longer exists in transformers 5
+#   (chapter 05 checks the import); `torch.onnx.export(..., dynamo=True)`, which
+#   `course_lib.export` uses, is current, and its float32 output equals PyTorch's (embeddings to
+#   1e-4, logits to 1e-3 in the tests).
+# * **"INT8/INT4 on the edge keeps the accuracy"**: it depends on the model and on *what* is
+#   quantized. MiniLM's INT8 ONNX keeps recall@10 within 2 points of float32 (table above; the tests
+#   hold it). For SmolLM2, weight-only 8-bit (GGUF Q8_0, 145 MB) keeps the answer perplexity within
+#   2% and every greedy answer, but 4-bit Q4_0 (92 MB) multiplies it several times and changes the
+#   answers, and so does onnxruntime's dynamic INT8 (140 MB), which also quantizes the
+#   *activations* with one scale per tensor. A 135M model has
+#   little redundancy per weight (chapter 02 saw the same with NF4); for a small LLM prefer 8-bit
+#   weight-only formats, or a 4-bit type with a per-block offset (Q4_1, exercise 3) and check.
+# * **"ONNX makes CPU inference 30-200% faster"; "INT8 20-40% faster"** (seed 001): on this
+#   machine onnxruntime generated more than twice as fast as PyTorch eager (59 vs 23 tokens/s in
+#   the committed run), and INT8 encoded MiniLM queries faster than float32, but generated SmolLM2's
+#   tokens more slowly than float32 onnxruntime (48 vs 59 tokens/s): "INT8 is faster" depends on the
+#   model and the CPU (tables above; timings vary by run, so only the MiniLM query latency is
+#   asserted, where the two are several times apart).
+# * **"A merged model has the same speed as the base model"** (seeds 003, 004): it *is* the base
+#   architecture; the runtime-LoRA and merged rows above differ only by the adapter branch
+#   (chapter 01 measured 1.4% for it).
 
-or with llama.cpp's own command-line tool: `llama-cli -m smollm2-q8_0.gguf -p "..." -n 32`.
+# %% [markdown]
+# ## What we measured
+#
+# The figures are in the tables above; this run's sizes (an ONNX export's size moves by about
+# 0.1 MB from run to run, so this cell is not compared by nbval; the checks above round to whole MB):
 
-## Where the seeds' claims stand
-
-* **`transformers.onnx.export`** (seed 001): the module no longer exists in transformers 5
-  (chapter 05 checks the import); `torch.onnx.export(..., dynamo=True)`, which
-  `course_lib.export` uses, is current, and its float32 output equals PyTorch's (embeddings to
-  1e-4, logits to 1e-3 in the tests).
-* **"INT8/INT4 on the edge keeps the accuracy"**: it depends on the model and on *what* is
-  quantized. MiniLM's INT8 ONNX keeps recall@10 within 2 points of float32 (table above; the tests
-  hold it). For SmolLM2, weight-only 8-bit (GGUF Q8_0, 145 MB) keeps the answer perplexity within
-  2% and every greedy answer, but 4-bit Q4_0 (92 MB) multiplies it several times and changes the
-  answers, and so does onnxruntime's dynamic INT8 (140 MB), which also quantizes the
-  *activations* with one scale per tensor. A 135M model has
-  little redundancy per weight (chapter 02 saw the same with NF4); for a small LLM prefer 8-bit
-  weight-only formats, or a 4-bit type with a per-block offset (Q4_1, exercise 3) and check.
-* **"ONNX makes CPU inference 30-200% faster"; "INT8 20-40% faster"** (seed 001): on this
-  machine onnxruntime generated more than twice as fast as PyTorch eager (59 vs 23 tokens/s in
-  the committed run), and INT8 encoded MiniLM queries faster than float32, but generated SmolLM2's
-  tokens more slowly than float32 onnxruntime (48 vs 59 tokens/s): "INT8 is faster" depends on the
-  model and the CPU (tables above; timings vary by run, so only the MiniLM query latency is
-  asserted, where the two are several times apart).
-* **"A merged model has the same speed as the base model"** (seeds 003, 004): it *is* the base
-  architecture; the runtime-LoRA and merged rows above differ only by the adapter branch
-  (chapter 01 measured 1.4% for it).
-"""),
-("md", r"""
-## What we measured
-
-The figures are in the tables above; this run's sizes (an ONNX export's size moves by about
-0.1 MB from run to run, so this cell is not compared by nbval; the checks above round to whole MB):
-"""),
-("code", r"""
+# %% tags=["nbval-ignore-output"]
 summary = {**{f"MiniLM {k}": v["MB"] for k, v in minilm_rows.items()}, **{f"SmolLM2 {k}": v["MB"] for k, v in smol_rows.items()}}
 display(Markdown("| file | MB |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in summary.items())))
-""", IGN),
-("md", r"""
-## Exercises
 
-Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
-`BEGIN SOLUTION` / `END SOLUTION` markers.
 
-**Exercise 1: the KV cache by hand.** Write `cache_bytes(layers, kv_heads, head_dim, tokens,
-bytes_per_number)` and check it against `generation.kv_cache_bytes_per_token` for LLaMA-3-70B.
-"""),
-("code", r"""
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
+# `BEGIN SOLUTION` / `END SOLUTION` markers.
+#
+# **Exercise 1: the KV cache by hand.** Write `cache_bytes(layers, kv_heads, head_dim, tokens,
+# bytes_per_number)` and check it against `generation.kv_cache_bytes_per_token` for LLaMA-3-70B.
+
+# %%
 def cache_bytes(layers, kv_heads, head_dim, tokens, bytes_per_number):
     # BEGIN SOLUTION
     return 2 * layers * kv_heads * head_dim * tokens * bytes_per_number
     # END SOLUTION
 
 print(cache_bytes(30, 3, 64, 1, 4))
-"""),
-("code", r"""
+
+# %%
 c = budget.get_config("llama-3-70b")
 assert cache_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_size, 1000, 2) == 1000 * generation.kv_cache_bytes_per_token(c, torch.bfloat16)
 assert cache_bytes(30, 3, 64, 1, 4) == generation.kv_cache_bytes_per_token(smol_merged.config, torch.float32)
-"""),
-("md", r"""
-**Exercise 2: merge by hand.** Fold one LoRA layer into a plain `nn.Linear`: write `fold(layer)`
-returning an `nn.Linear` whose output equals the LoRA layer's (`W0 + scaling · B A`).
-"""),
-("code", r"""
+
+
+# %% [markdown]
+# **Exercise 2: merge by hand.** Fold one LoRA layer into a plain `nn.Linear`: write `fold(layer)`
+# returning an `nn.Linear` whose output equals the LoRA layer's (`W0 + scaling · B A`).
+
+# %%
 def fold(layer):
     # BEGIN SOLUTION
     plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.base_layer.bias is not None)
@@ -429,20 +441,16 @@ def fold(layer):
 
 layer = lora.lora_layers(smol)["model.layers.0.self_attn.q_proj"]
 print(type(fold(layer)).__name__)
-"""),
-("code", r"""
+
+# %%
 x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     assert torch.allclose(fold(layer)(x), layer(x), atol=1e-5)
-"""),
-("md", r"""
-**Exercise 3 (open).** Export SmolLM2 to GGUF as Q5_1 and Q4_1 as well (`gguf_export.GGUF_TYPES`)
-and add them to the size-against-perplexity plot. Where would you stop on a phone with 2 GB of
-free memory, counting the KV cache of a 2,048-token conversation?
-"""),
-("code", r"""
-shutil.rmtree(OUT)   # the exported files were only needed for the measurements
-"""),
-]
 
-build(cells, sys.argv[1])
+# %% [markdown]
+# **Exercise 3 (open).** Export SmolLM2 to GGUF as Q5_1 and Q4_1 as well (`gguf_export.GGUF_TYPES`)
+# and add them to the size-against-perplexity plot. Where would you stop on a phone with 2 GB of
+# free memory, counting the KV cache of a 2,048-token conversation?
+
+# %%
+shutil.rmtree(OUT)   # the exported files were only needed for the measurements

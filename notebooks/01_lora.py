@@ -1,26 +1,20 @@
-import sys
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from nbtools import build
+# %% [markdown]
+# # 01 · LoRA from the ground up
+#
+# LoRA (low-rank adaptation) fine-tunes a large model by leaving its weights frozen and learning a
+# small correction beside each chosen linear layer. This chapter
+#
+# 1. builds LoRA from scratch (`course_lib.lora`, plain PyTorch) and checks the seeds' worked example,
+# 2. counts what it trains, on our two models and on LLaMA-3-8B's published shapes,
+# 3. fine-tunes MiniLM (code search) and SmolLM2 (function names) with LoRA, against chapter 00's
+#    baselines and against full fine-tuning on the same budget,
+# 4. compares ranks, merged vs runtime inference, several adapters and their blends,
+# 5. runs the same experiment through peft and shows the two agree.
+#
+# **Time:** about 3.5 minutes on 2 CPU cores. Longer runs (the rank sweep, full fine-tuning of
+# SmolLM2) come from `benchmarks/lora_training.py`, whose committed results are shown labelled.
 
-IGN = "nbval-ignore-output"
-cells = [
-("md", r"""
-# 01 · LoRA from the ground up
-
-LoRA (low-rank adaptation) fine-tunes a large model by leaving its weights frozen and learning a
-small correction beside each chosen linear layer. This chapter
-
-1. builds LoRA from scratch (`course_lib.lora`, plain PyTorch) and checks the seeds' worked example,
-2. counts what it trains, on our two models and on LLaMA-3-8B's published shapes,
-3. fine-tunes MiniLM (code search) and SmolLM2 (function names) with LoRA, against chapter 00's
-   baselines and against full fine-tuning on the same budget,
-4. compares ranks, merged vs runtime inference, several adapters and their blends,
-5. runs the same experiment through peft and shows the two agree.
-
-**Time:** about 3.5 minutes on 2 CPU cores. Longer runs (the rank sweep, full fine-tuning of
-SmolLM2) come from `benchmarks/lora_training.py`, whose committed results are shown labelled.
-"""),
-("code", r"""
+# %%
 import copy
 import json
 import logging
@@ -34,11 +28,11 @@ import torch
 from IPython.display import Markdown, display
 from torch import nn
 
-from course_lib import data, lora, memory, models, retrieval, train
+from course_lib import data, instruct, lora, lora_combine, lora_io, memory, models, retrieval, train
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # peft imports bitsandbytes, which notes a missing optional CPU kernel
 warnings.filterwarnings("ignore", category=FutureWarning)
-from peft import PeftModel  # noqa: E402
+from peft import PeftModel
 
 SEED = 0
 DEVICE = models.default_device()
@@ -50,27 +44,27 @@ EVAL_PAIRS = 200     # test queries (and their documents) scored; chapter 00 use
 N_INSTRUCT = 32      # test instructions scored by answer perplexity (6 of them generated)
 ADAPTER_STEPS = 4    # steps for each of the two adapters in the multi-adapter section
 _ = torch.manual_seed(SEED)
-"""),
-("md", r"""
-<a id="claim-01-worked-example"></a>
 
-## The idea, and the seeds' worked example
+# %% [markdown]
+# <a id="claim-01-worked-example"></a>
+#
+# ## The idea, and the seeds' worked example
+#
+# A linear layer computes $y = W_0 x$ with $W_0 \in \mathbb{R}^{d \times k}$. Full fine-tuning
+# learns a new $W$. LoRA keeps $W_0$ frozen and learns a low-rank update
+# $\Delta W = B A$ with $B \in \mathbb{R}^{d \times r}$, $A \in \mathbb{R}^{r \times k}$ and rank
+# $r \ll \min(d, k)$:
+#
+# $$ y = W_0 x + \tfrac{\alpha}{r}\, B A x .$$
+#
+# It trains $r(d + k)$ numbers instead of $d k$. The factor $\alpha / r$ (`lora_alpha / r`, peft's
+# names) keeps the update's size comparable when you change $r$; rank-stabilised LoRA uses
+# $\alpha/\sqrt{r}$ instead. One seed tutorial works a 2×2 example by hand:
+# $W_0 = \begin{pmatrix}1&2\\3&4\end{pmatrix}$, $A = (0.1\;\;0.2)$,
+# $B = \begin{pmatrix}0.5\\0.6\end{pmatrix}$, $x = (1, 2)$: then $W_0 x = (5, 11)$, $Ax = 0.5$,
+# $BAx = (0.25, 0.3)$ and the output is $(5.25, 11.3)$. Our `LoRALinear` with $r = \alpha = 1$:
 
-A linear layer computes $y = W_0 x$ with $W_0 \in \mathbb{R}^{d \times k}$. Full fine-tuning
-learns a new $W$. LoRA keeps $W_0$ frozen and learns a low-rank update
-$\Delta W = B A$ with $B \in \mathbb{R}^{d \times r}$, $A \in \mathbb{R}^{r \times k}$ and rank
-$r \ll \min(d, k)$:
-
-$$ y = W_0 x + \tfrac{\alpha}{r}\, B A x .$$
-
-It trains $r(d + k)$ numbers instead of $d k$. The factor $\alpha / r$ (`lora_alpha / r`, peft's
-names) keeps the update's size comparable when you change $r$; rank-stabilised LoRA uses
-$\alpha/\sqrt{r}$ instead. One seed tutorial works a 2×2 example by hand:
-$W_0 = \begin{pmatrix}1&2\\3&4\end{pmatrix}$, $A = (0.1\;\;0.2)$,
-$B = \begin{pmatrix}0.5\\0.6\end{pmatrix}$, $x = (1, 2)$: then $W_0 x = (5, 11)$, $Ax = 0.5$,
-$BAx = (0.25, 0.3)$ and the output is $(5.25, 11.3)$. Our `LoRALinear` with $r = \alpha = 1$:
-"""),
-("code", r"""
+# %%
 layer = lora.LoRALinear(nn.Linear(2, 2, bias=False), r=1, lora_alpha=1)
 with torch.no_grad():
     layer.base_layer.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
@@ -79,16 +73,16 @@ with torch.no_grad():
 y = layer(torch.tensor([1.0, 2.0]))
 print("W0·x + B·A·x =", [round(v, 4) for v in y.tolist()])
 assert torch.allclose(y, torch.tensor([5.25, 11.3]))
-"""),
-("md", r"""
-<a id="claim-01-zero-init"></a>
 
-**Why B starts at zero.** A is initialised randomly (Kaiming-uniform, as peft does) and B at
-zero, so $BA = 0$: the wrapped model starts *exactly* equal to the pretrained one, and training
-moves away from it. (If both were random, the first forward pass would already be a damaged
-model.) Injecting LoRA into MiniLM's `query` and `value` layers changes no output:
-"""),
-("code", r"""
+# %% [markdown]
+# <a id="claim-01-zero-init"></a>
+#
+# **Why B starts at zero.** A is initialised randomly (Kaiming-uniform, as peft does) and B at
+# zero, so $BA = 0$: the wrapped model starts *exactly* equal to the pretrained one, and training
+# moves away from it. (If both were random, the first forward pass would already be a damaged
+# model.) Injecting LoRA into MiniLM's `query` and `value` layers changes no output:
+
+# %%
 minilm, minilm_tok = models.load_minilm(DEVICE)
 smollm, smollm_tok = models.load_smollm2(DEVICE)
 probe = ["Return the sum of two numbers.", "def add(a, b):\n    return a + b"]
@@ -97,19 +91,20 @@ wrapped = lora.inject_lora(copy.deepcopy(minilm), target_modules=["query", "valu
 after = retrieval.embed(wrapped, minilm_tok, probe)
 print(f"largest change in an embedding after injection: {(after - before).abs().max().item()}")
 assert torch.equal(before, after)
-"""),
-("md", r"""
-<a id="claim-01-llama8b-params"></a>
 
-## What LoRA trains
 
-`lora.count_parameters` counts trainable and total parameters after injection. The count must
-equal $\sum r(d_\text{in} + d_\text{out})$ over the wrapped layers, which we can also compute for
-a model we cannot load here, from its published configuration. For LLaMA-3-8B
-(hidden size 4096, 32 layers, 32 query heads but only 8 key/value heads of size 128, so `v_proj`
-maps 4096 → 1024):
-"""),
-("code", r"""
+# %% [markdown]
+# <a id="claim-01-llama8b-params"></a>
+#
+# ## What LoRA trains
+#
+# `lora.count_parameters` counts trainable and total parameters after injection. The count must
+# equal $\sum r(d_\text{in} + d_\text{out})$ over the wrapped layers, which we can also compute for
+# a model we cannot load here, from its published configuration. For LLaMA-3-8B
+# (hidden size 4096, 32 layers, 32 query heads but only 8 key/value heads of size 128, so `v_proj`
+# maps 4096 → 1024):
+
+# %%
 def lora_count(shapes_per_layer, layers, r):
     # shapes_per_layer: (d_in, d_out) of each wrapped linear layer in one block
     return layers * sum(r * (d_in + d_out) for d_in, d_out in shapes_per_layer)
@@ -139,33 +134,31 @@ print(f"LLaMA-3-8B  r=8 on q,v: {llama3_8b:,d} trainable parameters")
 print(f"LLaMA-2-7B  r=8 on q,v: {llama2_7b:,d} trainable parameters")
 for r in (8, 16):
     print(f"LLaMA-3-8B  r={r} on q,k,v,o: {lora_count(qv_shapes(4096, 32, 8, 128) * 2, 32, r):,d}")
-"""),
-("md", r"""
-One seed's table says LoRA on "LLaMA-8B" trains **about 4M parameters**. With r = 8 on q and v,
-LLaMA-3-8B has 3,407,872 trainable parameters (3.4M), because grouped-query attention makes
-`v_proj` four times narrower than `q_proj`. The round "4M" is what r = 8 on q and v gives for
-an older 7B model without grouped-query attention (LLaMA-1/2-7B: 4,194,304). So the claim is
-right in magnitude, and 17% too high for the model it names.
-"""),
-("code", r"""
+
+# %% [markdown]
+# One seed's table says LoRA on "LLaMA-8B" trains **about 4M parameters**. With r = 8 on q and v,
+# LLaMA-3-8B has 3,407,872 trainable parameters (3.4M), because grouped-query attention makes
+# `v_proj` four times narrower than `q_proj`. The round "4M" is what r = 8 on q and v gives for
+# an older 7B model without grouped-query attention (LLaMA-1/2-7B: 4,194,304). So the claim is
+# right in magnitude, and 17% too high for the model it names.
+
+# %%
 assert llama3_8b == 3_407_872 and llama2_7b == 4_194_304   # r·(d_in + d_out) summed, by hand above
 assert abs(llama2_7b - 4e6) < abs(llama3_8b - 4e6)
-"""),
-]
-cells += [
-("md", r"""
-<a id="claim-01-minilm-lora-vs-full"></a>
 
-## Fine-tuning MiniLM for code search: LoRA vs full fine-tuning
+# %% [markdown]
+# <a id="claim-01-minilm-lora-vs-full"></a>
+#
+# ## Fine-tuning MiniLM for code search: LoRA vs full fine-tuning
+#
+# Same batches, same number of steps, the in-batch-negatives contrastive loss of
+# `retrieval.code_search_loss` (sentence-transformers' `MultipleNegativesRankingLoss`, scale 20).
+# LoRA wraps `query` and `value` with r = 8, α = 16 and learns at 1e-3; full fine-tuning updates
+# all 22.7M weights at 2e-5 (a LoRA learning rate would wreck the pretrained weights). The metric
+# is chapter 00's, recall@10 and MRR, on the first 200 test queries against their 200 documents
+# (chapter 00 used all 506; the benchmark below does too).
 
-Same batches, same number of steps, the in-batch-negatives contrastive loss of
-`retrieval.code_search_loss` (sentence-transformers' `MultipleNegativesRankingLoss`, scale 20).
-LoRA wraps `query` and `value` with r = 8, α = 16 and learns at 1e-3; full fine-tuning updates
-all 22.7M weights at 2e-5 (a LoRA learning rate would wreck the pretrained weights). The metric
-is chapter 00's, recall@10 and MRR, on the first 200 test queries against their 200 documents
-(chapter 00 used all 506; the benchmark below does too).
-"""),
-("code", r"""
+# %% tags=["nbval-ignore-output"]
 train_rows = data.load_code_search("train")
 test_pairs = data.load_code_search("test")[:EVAL_PAIRS]
 baseline = retrieval.evaluate_code_search(minilm, minilm_tok, test_pairs)
@@ -188,8 +181,8 @@ for name, lr in [("LoRA r=8", 1e-3), ("full fine-tuning", 2e-5)]:
                   "optimizer_bytes": memory.optimizer_state_bytes(optimizer),
                   "metrics": retrieval.evaluate_code_search(model, minilm_tok, test_pairs)}
     del optimizer
-""", IGN),
-("code", r"""
+
+# %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for name, run in runs.items():
     ax.plot(range(1, MINILM_STEPS + 1), run["history"].loss, label=name)
@@ -201,13 +194,13 @@ print(f"{'zero-shot':18s} {'':>11s} {'':>12s} {baseline['recall@10']:9.3f} {base
 for name, run in runs.items():
     m = run["metrics"]
     print(f"{name:18s} {run['trainable']:11,d} {run['optimizer_bytes'] / 2**20:9.2f} MiB {m['recall@10']:9.3f} {m['mrr']:6.3f}")
-"""),
-("code", r"""
+
+# %% tags=["nbval-ignore-output"]
 speed = {name: run["history"].seconds_per_step for name, run in runs.items()}
 print(f"seconds per step: LoRA {speed['LoRA r=8']:.2f}, full {speed['full fine-tuning']:.2f}, "
       f"full/LoRA = {speed['full fine-tuning'] / speed['LoRA r=8']:.2f}x")
-""", IGN),
-("code", r"""
+
+# %%
 lora_run, full_run = runs["LoRA r=8"], runs["full fine-tuning"]
 # AdamW keeps two float32 moments per trainable parameter: 8 bytes each
 assert lora_run["optimizer_bytes"] == 8 * lora_run["trainable"] == 8 * counts["all-MiniLM-L6-v2"][0]
@@ -217,38 +210,36 @@ pooler = sum(p.numel() for p in minilm.pooler.parameters())
 assert full_run["optimizer_bytes"] == 8 * (full_run["trainable"] - pooler)
 assert lora_run["metrics"]["mrr"] > baseline["mrr"]           # LoRA learned something useful
 assert full_run["metrics"]["mrr"] > baseline["mrr"]
-"""),
-]
-cells += [
-("md", r"""
-## Fine-tuning SmolLM2 to name functions
 
-The instruction task from chapter 00: given a docstring summary, answer the function's name.
-The loss is next-token cross-entropy on the answer tokens only (`retrieval.answer_loss`). LoRA
-r = 8 on `q_proj` and `v_proj` trains 460,800 of SmolLM2's 134.5M parameters, at a learning rate
-of 2e-3. Full fine-tuning of SmolLM2 does not fit this notebook's time budget (and it needs 1 GiB
-of AdamW state); the benchmark below runs it.
-"""),
-("code", r"""
+# %% [markdown]
+# ## Fine-tuning SmolLM2 to name functions
+#
+# The instruction task from chapter 00: given a docstring summary, answer the function's name.
+# The loss is next-token cross-entropy on the answer tokens only (`instruct.answer_loss`). LoRA
+# r = 8 on `q_proj` and `v_proj` trains 460,800 of SmolLM2's 134.5M parameters, at a learning rate
+# of 2e-3. Full fine-tuning of SmolLM2 does not fit this notebook's time budget (and it needs 1 GiB
+# of AdamW state); the benchmark below runs it.
+
+# %% tags=["nbval-ignore-output"]
 instruct_test = data.load_instruct("test")[:N_INSTRUCT]
 instructions = [r["instruction"] for r in instruct_test]
 answers = [r["answer"] for r in instruct_test]
 
 def score_smollm(model, n_generated=6):
-    predictions = retrieval.generate_answers(model, smollm_tok, instructions[:n_generated])
-    return {"perplexity": retrieval.perplexity(model, smollm_tok, instructions, answers),
+    predictions = instruct.generate_answers(model, smollm_tok, instructions[:n_generated])
+    return {"perplexity": instruct.perplexity(model, smollm_tok, instructions, answers),
             "examples": list(zip(answers, predictions))}
 
 smol_base = score_smollm(smollm)
 smol_lora = lora.inject_lora(copy.deepcopy(smollm), target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
 smol_opt = torch.optim.AdamW([p for p in smol_lora.parameters() if p.requires_grad], lr=2e-3)
-smol_history = train.train(smol_lora, lambda m, batch: retrieval.answer_loss(m, smollm_tok, batch),
+smol_history = train.train(smol_lora, lambda m, batch: instruct.answer_loss(m, smollm_tok, batch),
                            train.batches(data.load_instruct("train"), SMOLLM_BATCH, seed=SEED),
                            steps=SMOLLM_STEPS, optimizer=smol_opt, warmup_steps=1, seed=SEED, desc="SmolLM2 LoRA")
 smol_after = score_smollm(smol_lora)
 print(f"SmolLM2 LoRA: {smol_history.seconds_per_step:.1f} s per step")
-""", IGN),
-("code", r"""
+
+# %%
 print(f"answer perplexity on {N_INSTRUCT} test instructions: zero-shot {smol_base['perplexity']:.1f}, "
       f"after {SMOLLM_STEPS} LoRA steps {smol_after['perplexity']:.2f}")
 print(f"loss: first step {smol_history.loss[0]:.2f}, last step {smol_history.loss[-1]:.2f}\n")
@@ -256,23 +247,23 @@ print(f"{'gold':18s} {'zero-shot':32s} LoRA r=8")
 for (gold, before), (_, after) in zip(smol_base["examples"], smol_after["examples"]):
     print(f"{gold:18s} {before[:30]!r:32s} {after!r}")
 assert smol_after["perplexity"] < smol_base["perplexity"] / 5   # the right names became far less surprising
-"""),
-("md", r"""
-<a id="claim-01-benchmark"></a>
 
-In a dozen steps the answers' perplexity falls by more than an order of magnitude: the model
-learns the *form* of an answer (a bare snake_case identifier, then end of turn) and much about
-which words go into it. Exact match needs the *whole* name right and needs more steps than this notebook can afford; the
-benchmark's longer runs below show where they take it.
+# %% [markdown]
+# <a id="claim-01-benchmark"></a>
+#
+# In a dozen steps the answers' perplexity falls by more than an order of magnitude: the model
+# learns the *form* of an answer (a bare snake_case identifier, then end of turn) and much about
+# which words go into it. Exact match needs the *whole* name right and needs more steps than this notebook can afford; the
+# benchmark's longer runs below show where they take it.
+#
+# ## Longer runs: the rank sweep and full fine-tuning (benchmark results)
+#
+# A seed tutorial gives a table of rank vs accuracy vs memory. The sweep over
+# r ∈ {1, 2, 4, 8, 16, 32} and the full fine-tuning of SmolLM2 take longer than this notebook's
+# budget, so they come from `benchmarks/lora_training.py`; its committed JSON (with the command and
+# the date it ran) is shown here, labelled as such.
 
-## Longer runs: the rank sweep and full fine-tuning (benchmark results)
-
-A seed tutorial gives a table of rank vs accuracy vs memory. The sweep over
-r ∈ {1, 2, 4, 8, 16, 32} and the full fine-tuning of SmolLM2 take longer than this notebook's
-budget, so they come from `benchmarks/lora_training.py`; its committed JSON (with the command and
-the date it ran) is shown here, labelled as such.
-"""),
-("code", r"""
+# %%
 root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "benchmarks").is_dir())
 bench = json.loads((root / "benchmarks" / "results" / "lora_training.json").read_text())
 print(f"benchmark results: `{bench['command']}` run on {bench['date']} ({bench['seconds'] / 60:.0f} min, CPU)\n")
@@ -303,30 +294,28 @@ axes[1].set(xscale="log", yscale="log", xticks=ranks, xticklabels=ranks, xlabel=
             ylabel="trainable parameters", title="trainable parameters grow linearly in r")
 plt.tight_layout()
 plt.show()
-"""),
-("code", r"""
+
+# %%
 # trainable parameters are linear in r: r · Σ(d_in + d_out) = r · 9,216 for MiniLM's query+value
 assert all(row["trainable"] == row["r"] * 6 * 2 * (384 + 384) for row in sweep)
 assert all(row["optimizer_state_bytes"] == 8 * row["trainable"] for row in sweep + bench["smollm2"])
 pooler = sum(p.numel() for p in minilm.pooler.parameters())   # unused by mean pooling: no gradient, no state
 assert full["optimizer_state_bytes"] == 8 * (full["trainable"] - pooler)
-"""),
-]
-cells += [
-("md", r"""
-<a id="claim-01-runtime-merged"></a>
 
-## Inference: merged vs runtime LoRA
+# %% [markdown]
+# <a id="claim-01-runtime-merged"></a>
+#
+# ## Inference: merged vs runtime LoRA
+#
+# After training there are two ways to serve the adapter. **Runtime** (unmerged): keep $W_0$, $A$
+# and $B$ apart and compute $W_0x + \frac{\alpha}{r}B(Ax)$, so adapters can be switched per
+# request. **Merged**: fold the update into the weight once, $W = W_0 + \frac{\alpha}{r}BA$, and
+# serve a plain model with zero overhead. `lora.merge` and `lora.unmerge` do this exactly and
+# reversibly. The extra work of the runtime branch is $r(d+k)$ multiply-adds per token against
+# $dk$ for the layer itself: for r = 8 on MiniLM's 384 × 384 `query`/`value`,
+# 8 · 768 / 384² = 4.2% of those two layers and less of the whole model.
 
-After training there are two ways to serve the adapter. **Runtime** (unmerged): keep $W_0$, $A$
-and $B$ apart and compute $W_0x + \frac{\alpha}{r}B(Ax)$, so adapters can be switched per
-request. **Merged**: fold the update into the weight once, $W = W_0 + \frac{\alpha}{r}BA$, and
-serve a plain model with zero overhead. `lora.merge` and `lora.unmerge` do this exactly and
-reversibly. The extra work of the runtime branch is $r(d+k)$ multiply-adds per token against
-$dk$ for the layer itself: for r = 8 on MiniLM's 384 × 384 `query`/`value`,
-8 · 768 / 384² = 4.2% of those two layers and less of the whole model.
-"""),
-("code", r"""
+# %%
 runtime_model = runs["LoRA r=8"]["model"]
 merged_model = lora.merge(copy.deepcopy(runtime_model))
 docs = [r["document"] for r in test_pairs[:32]]
@@ -339,8 +328,9 @@ unmerged = lora.unmerge(copy.deepcopy(merged_model))
 w0 = minilm.encoder.layer[0].attention.self.query.weight
 w_back = unmerged.encoder.layer[0].attention.self.query.base_layer.weight
 assert torch.allclose(w_back, w0, atol=1e-6)            # unmerge restores the pretrained weight
-"""),
-("code", r"""
+
+
+# %% tags=["nbval-ignore-output"]
 def seconds(model):
     start = time.perf_counter()
     retrieval.embed(model, minilm_tok, docs)
@@ -354,27 +344,27 @@ latency = {k: min(v) for k, v in latency.items()}
 for name, t in latency.items():
     print(f"{name:13s} {t * 1000 / len(docs):6.2f} ms per document  ({t / latency['base']:.2f}x base)")
 runtime_ratio = latency["runtime LoRA"] / latency["base"]
-""", IGN),
-("code", r"""
+
+# %%
 assert runtime_ratio < 2.0   # the seed's "runtime LoRA is 2-3x slower" does not hold here
-"""),
-("md", r"""
-<a id="claim-01-several-adapters"></a>
 
-## Several adapters on one model, and blending them
+# %% [markdown]
+# <a id="claim-01-several-adapters"></a>
+#
+# ## Several adapters on one model, and blending them
+#
+# One base model can carry several named adapters: add them, switch the active one, disable all
+# (back to the base model), delete. Here two adapters learn from two different slices of the
+# training data (the training modules whose names start with a-l, and m-z) and we score each, then
+# two ways of blending them half and half:
+#
+# * **exact** (peft's `combination_type="cat"`): concatenate the two adapters along the rank, so
+#   the new update is exactly $\tfrac12\Delta W_a + \tfrac12\Delta W_b$ (rank 16);
+# * **linear**: average $A$ and $B$ separately. Then
+#   $(\tfrac12 B_a + \tfrac12 B_b)(\tfrac12 A_a + \tfrac12 A_b)$ has cross terms $B_aA_b$ and
+#   $B_bA_a$: it is *not* the average of the two updates, which users often assume.
 
-One base model can carry several named adapters: add them, switch the active one, disable all
-(back to the base model), delete. Here two adapters learn from two different slices of the
-training data (the training modules whose names start with a-l, and m-z) and we score each, then
-two ways of blending them half and half:
-
-* **exact** (peft's `combination_type="cat"`): concatenate the two adapters along the rank, so
-  the new update is exactly $\tfrac12\Delta W_a + \tfrac12\Delta W_b$ (rank 16);
-* **linear**: average $A$ and $B$ separately. Then
-  $(\tfrac12 B_a + \tfrac12 B_b)(\tfrac12 A_a + \tfrac12 A_b)$ has cross terms $B_aA_b$ and
-  $B_bA_a$: it is *not* the average of the two updates, which users often assume.
-"""),
-("code", r"""
+# %% tags=["nbval-ignore-output"]
 halves = {"a_to_l": [r for r in train_rows if r["module"][0].lower() <= "l"],
           "m_to_z": [r for r in train_rows if r["module"][0].lower() > "l"]}
 multi = copy.deepcopy(minilm)
@@ -382,10 +372,10 @@ for name, rows in halves.items():
     lora.inject_lora(multi, target_modules=["query", "value"], r=8, lora_alpha=16, adapter_name=name)
     lora.set_adapter(multi, name)
     fit_minilm(multi, 1e-3, steps=ADAPTER_STEPS, rows=rows, desc=f"adapter {name}")
-lora.add_weighted_adapter(multi, ["a_to_l", "m_to_z"], [0.5, 0.5], "exact_blend", combination_type="cat")
-lora.add_weighted_adapter(multi, ["a_to_l", "m_to_z"], [0.5, 0.5], "linear_blend", combination_type="linear")
-""", IGN),
-("code", r"""
+lora_combine.add_weighted_adapter(multi, ["a_to_l", "m_to_z"], [0.5, 0.5], "exact_blend", combination_type="cat")
+lora_combine.add_weighted_adapter(multi, ["a_to_l", "m_to_z"], [0.5, 0.5], "linear_blend", combination_type="linear")
+
+# %%
 subset = test_pairs[:64]
 scores = {}
 with lora.disable_adapters(multi):
@@ -404,29 +394,27 @@ print(f"\nlayer 0 query, |ΔW_blend - (ΔW_a + ΔW_b)/2| / |(ΔW_a + ΔW_b)/2|: 
       f"exact {'< 1e-5' if rel['exact_blend'] < 1e-5 else rel['exact_blend']}, linear {rel['linear_blend']:.2f}")
 assert rel["exact_blend"] < 1e-5 and rel["linear_blend"] > 0.1
 assert scores["base (adapters disabled)"]["mrr"] == retrieval.evaluate_code_search(minilm, minilm_tok, subset)["mrr"]
-"""),
-]
-cells += [
-("md", r"""
-## The same experiment through peft
 
-peft is the library people use in production. We start peft and `course_lib` from the *same*
-initial adapter (saved by `course_lib` as `adapter_model.safetensors` + `adapter_config.json` in
-peft's layout and loaded by `peft.PeftModel.from_pretrained`), train both on the same batches,
-and compare the losses step by step and the adapters at the end.
-"""),
-("code", r"""
+# %% [markdown]
+# ## The same experiment through peft
+#
+# peft is the library people use in production. We start peft and `course_lib` from the *same*
+# initial adapter (saved by `course_lib` as `adapter_model.safetensors` + `adapter_config.json` in
+# peft's layout and loaded by `peft.PeftModel.from_pretrained`), train both on the same batches,
+# and compare the losses step by step and the adapters at the end.
+
+# %% tags=["nbval-ignore-output"]
 PEFT_STEPS = 2
 ours = lora.inject_lora(copy.deepcopy(minilm), target_modules=["query", "value"], r=8, lora_alpha=16)
 with tempfile.TemporaryDirectory() as folder:
-    lora.save_adapter(ours, folder)
+    lora_io.save_adapter(ours, folder)
     theirs = PeftModel.from_pretrained(copy.deepcopy(minilm), folder, is_trainable=True)
     saved_files = sorted(p.name for p in Path(folder).iterdir())
 histories = {}
 for name, model in [("course_lib", ours), ("peft", theirs)]:
     histories[name], _ = fit_minilm(model, 1e-3, steps=PEFT_STEPS, desc=name)
-""", IGN),
-("code", r"""
+
+# %%
 print("adapter folder:", saved_files)
 print(f"{'step':>4s} {'course_lib':>11s} {'peft':>11s}")
 for step, (a, b) in enumerate(zip(histories["course_lib"].loss, histories["peft"].loss), 1):
@@ -438,13 +426,11 @@ worst = max((a - b).abs().max().item() for a, b in zip(ours_state.values(), peft
 print(f"largest difference between the trained adapters is below 1e-4: {worst < 1e-4}")
 assert worst < 1e-4
 assert max(abs(a - b) for a, b in zip(histories["course_lib"].loss, histories["peft"].loss)) < 1e-4
-"""),
-]
-cells += [
-("md", r"""
-## What we measured
-"""),
-("code", r"""
+
+# %% [markdown]
+# ## What we measured
+
+# %%
 lo, fu = runs["LoRA r=8"]["metrics"], runs["full fine-tuning"]["metrics"]
 bench_lora, bench_full = bench["smollm2"]
 r8 = next(row for row in sweep if row["r"] == 8)
@@ -465,37 +451,34 @@ table = f'''
 | exact blend vs linear blend, relative ΔW error | < 1e-5 vs {rel["linear_blend"]:.2f} |
 '''
 display(Markdown(table))
-"""),
-]
 
-cells += [
-("md", r"""
-## What the seeds claim, and what we measured
+# %% [markdown]
+# ## What the seeds claim, and what we measured
+#
+# * **"About 4M trainable parameters" for LoRA on LLaMA-8B:** 3,407,872 for LLaMA-3-8B with r = 8
+#   on q and v; 4,194,304 is what the same setting gives on a 7B model without grouped-query attention.
+# * **"Training is 15-20x faster than full fine-tuning":** not on this hardware. In the benchmark a
+#   full fine-tuning step of SmolLM2 takes 1.3x as long as a LoRA step, and 1.3x for MiniLM. LoRA
+#   still runs the whole forward pass and back-propagates through every layer (the adapters of
+#   layer 1 need the gradient that flows through layers 2…30); it saves the weight gradients of the
+#   frozen layers and the optimizer's work on them. What LoRA saves by orders of magnitude is
+#   *memory*: AdamW state of 3.5 MiB instead of 1026 MiB for SmolLM2, 0.56 MiB instead of 172 MiB
+#   for MiniLM, and no gradient buffers for the frozen weights.
+# * **"Runtime (unmerged) LoRA is 2-3x slower at inference":** the extra branch costs
+#   $r(d+k)/(dk)$ of a layer's multiply-adds, a few percent. The latency cell above is too short to resolve a few percent (its
+#   ratios move by tens of percent from run to run, so it is not compared by nbval);
+#   `benchmarks/lora_vs_peft.py`, with repeats, measured 1.014x the base model on SmolLM2, and
+#   merged LoRA costs nothing (1.003x).
+# * **Rank vs accuracy (the seed's table):** in the 40-step benchmark, MiniLM's test recall@10 rises
+#   from 0.810 at r = 1 to 0.854 at r = 32, with r = 8 (0.842) level with full fine-tuning (0.844),
+#   while trainable parameters grow linearly in r and the time per step does not change.
+# * **Blending adapters:** the exact ("cat") blend reproduces $\tfrac12\Delta W_a + \tfrac12\Delta W_b$ to
+#   float precision; the linear blend of A and B is off by 99% of the norm of the intended update
+#   in the layer we checked, because of the cross terms $B_aA_b$ and $B_bA_a$.
+# * **Agreement with peft:** the same initial adapter, trained on the same batches, gives the same
+#   losses to 5 decimals in both libraries, and the same adapters to 1e-4.
 
-* **"About 4M trainable parameters" for LoRA on LLaMA-8B:** 3,407,872 for LLaMA-3-8B with r = 8
-  on q and v; 4,194,304 is what the same setting gives on a 7B model without grouped-query attention.
-* **"Training is 15-20x faster than full fine-tuning":** not on this hardware. In the benchmark a
-  full fine-tuning step of SmolLM2 takes 1.3x as long as a LoRA step, and 1.3x for MiniLM. LoRA
-  still runs the whole forward pass and back-propagates through every layer (the adapters of
-  layer 1 need the gradient that flows through layers 2…30); it saves the weight gradients of the
-  frozen layers and the optimizer's work on them. What LoRA saves by orders of magnitude is
-  *memory*: AdamW state of 3.5 MiB instead of 1026 MiB for SmolLM2, 0.56 MiB instead of 172 MiB
-  for MiniLM, and no gradient buffers for the frozen weights.
-* **"Runtime (unmerged) LoRA is 2-3x slower at inference":** the extra branch costs
-  $r(d+k)/(dk)$ of a layer's multiply-adds, a few percent. The latency cell above is too short to resolve a few percent (its
-  ratios move by tens of percent from run to run, so it is not compared by nbval);
-  `benchmarks/lora_vs_peft.py`, with repeats, measured 1.014x the base model on SmolLM2, and
-  merged LoRA costs nothing (1.003x).
-* **Rank vs accuracy (the seed's table):** in the 40-step benchmark, MiniLM's test recall@10 rises
-  from 0.810 at r = 1 to 0.854 at r = 32, with r = 8 (0.842) level with full fine-tuning (0.844),
-  while trainable parameters grow linearly in r and the time per step does not change.
-* **Blending adapters:** the exact ("cat") blend reproduces $\tfrac12\Delta W_a + \tfrac12\Delta W_b$ to
-  float precision; the linear blend of A and B is off by 99% of the norm of the intended update
-  in the layer we checked, because of the cross terms $B_aA_b$ and $B_bA_a$.
-* **Agreement with peft:** the same initial adapter, trained on the same batches, gives the same
-  losses to 5 decimals in both libraries, and the same adapters to 1e-4.
-"""),
-("code", r"""
+# %%
 # The figures quoted in the paragraph above, checked against what this run computed.
 assert llama3_8b == 3_407_872 and llama2_7b == 4_194_304
 assert round(bench_full["seconds_per_step"] / bench_lora["seconds_per_step"], 1) == 1.3
@@ -509,18 +492,18 @@ assert [round(row["recall@10"], 3) for row in sweep if row["r"] in (1, 8, 32)] =
 assert round(full["recall@10"], 3) == 0.844
 assert len({row["seconds_per_step"] // 0.5 for row in sweep}) <= 2   # flat in r, up to noise
 assert round(rel["linear_blend"], 2) == 0.99
-"""),
-("md", r"""
-## Exercises
 
-Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
-`BEGIN SOLUTION` / `END SOLUTION` markers.
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
+# `BEGIN SOLUTION` / `END SOLUTION` markers.
+#
+# **Exercise 1: the LoRA forward by hand.** For the `LoRALinear` below (random B, so the adapter
+# is not zero), compute its output for `x` from `base_layer.weight`, `base_layer.bias`, the A and B
+# matrices and `scaling`, without calling the layer.
 
-**Exercise 1: the LoRA forward by hand.** For the `LoRALinear` below (random B, so the adapter
-is not zero), compute its output for `x` from `base_layer.weight`, `base_layer.bias`, the A and B
-matrices and `scaling`, without calling the layer.
-"""),
-("code", r"""
+# %%
 torch.manual_seed(1)
 layer = lora.LoRALinear(nn.Linear(6, 4), r=2, lora_alpha=8)
 nn.init.normal_(layer.lora_B["default"].weight)
@@ -531,16 +514,16 @@ A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
 by_hand = x @ W0.T + b0 + layer.scaling["default"] * (x @ A.T) @ B.T
 # END SOLUTION
 print(by_hand.shape)
-"""),
-("code", r"""
+
+# %%
 assert torch.allclose(by_hand, layer(x), atol=1e-6)
-"""),
-("md", r"""
-**Exercise 2: count before you train.** How many parameters does LoRA with r = 16 on *all*
-linear layers of SmolLM2 (`"all-linear"`: q, k, v, o, gate, up and down projections, not the
-output layer) train? Compute it from `smollm.config` with the formula $r(d_\text{in} + d_\text{out})$.
-"""),
-("code", r"""
+
+# %% [markdown]
+# **Exercise 2: count before you train.** How many parameters does LoRA with r = 16 on *all*
+# linear layers of SmolLM2 (`"all-linear"`: q, k, v, o, gate, up and down projections, not the
+# output layer) train? Compute it from `smollm.config` with the formula $r(d_\text{in} + d_\text{out})$.
+
+# %%
 # BEGIN SOLUTION
 c = smollm.config
 h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
@@ -549,17 +532,13 @@ per_block = [(h, c.num_attention_heads * c.head_dim), (h, kv), (h, kv), (c.num_a
 all_linear_r16 = lora_count(per_block, c.num_hidden_layers, 16)
 # END SOLUTION
 print(f"{all_linear_r16:,d} trainable parameters")
-"""),
-("code", r"""
+
+# %%
 check = lora.inject_lora(copy.deepcopy(smollm), target_modules="all-linear", r=16, lora_alpha=32)
 assert all_linear_r16 == lora.count_parameters(check)[0]
 del check
-"""),
-("md", r"""
-**Exercise 3 (open).** Train the MiniLM adapter with `lora_alpha` = 8, 16 and 64 at r = 8 (same
-steps). Which scaling works best at this learning rate, and why do `lora_alpha` and the learning
-rate trade off against each other?
-"""),
-]
 
-build(cells, sys.argv[1])
+# %% [markdown]
+# **Exercise 3 (open).** Train the MiniLM adapter with `lora_alpha` = 8, 16 and 64 at r = 8 (same
+# steps). Which scaling works best at this learning rate, and why do `lora_alpha` and the learning
+# rate trade off against each other?

@@ -1,0 +1,155 @@
+"""The settings of one training step, checked once, when they are built.
+
+`Settings` holds every choice the estimate depends on (method, LoRA rank and targets, dtypes,
+quantization, optimizer, checkpointing, batch shape, attention kernel, device) as a frozen
+dataclass: a typo fails where the settings are made, with a message that names the setting and
+the value to use instead, and nothing downstream has to check again. `Settings.build` fills in
+the defaults that depend on the model (LoRA's targets, QLoRA's NF4 with double quantization) and
+checks what only the model can say (its learned positions, its linear layers' names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..checks import one_of, optional_positive_int, positive_int
+from .configs import ModelConfig, get_config
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2 + 2 * 4 / 2048, "sgd": 0.0}
+"""Optimizer state in bytes per trainable parameter: AdamW keeps two float32 moments; bitsandbytes'
+8-bit AdamW two uint8 moments plus one float32 absmax per block of 2048 values for each (tensors
+under 4096 values stay 32-bit there, which is not modelled); SGD without momentum keeps nothing.
+torch's AdamW on bfloat16 parameters keeps bfloat16 moments (4 bytes): that is not "adamw" here."""
+ATTENTION = ("sdpa", "eager")
+DEVICES = ("cuda", "cpu")
+QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One training step's settings, every default filled in (see `course_lib.budget.estimate`).
+
+    Build them with `Settings.build(model, method, ...)`, which fills the defaults the model
+    decides; constructing one directly checks the same things except those. ``model`` is the
+    config's name. ``r`` and ``target_modules`` are None for full fine-tuning, ``quant_type`` and
+    ``double_quant`` None unless the method is QLoRA, ``chunk_size`` None without GradCache.
+    ``target_modules`` is a tuple of module names or ``"all-linear"``.
+    """
+
+    model: str
+    method: str
+    r: int | None
+    target_modules: tuple[str, ...] | str | None
+    weight_dtype: str = "bfloat16"
+    lora_dtype: str = "float32"
+    quant_type: str | None = None
+    double_quant: bool | None = None
+    optimizer: str = "adamw"
+    gradient_checkpointing: bool = False
+    batch_size: int = 1
+    seq_len: int = 512
+    gradient_accumulation_steps: int = 1
+    chunk_size: int | None = None
+    attention: str = "sdpa"
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        """The checks that need no model; the errors say which combination to use instead."""
+        one_of("method", self.method, METHODS)
+        for name, choices in (("weight_dtype", DTYPE_BYTES), ("lora_dtype", DTYPE_BYTES),
+                              ("optimizer", OPTIMIZERS), ("attention", ATTENTION), ("device", DEVICES)):
+            one_of(name, getattr(self, name), choices)
+        for name in ("batch_size", "seq_len", "gradient_accumulation_steps"):
+            positive_int(name, getattr(self, name))
+        if optional_positive_int("chunk_size", self.chunk_size) and self.chunk_size > self.batch_size:
+            raise ValueError(f"chunk_size must be an integer from 1 to batch_size ({self.batch_size}), "
+                             f"got {self.chunk_size!r}")
+        if self.method == "full":
+            given = [n for n in ("r", "target_modules", "quant_type", "double_quant") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} do not apply to full fine-tuning, which trains every weight in "
+                                 f"{self.weight_dtype}; drop them or choose method='lora' / 'qlora'")
+        else:
+            positive_int("r", self.r, "LoRA's rank, e.g. 8 or 16")
+            _check_target_names(self.target_modules)
+        if self.method != "qlora" and (self.quant_type is not None or self.double_quant is not None):
+            raise ValueError("quant_type and double_quant describe a 4-bit base: use method='qlora', or drop them")
+        if self.method == "qlora":
+            one_of("quant_type", self.quant_type, QUANT_TYPES)
+            if not isinstance(self.double_quant, bool):
+                raise ValueError(f"double_quant must be True or False for QLoRA, got {self.double_quant!r}")
+
+    @classmethod
+    def build(cls, model, method: str = "lora", *, r: int | None = None, target_modules=None,
+              weight_dtype: str = "bfloat16", lora_dtype: str = "float32", quant_type: str | None = None,
+              double_quant: bool | None = None, optimizer: str = "adamw", gradient_checkpointing: bool = False,
+              batch_size: int = 1, seq_len: int = 512, gradient_accumulation_steps: int = 1,
+              chunk_size: int | None = None, attention: str = "sdpa", device: str = "cuda") -> Settings:
+        """The settings for ``model`` (a name, a `ModelConfig` or a transformers config), checked.
+
+        Defaults: LoRA and QLoRA r=8 on peft's targets for the family (`default_target_modules`);
+        QLoRA in NF4 with double quantization. The model decides the rest: ``seq_len`` at most its
+        learned positions, GradCache (``chunk_size``) only for an encoder, LoRA's targets among its
+        linear layers.
+        """
+        c = get_config(model)
+        one_of("method", method, METHODS)
+        if method != "full":
+            r = 8 if r is None else r
+            target_modules = default_target_modules(c) if target_modules is None else target_modules
+            _check_target_names(target_modules)
+            target_modules = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+        if method == "qlora":
+            quant_type = "nf4" if quant_type is None else quant_type
+            double_quant = True if double_quant is None else bool(double_quant)
+        if chunk_size is not None and c.architecture != "bert":
+            raise ValueError("chunk_size (GradCache) is for contrastive encoders; a causal LM's per-sequence loss "
+                             "splits with gradient_accumulation_steps and a smaller batch_size instead")
+        settings = cls(c.name, method, r, target_modules, weight_dtype, lora_dtype, quant_type, double_quant,
+                       optimizer, bool(gradient_checkpointing), batch_size, seq_len, gradient_accumulation_steps,
+                       chunk_size, attention, device)
+        if c.max_position_embeddings and seq_len > c.max_position_embeddings:
+            raise ValueError(f"{c.name} has {c.max_position_embeddings} learned positions; seq_len must be at most "
+                             f"that, got {seq_len}")
+        if method != "full":
+            lora_targets(c, target_modules)  # raises if they match no linear layer of this model
+        return settings
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one forward pass: the micro-batch (or GradCache chunk) times ``seq_len``."""
+        return (self.chunk_size or self.batch_size) * self.seq_len
+
+    def to_dict(self) -> dict:
+        """A plain dict (``target_modules`` as a list), for ``json.dumps``."""
+        out = asdict(self)
+        if isinstance(self.target_modules, tuple):
+            out["target_modules"] = list(self.target_modules)
+        return out
+
+
+def _check_target_names(target_modules) -> None:
+    if (isinstance(target_modules, str) and target_modules != "all-linear") or not isinstance(
+            target_modules, (str, list, tuple)) or not all(isinstance(t, str) for t in target_modules):
+        raise ValueError(f"target_modules must be a list of module names or 'all-linear', got {target_modules!r}")
+
+
+def default_target_modules(config: ModelConfig) -> list[str]:
+    """peft's defaults for the family: the query and value projections."""
+    return {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt": ["q_proj", "v_proj"]}[config.architecture]
+
+
+def lora_targets(config: ModelConfig, target_modules) -> list[tuple[str, int, int, bool]]:
+    """The linear layers LoRA wraps, matched as peft does: a name matches a target if it equals it or
+    ends with ``"." + target``; ``"all-linear"`` is every linear layer except the output head."""
+    linears = config.linears()
+    if target_modules == "all-linear":
+        return linears
+    chosen = [lin for lin in linears if any(lin[0] == t or lin[0].endswith("." + t) for t in target_modules)]
+    if not chosen:
+        names = sorted({n.split(".")[-1] for n in [*config.block_linears(), *config.other_linears()]})
+        raise ValueError(f"target_modules {list(target_modules)} match no linear layer of {config.name}; "
+                         f"its linear layers are {names}")
+    return chosen

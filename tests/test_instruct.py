@@ -1,0 +1,101 @@
+"""The instruction task's scoring: exact match by hand-made cases, perplexity against the loss
+transformers computes, and the virtual tokens of a prompt-tuned model."""
+
+import math
+
+import pytest
+import torch
+
+from course_lib import instruct
+from course_lib.models import tiny_llama
+
+
+def test_exact_match_normalisation():
+    preds = ["`dumps`", "json.loads()", "parse\nmore text", "Parse", "  split.  ",
+             "The function is `os.path.abspath()`.", "The function is abspath."]
+    answers = ["dumps", "loads", "parse", "parse", "split", "abspath", "abspath"]
+    # case matters (Parse != parse) and a sentence without a quoted name is not parsed for one
+    assert instruct.exact_match(preds, answers) == pytest.approx(5 / 7)
+    with pytest.raises(ValueError):
+        instruct.exact_match(["a"], ["a", "b"])
+
+
+def _chat_tokenizer():
+    """One token per character, with a chat template: ``<instruction/`` then the answer."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz_ <>|/")}
+    raw = Tokenizer(tok_models.WordLevel(vocab, unk_token="_"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="_", pad_token="|", eos_token=">")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}/{% endfor %}"
+    return tokenizer
+
+
+def test_perplexity_equals_exp_of_the_transformers_loss():
+    """Our answer-only perplexity equals exp(loss) that transformers computes from the same labels."""
+    tokenizer = _chat_tokenizer()
+    model = tiny_llama()
+    instructions, answers = ["find the name"], ["parse"]
+    batch = instruct.answer_batch(tokenizer, instructions, answers)
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    ppl = instruct.perplexity(model, tokenizer, instructions, answers)
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
+    with torch.no_grad():  # the training loss is log(perplexity) on one example
+        train_loss = instruct.answer_loss(model, tokenizer, [{"instruction": "find the name", "answer": "parse"}])
+    assert train_loss.item() == pytest.approx(math.log(ppl), rel=1e-5)
+
+    n_answer_tokens = (batch["labels"] != -100).sum().item()
+    assert n_answer_tokens == len("parse") + 1  # answer characters + end of turn
+
+
+def test_text_perplexity_equals_transformers_loss_token_weighted():
+    """Padding in a batch changes nothing: the batched perplexity is exp of the token-weighted mean
+    of transformers' own per-text losses (labels = input_ids, computed one text at a time)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz_ |")}
+    raw = Tokenizer(tok_models.WordLevel(vocab, unk_token="_"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="_", pad_token="|")
+    model = tiny_llama()
+    texts = ["def parse the file", "ab", "return the sum of two numbers"]
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            nll += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    assert instruct.text_perplexity(model, tokenizer, texts, batch_size=2) == pytest.approx(
+        math.exp(nll / tokens), rel=1e-5)
+    with pytest.raises(ValueError, match="two tokens"):
+        instruct.text_perplexity(model, tokenizer, ["a"])
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_perplexity_of_virtual_tokens_equals_peft_loss(method):
+    """A prompt-tuned model's logits are longer than its input by the virtual tokens (prefix
+    tuning's are not): either way the perplexity is exp of the loss peft computes, which pads the
+    labels over the virtual tokens, on a batch of two answers of different lengths."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    tokenizer = _chat_tokenizer()
+    config = (PromptTuningConfig if method == "prompt_tuning" else PrefixTuningConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=3)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), config)
+    instructions, answers = ["find the name", "add two numbers"], ["parse", "add"]
+    batch = instruct.answer_batch(tokenizer, instructions, answers)
+    with torch.no_grad():
+        out = model(**batch)
+    extra = 3 if method == "prompt_tuning" else 0
+    assert out.logits.shape[1] == batch["input_ids"].shape[1] + extra
+    assert instruct.perplexity(model, tokenizer, instructions, answers) == pytest.approx(
+        math.exp(out.loss.item()), rel=1e-5)
+    plain = instruct.perplexity(tiny_llama(), tokenizer, instructions, answers)
+    assert instruct.perplexity(model, tokenizer, instructions, answers) != pytest.approx(plain, rel=1e-6)

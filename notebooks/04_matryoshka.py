@@ -199,9 +199,9 @@ assert enough and enough[0] <= 100      # a shortlist of at most 100 recovers fu
 
 # %% [markdown]
 # At this corpus size (about 1,500 documents) a full-size scan is already a millisecond-scale
-# matrix product: the two-stage search is barely faster at the smallest `k` and slower beyond, since
-# it pays for its second stage (gathering `k` full vectors per query); it wins once the corpus is
-# large. `benchmarks/mrl_search.py` measures it on all 20,506 documents and on a million synthetic
+# matrix product: the two-stage search gains little or nothing even at the smallest `k` (these
+# timings move from run to run) and is slower beyond, since it pays for its second stage
+# (gathering `k` full vectors per query); it wins once the corpus is large. `benchmarks/mrl_search.py` measures it on all 20,506 documents and on a million synthetic
 # vectors (below).
 #
 # ### Index bytes per vector

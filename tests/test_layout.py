@@ -104,6 +104,22 @@ def test_techniques_never_import_the_course_tooling():
     assert not {m: d for m, d in offenders.items() if d}, "only the command line and the tooling use tooling"
 
 
+# DESIGN.md's grouping: the infrastructure every chapter shares never imports a technique.
+INFRASTRUCTURE = {f"course_lib.{m}" for m in ("models", "data", "train", "retrieval", "instruct", "memory",
+                                              "generation", "surgery", "checks", "atomic_files", "cli")}
+
+
+def test_infrastructure_never_imports_a_technique():
+    graph = import_graph()
+    infrastructure = INFRASTRUCTURE | {m for m in MODULES if m.startswith("course_lib.budget")}
+    assert infrastructure <= set(MODULES), sorted(infrastructure - set(MODULES))
+    techniques = {m for m in MODULES if m not in infrastructure and not m.startswith("course_lib.tooling")}
+    techniques.discard("course_lib")
+    assert {"course_lib.lora", "course_lib.quant", "course_lib.gradcache"} <= techniques
+    wrong = {m: sorted(graph[m] & techniques) for m in infrastructure if graph[m] & techniques}
+    assert not wrong, f"infrastructure importing a technique: {wrong}"
+
+
 def test_budget_imports_go_configs_then_estimate_then_planner():
     graph = import_graph()
     assert not {d for d in graph["course_lib.budget.configs"] if d.startswith("course_lib.budget")}

@@ -85,3 +85,18 @@ def test_accounting_agrees_with_the_cuda_allocator():
     m = memory.measure_step(step, model, optimizer)
     # x is saved by the first layer, so it is already among the activations
     assert abs(m["cuda_max_allocated"] / m["total"] - 1) < 0.1
+
+
+def test_quantized_weight_bytes_counts_the_4bit_layers_buffers_only():
+    from course_lib import linear4bit, models
+
+    model = models.tiny_llama(0)
+    assert any(True for _ in model.buffers())  # rotary frequencies: buffers that are not weights
+    assert memory.quantized_weight_bytes(model) == 0
+    linear4bit.quantize_model(model, "nf4", double_quant=True)
+    layers = [m for m in model.modules() if isinstance(m, linear4bit.Linear4bit)]
+    expected = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
+    assert layers and memory.quantized_weight_bytes(model) == expected
+    # a 4-bit weight costs about half a byte per element (plus its absmax constants)
+    elements = sum(m.in_features * m.out_features for m in layers)
+    assert 0.5 <= expected / elements < 0.6

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..checks import positive_int
+
 ARCHITECTURES = ("llama", "bert", "gpt")
 
 
@@ -47,9 +49,7 @@ class ModelConfig:
             raise ValueError(f"architecture {self.architecture!r} is not modelled; use one of {ARCHITECTURES}")
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size", "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{self.name}: {name} must be a positive integer, got {value!r}")
+            positive_int(f"{self.name}: {name}", getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{self.name}: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")

@@ -129,3 +129,13 @@ def test_nbval_fails_when_a_committed_number_changes(tmp_path):
     result = _nbval(bad)
     assert result.returncode == 1, result.stdout[-3000:]
     assert "1.5" in result.stdout and "1 failed" in result.stdout
+
+
+def test_chapter_sources_and_package_pass_ruff():
+    """ruff lints the chapters' jupytext sources like the package (pyproject.toml's [tool.ruff])."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "notebooks", "course_lib", "tests",
+                             "benchmarks"], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+    checked = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--show-files", "notebooks"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120, check=False).stdout
+    assert all(p.with_suffix(".py").name in checked for p in NOTEBOOKS), "the chapter sources are linted"

@@ -6,6 +6,8 @@
 #   make test-latest  a second environment (.venv-latest) with the newest releases of every dependency:
 #                 runs the cross-checks against peft / bitsandbytes / sentence-transformers / onnxruntime
 #                 and lists the agreements that broke (not part of make test)
+#   make test-avx2    the chapters under nbval on PyTorch's and bitsandbytes' AVX2 code paths, as a
+#                 laptop without AVX-512 runs them (not part of make test; its set-up cells are)
 # The set-up is one idempotent step shared by all: it runs again only when pyproject.toml or
 # constraints.txt changes. constraints.txt pins the versions the committed outputs were made with.
 
@@ -23,7 +25,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup browser course test test-latest constraints lab notebooks site student clean
+.PHONY: setup browser course test test-avx2 test-latest constraints lab notebooks site student clean
 
 setup: $(STAMP)
 
@@ -87,9 +89,16 @@ course: notebooks site
 	@echo "The course is built: open site/index.html in a browser (or run: $(BIN)/mkdocs serve)"
 
 test: setup browser
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 	$(BIN)/mkdocs build --strict --site-dir site
+
+# The chapters under nbval as on a CPU without AVX-512 (PyTorch's AVX2 kernels; bitsandbytes told its
+# CPU has no AVX-512-BF16): the committed outputs must pass this way too (see README, "Another CPU").
+test-avx2: setup
+	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+	PYTHONPATH=$(CURDIR)/tests/avx2_path$${PYTHONPATH:+:$$PYTHONPATH} \
+	  $(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 
 # Students' copies of the chapters, the exercises' solutions replaced by stubs (see the teacher's page).
 student: setup

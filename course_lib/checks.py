@@ -9,6 +9,8 @@ so that a learner's typo fails at the call that made it, before anything is chan
 from __future__ import annotations
 
 import math
+import numbers
+import re
 
 
 def _hint(hint: str) -> str:
@@ -50,3 +52,41 @@ def one_of(name: str, value, choices, hint: str = ""):
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}{_hint(hint)}, got {value!r}")
     return value
+
+
+def boolean(name: str, value) -> bool:
+    """``value`` if it is ``True`` or ``False`` (a string such as ``"no"`` would count as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def finite_numbers(name: str, values, hint: str = "") -> list:
+    """``values`` as a list if each is a finite real number (not a bool): mixing weights, say."""
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite numbers{_hint(hint)}, got {list(values)!r}")
+    return list(values)
+
+
+def known_names(argument: str, names, known: list[str], kind: str = "adapter", owner: str = "this model") -> list[str]:
+    """``names`` if it is a list of strings, each one of ``known``, none repeated (a repeat would,
+    say, merge an adapter's update twice)."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{argument} must be a list of {kind} names such as {known!r}, got {names!r}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {kind} {unknown[0]!r}; {owner} has {known}")
+    repeated = [n for n in names if names.count(n) > 1]
+    if repeated:
+        raise ValueError(f"{argument} lists {repeated[0]!r} twice; list each {kind} once")
+    return list(names)
+
+
+def regex(name: str, pattern: str, what_to_do: str = "") -> re.Pattern:
+    """``pattern`` compiled, or a one-line ``ValueError`` saying it is not a regular expression
+    (instead of ``re.error``), followed by ``what_to_do``."""
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{name} {pattern!r} is not a valid regular expression ({error})"
+                         + (f"; {what_to_do}" if what_to_do else "")) from None

@@ -18,15 +18,14 @@ ways (dequantize then merge, or merge and re-quantize, lossy and measured).
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .checks import fraction, positive_int, positive_number
+from .checks import boolean, fraction, known_names, positive_int, positive_number, regex
 from .linear4bit import Linear4bit
-from .surgery import replace_module, short_list
+from .surgery import replace_module, replace_modules, short_list
 
 BASE_TYPES = (nn.Linear, Linear4bit)  # the layers LoRA can wrap
 
@@ -70,7 +69,7 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False) -> None:
         """Add adapter ``name`` and make it the active one: A Kaiming-uniform as in peft, B zero."""
-        _check_hyperparameters(r, lora_alpha, lora_dropout, self.in_features, self.out_features)
+        _check_hyperparameters(r, lora_alpha, lora_dropout, self.in_features, self.out_features, use_rslora)
         _check_name(name)
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists; delete it first or pick another name")
@@ -121,40 +120,42 @@ class LoRALinear(nn.Module):
                 "-> re-quantize rounds most of the adapter's update away. Serve the adapter unmerged on the 4-bit "
                 "base, or call course_lib.qlora.dequantize_model(model) first and merge into float weights "
                 "(exact), or, knowingly, course_lib.qlora.merge_and_requantize(model) (lossy; it reports the error)")
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        for name in names:
-            if name not in self.lora_A:
-                raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.lora_A)}")
-            if name in self.merged_adapters:
-                raise ValueError(f"adapter {name!r} is already merged (merged: {self.merged_adapters}); merging "
-                                 "it again would add its update twice. Call unmerge() first")
+        names = list(self.active_adapters) if adapter_names is None else known_names(
+            "adapter_names", adapter_names, list(self.lora_A), owner="this layer")
+        merged = [name for name in names if name in self.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {merged[0]!r} is already merged (merged: {self.merged_adapters}); merging "
+                             "it again would add its update twice. Call unmerge() first")
         return names
 
-    def _merged_weight(self, names: list[str]) -> torch.Tensor:
-        """``W + Σ ΔW`` computed on a copy; raises if it holds NaN or inf."""
-        weight = self.base_layer.weight
-        merged = weight.detach().clone()
-        for name in names:
-            merged += self.delta_weight(name).detach().to(weight.dtype)
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merging adapter(s) {names} gives NaN/inf weights; the layer is left unchanged. "
-                             "Check the adapter's A and B (did training diverge?)")
-        return merged
+    @torch.no_grad()
+    def _deltas(self, names: list[str], where: str = "LoRALinear", safe_merge: bool = False) -> list[torch.Tensor]:
+        """ΔW of each adapter in ``names`` in the base weight's dtype; raises, naming ``where``, if one
+        holds NaN/inf (or, with ``safe_merge``, if ``W + Σ ΔW`` does). Changes nothing."""
+        dtype = self.base_layer.weight.dtype
+        deltas = [self.delta_weight(name).detach().to(dtype) for name in names]
+        bad = [name for name, delta in zip(names, deltas) if not torch.isfinite(delta).all()]
+        if bad:
+            raise ValueError(f"{where}: adapter(s) {bad} hold NaN/inf in their update scaling · B @ A (in {dtype}); "
+                             "nothing was merged. Check the adapter's A and B (did training diverge?)")
+        if safe_merge and not torch.isfinite(sum(deltas, self.base_layer.weight.detach().clone())).all():
+            raise ValueError(f"{where}: W + ΔW of adapter(s) {names} holds NaN/inf (the base weight already does, or "
+                             f"the sum overflows {dtype}); nothing was merged")
+        return deltas
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into ``base_layer.weight``: ``W += scaling · B @ A``.
 
-        With ``safe_merge`` the sum is computed on a copy first and the layer is left untouched if it
-        holds NaN/inf. Merging an adapter that is already merged raises ``ValueError``.
+        Checked before the weight changes: an adapter already merged (or named twice) and an update
+        holding NaN/inf (also when cast to a float16 base) raise ``ValueError``. peft checks for
+        NaN/inf only with ``safe_merge``; here it is always done (one more ``B @ A``, cheap next to a
+        merge), and ``safe_merge`` also checks the sum ``W + ΔW``.
         """
         names = self._to_merge(adapter_names)
         weight = self.base_layer.weight
-        if safe_merge:
-            weight.copy_(self._merged_weight(names))
-        else:
-            for name in names:
-                weight += self.delta_weight(name).to(weight.dtype)
+        for delta in self._deltas(names, safe_merge=safe_merge):
+            weight += delta  # one adapter at a time, in peft's order
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -173,13 +174,14 @@ def _check_name(name) -> None:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
 
 
-def _check_hyperparameters(r, lora_alpha, lora_dropout, in_features, out_features) -> None:
+def _check_hyperparameters(r, lora_alpha, lora_dropout, in_features, out_features, use_rslora=False) -> None:
     positive_int("r", r, "typically 4-64")
     if r > min(in_features, out_features):
         raise ValueError(f"r={r} exceeds min(in_features, out_features) = {min(in_features, out_features)} "
                          f"of a {in_features}->{out_features} layer; that is no longer low-rank: use a smaller r")
     positive_number("lora_alpha", lora_alpha, "often 2*r")
     fraction("lora_dropout", lora_dropout, "0.0 disables it")
+    boolean("use_rslora", use_rslora)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +195,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def matches(name: str, target_modules) -> bool:
     """peft's rule: a string is a regex on the full dotted name; a list matches by name or suffix."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        what_to_do = ("peft takes a list of module names such as ['q_proj', 'v_proj'] or a regex string "
+                      "matching the full dotted name, e.g. r'.*\\.(q_proj|v_proj)'")
+        return regex("target_modules", target_modules, what_to_do).fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
@@ -247,12 +251,14 @@ def inject_adapter(model: nn.Module, settings: dict[str, tuple], adapter_name: s
     modules = dict(model.named_modules())
     names = list(settings)
     _check_name(adapter_name)
+    if not names:
+        raise ValueError(f"no layer to add adapter {adapter_name!r} to: settings is empty; name at least one linear layer")
     unknown = [name for name in names if not isinstance(modules.get(name), (*BASE_TYPES, LoRALinear))]
     if unknown:
         raise ValueError(f"{short_list(unknown)} name no linear layer of this model; LoRA wraps nn.Linear layers")
     for name in names:
-        r, alpha, dropout, _ = settings[name]
-        _check_hyperparameters(r, alpha, dropout, modules[name].in_features, modules[name].out_features)
+        r, alpha, dropout, use_rslora = settings[name]
+        _check_hyperparameters(r, alpha, dropout, modules[name].in_features, modules[name].out_features, use_rslora)
         if isinstance(modules[name], LoRALinear) and adapter_name in modules[name].lora_A:
             raise ValueError(f"{name} already has an adapter {adapter_name!r}; pick another adapter_name")
     for param in model.parameters():
@@ -302,11 +308,8 @@ def adapter_state(model: nn.Module) -> dict[str, dict[str, list[str]]]:
 
 def set_adapter(model: nn.Module, name: str | list[str]) -> None:
     """Make adapter ``name`` (or a list of them, whose outputs add up) active; only they train."""
-    names = [name] if isinstance(name, str) else list(name)
     layers, known = lora_layers(model).values(), adapter_names(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown adapter {unknown[0]!r}; this model has {known}")
+    names = known_names("name", [name] if isinstance(name, str) else name, known)
     for layer in layers:
         layer.active_adapters = [n for n in names if n in layer.lora_A]
         for adapter in layer.lora_A:
@@ -331,26 +334,40 @@ def disable_adapters(model: nn.Module):
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` and its parameters from every layer."""
-    layers = [layer for layer in lora_layers(model).values() if name in layer.lora_A]
+    """Remove adapter ``name`` and its parameters from every layer; refused (nothing removed) if it
+    is merged into any layer's base weight."""
+    layers = {n: layer for n, layer in lora_layers(model).items() if name in layer.lora_A}
     if not layers:
         raise ValueError(f"unknown adapter {name!r}; this model has {adapter_names(model)}")
-    for layer in layers:
+    merged = [n for n, layer in layers.items() if name in layer.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into the base weight of {short_list(merged)}; "
+                         "unmerge(model) before deleting it")
+    for layer in layers.values():
         layer.delete_adapter(name)
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> nn.Module:
     """Merge adapters (default: the active ones) into the base weights of every layer; returns ``model``.
 
-    With ``safe_merge`` every layer is checked for NaN/inf before any weight changes.
+    Every layer is checked before any weight changes, so an error leaves the model as it was:
+    unknown or repeated ``adapter_names``, an adapter already merged, a 4-bit base, and an update
+    ``scaling · B @ A`` holding NaN/inf raise ``ValueError`` (``TypeError`` for the 4-bit base).
+    Stricter than peft by design: peft looks for NaN/inf only with ``safe_merge=True`` and otherwise
+    writes them into the base weights; here the update is always checked (one more ``B @ A`` per
+    layer, cheap next to a merge). ``safe_merge`` also checks the sum ``W + ΔW`` (a base weight
+    already holding NaN/inf, or a float16 sum that overflows).
     """
-    layers = lora_layers(model).values()
-    plan = [(layer, layer._to_merge(None if adapter_names is None else
-                                    [n for n in adapter_names if n in layer.lora_A])) for layer in layers]
-    if safe_merge:
-        for layer, names in plan:
-            layer._merged_weight(names)
-    for layer, names in plan:
+    layers = lora_layers(model)
+    if adapter_names is not None:
+        known = sorted({n for layer in layers.values() for n in layer.lora_A})
+        adapter_names = known_names("adapter_names", adapter_names, known)
+    plan = [(name, layer, layer._to_merge(None if adapter_names is None else
+                                          [n for n in adapter_names if n in layer.lora_A]))
+            for name, layer in layers.items()]
+    for name, layer, names in plan:
+        layer._deltas(names, name, safe_merge)  # raises before any weight changes
+    for _, layer, names in plan:
         layer.merge(names)
     return model
 
@@ -363,8 +380,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def _put_back_linear(model: nn.Module) -> nn.Module:
-    for name, layer in lora_layers(model).items():
-        replace_module(model, name, layer.base_layer)
+    replace_modules(model, {name: layer.base_layer for name, layer in lora_layers(model).items()})
     return model
 
 
@@ -374,7 +390,11 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False) -> nn.Module:
-    """Merge the active adapters and put plain ``nn.Linear`` layers back: a model without LoRA."""
+    """Merge the active adapters and put plain ``nn.Linear`` layers back: a model without LoRA.
+
+    Checked as `merge` checks (an adapter update holding NaN/inf is refused even without
+    ``safe_merge``, unlike peft); on an error the model keeps its LoRA layers, unmerged.
+    """
     return _put_back_linear(merge(model, safe_merge=safe_merge))
 
 

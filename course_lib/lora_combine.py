@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from .checks import finite_numbers
 from .lora import adapter_names, lora_layers, set_adapter
 
 
@@ -35,11 +36,13 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     With a single adapter peft always uses "linear" (then both give ``w ΔW``); so do we.
     Unlike peft, an existing ``new_name`` raises instead of being silently kept, and the new
     adapter's scaling is 1 even when the inputs used rsLoRA (peft 0.21 gives it
-    ``sqrt(r_new)`` then, which scales the blend by ``sqrt(r_new)``).
+    ``sqrt(r_new)`` then, which scales the blend by ``sqrt(r_new)``). Everything is checked (names,
+    finite weights, ranks in every layer) before the first layer changes.
     """
     layers, known = lora_layers(model).values(), adapter_names(model)
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    weights = finite_numbers("weights", weights, "one per adapter, e.g. [0.5, 0.5]")
     unknown = [a for a in adapters if a not in known]
     if unknown:
         raise ValueError(f"unknown adapter {unknown[0]!r}; this model has {known}")

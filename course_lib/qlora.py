@@ -27,7 +27,7 @@ from torch import nn
 from . import lora, quant
 from .linear4bit import Linear4bit, quantize_model
 from .models import set_gradient_checkpointing
-from .surgery import replace_module
+from .surgery import replace_modules
 
 
 def prepare_model_for_qlora(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
@@ -42,9 +42,15 @@ def prepare_model_for_qlora(model: nn.Module, quant_type: str = "nf4", double_qu
     ``compute_dtype`` is the dtype of the 4-bit matmuls (None: float32 on CPU, bfloat16 on CUDA).
     With ``gradient_checkpointing`` the model's transformer blocks recompute their activations in
     backward (needs a transformers model). Returns `linear4bit.quantize_model`'s byte report.
+    Everything is checked before the model changes: on an error (a NaN weight in any layer) it is
+    left as it was, neither quantized nor frozen.
     """
     if lora.lora_layers(model):
         raise ValueError("the model already has LoRA layers: prepare (quantize) it first, then inject_lora")
+    can_checkpoint = hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")
+    if gradient_checkpointing and not (can_checkpoint and getattr(model, "supports_gradient_checkpointing", True)):
+        raise ValueError(f"gradient checkpointing needs a transformers model that supports it; {type(model).__name__} "
+                         "does not: pass gradient_checkpointing=False (the model is unchanged)")
     report = quantize_model(model, quant_type, double_quant, blocksize, skip, compute_dtype)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -73,9 +79,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
-    names = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
-    for name in names:
-        replace_module(model, name, _as_linear(model.get_submodule(name), dtype))
+    replace_modules(model, {n: _as_linear(m, dtype) for n, m in model.named_modules() if isinstance(m, Linear4bit)})
     return model
 
 
@@ -95,29 +99,36 @@ def merge_and_requantize(model: nn.Module) -> dict:
     * ``layers``: the number of layers merged.
 
     Layers with a float base are left alone. The safe alternatives are to keep the adapter
-    unmerged, or `dequantize_model` followed by `lora.merge_and_unload`.
+    unmerged, or `dequantize_model` followed by `lora.merge_and_unload`. Every layer is merged and
+    re-quantized before the first is swapped in, so an error (no active adapter, or an update
+    holding NaN/inf, in any layer) leaves the model as it was, adapters included.
     """
     layers = {n: m for n, m in lora.lora_layers(model).items() if isinstance(m.base_layer, Linear4bit)}
     if not layers:
         raise ValueError("no LoRA layer over a Linear4bit base in this model: nothing to merge and re-quantize")
+    for name, layer in layers.items():
+        if layer.disable_adapters or not layer.active_adapters:
+            raise ValueError(f"{name}: no active adapter to merge; set_adapter(model, name) first (the model is unchanged)")
     err2 = dot = delta2 = 0.0
     changed = total = 0
+    replacements = {}
     for name, layer in layers.items():
         old = layer.base_layer
-        if layer.disable_adapters or not layer.active_adapters:
-            raise ValueError(f"{name}: no active adapter to merge; set_adapter(model, name) first")
         dense = old.dequantize(torch.float32)
         delta = sum(layer.delta_weight(a).float() for a in layer.active_adapters)
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"{name}: adapter(s) {layer.active_adapters} hold NaN/inf in their update scaling · B @ A; "
+                             "nothing was merged (the model is unchanged). Check A and B (did training diverge?)")
         state = quant.quantize_blockwise(dense + delta, old.quant_type, old.blocksize, old.absmax_offset is not None)
-        new = Linear4bit(state, old.bias, old.compute_dtype)
-        new.weight_dtype = old.weight_dtype
+        replacements[name] = Linear4bit(state, old.bias, old.compute_dtype)
+        replacements[name].weight_dtype = old.weight_dtype
         kept = quant.dequantize_blockwise(state, torch.float32) - dense
         err2 += (kept - delta).pow(2).sum().item()
         dot += (kept * delta).sum().item()
         delta2 += delta.pow(2).sum().item()
         changed += _codes_changed(old.weight, state.packed)
         total += old.in_features * old.out_features
-        replace_module(model, name, new)
+    replace_modules(model, replacements)
     delta2 = max(delta2, 1e-30)
     return {"layers": len(layers), "update_error": (err2 / delta2) ** 0.5, "update_kept": dot / delta2,
             "codes_changed": changed / total}

@@ -200,11 +200,13 @@ def quantize_blockwise(tensor: torch.Tensor, quant_type: str = "nf4", blocksize:
     Returns a `QuantState`; `dequantize_blockwise` inverts it up to rounding. ``quant_type`` is one
     of `QUANT_TYPES`; ``blocksize`` a power of two >= 2; ``double_quant`` also quantizes the absmax
     values to 8 bits (QLoRA). A ``numel`` that is not a multiple of ``blocksize`` is fine: the last
-    block is shorter, as in bitsandbytes.
+    block is shorter, as in bitsandbytes. A parameter that requires grad (``layer.weight``) is
+    quantized as ``tensor.detach()``: quantization has no gradient, and the state holds no graph.
     """
     check_quant_type(quant_type, QUANT_TYPES)
     check_blocksize(blocksize)
     check_tensor(tensor)
+    tensor = tensor.detach()
     packed, absmax = _encode(tensor, quant_type, blocksize)
     state = QuantState(packed, absmax, tensor.shape, tensor.dtype, blocksize, quant_type)
     if double_quant:  # the mean at torch's usual thread count, as bitsandbytes (a parallel sum rounds differently)
@@ -256,10 +258,12 @@ def _nearest_level(scaled: torch.Tensor, midpoints: list[float]) -> torch.Tensor
     return count
 
 
+@torch.no_grad()
 @_one_thread()
 def dequantize_blockwise(state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The tensor a `QuantState` stands for: ``codebook[code] · absmax`` of its block, in ``dtype``
-    (default: the dtype it was quantized from). The products are computed in float32."""
+    (default: the dtype it was quantized from). The products are computed in float32; the result
+    never requires grad, even if a hand-built state holds tensors that do."""
     check_float_dtype(dtype, "dtype")
     n, bs = state.numel, state.blocksize
     absmax = dequantize_absmax(state)

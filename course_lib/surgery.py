@@ -9,7 +9,8 @@ last dot into the *parent* module ``model.layers.3.self_attn`` and the *child* a
 ``new`` as a submodule in its place (parameters, ``.to()``, ``state_dict`` keys all follow).
 
 `replace_module` checks the name before it changes anything, so a typo leaves the model as it
-was. `short_list` shortens a long list of module names for an error message.
+was; `replace_modules` checks every name before the first swap. `short_list` shortens a long
+list of module names for an error message.
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+def replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """`replace_module` for several names at once: every name and replacement is checked before the
+    first swap, so a bad one leaves the model as it was. Returns the replaced modules by name.
+
+    Build all the replacements first (quantize, dequantize, merge), then call this: a failure while
+    building one then cannot leave the model half converted.
+    """
+    for name, new in replacements.items():
+        if not isinstance(new, nn.Module):
+            raise TypeError(f"the replacement for {name!r} must be an nn.Module, got {type(new).__name__}")
+        parent_and_child(model, name)
+    return {name: replace_module(model, name, new) for name, new in replacements.items()}
 
 
 def short_list(names: list[str], keep: int = 6) -> str:

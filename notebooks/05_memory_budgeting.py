@@ -212,6 +212,12 @@ print({f"{m} {'ckpt' if ck else 'no ckpt'}": f"{mib(t):.0f} MiB" for (m, ck), t 
 model, optimizer = prepared("lora")
 study_ids = torch.randint(5, smol.vocab_size, (STUDY_BATCH, STUDY_SEQ), generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
+# Each call of the first decoder layer is counted: checkpointing's price is a second forward pass,
+# which a count shows on any machine, loaded or idle (a time does not).
+first_layer = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+layer_calls = []
+first_layer.register_forward_hook(lambda *_: layer_calls.append(1))
+
 def timed_step(micro, checkpointing):
     # one optimizer step over the effective batch, in micro-batches of `micro` sequences
     if checkpointing:
@@ -233,10 +239,14 @@ for micro, ck in settings:
     est = estimate(smol, "lora", r=LORA_R, target_modules=TARGETS["lora"], gradient_checkpointing=ck,
                    batch_size=micro, gradient_accumulation_steps=STUDY_BATCH // micro, seq_len=STUDY_SEQ,
                    **kw).activations
-    study[micro, ck] = {"activations": peak, "estimated": est, "seconds": min(timed_step(micro, ck) for _ in range(2))}
+    layer_calls.clear()
+    seconds = min(timed_step(micro, ck) for _ in range(2))
+    study[micro, ck] = {"activations": peak, "estimated": est, "seconds": seconds,
+                        "forward passes": len(layer_calls) / 2 / (STUDY_BATCH // micro)}  # per micro-batch
 for (micro, ck), r in study.items():
     print(f"micro-batch {micro} x {STUDY_BATCH // micro}, checkpointing {'on ' if ck else 'off'}: activations "
-          f"{mib(r['activations']):6.1f} MiB (estimated {mib(r['estimated']):6.1f})")
+          f"{mib(r['activations']):6.1f} MiB (estimated {mib(r['estimated']):6.1f}), "
+          f"{r['forward passes']:.0f} forward pass{'es' if r['forward passes'] > 1 else ''} of each layer per micro-batch")
 
 # %% tags=["nbval-ignore-output"]
 base = study[STUDY_BATCH, False]
@@ -259,10 +269,11 @@ plt.show()
 # Accumulation divides the activations by the number of micro-batches exactly (1,118 MiB for the
 # whole batch of 8, 560 for micro-batches of 4, 140 for single sequences) and on this CPU costs
 # little time: a matrix product over 2 sequences is nearly as efficient per token as over 8, and only
-# single sequences were slower (roughly 15-20%; the timings vary from run to run and are not
-# compared by nbval). On a GPU small micro-batches leave the device idle, so there the time cost is
-# larger. Checkpointing pays one extra forward pass (about 30% more time per step here) to keep 23%
-# of the activations (262 MiB). The two combine (3% of the activations at single sequences with
+# single sequences were slower (roughly 15-20% on an idle machine; timings vary from run to run and
+# with the machine's load, so the checks below do not rely on them). On a GPU small micro-batches
+# leave the device idle, so there the time cost is larger. Checkpointing pays one extra forward pass
+# (the count above: every layer runs twice per micro-batch; roughly 30% more time per step on an
+# idle machine) to keep 23% of the activations (262 MiB). The two combine (3% of the activations at single sequences with
 # checkpointing), and together they are what lets a large model train at all on a small card, as
 # the planner below shows.
 
@@ -272,7 +283,8 @@ assert act[4, False] < 0.55 * act[8, False] and act[2, False] < 0.3 * act[8, Fal
 assert (round(mib(act[8, False])), round(mib(act[4, False])), round(mib(act[1, False])), round(mib(act[8, True]))) == (1118, 560, 140, 262)
 assert act[8, True] < 0.25 * act[8, False] and act[1, True] < 0.035 * act[8, False]
 assert all(abs(r["estimated"] / r["activations"] - 1) < 0.05 for r in study.values())
-assert study[8, True]["seconds"] > 1.05 * study[8, False]["seconds"]   # recomputation is not free
+# recomputation is not free: with checkpointing every layer runs forward twice per micro-batch
+assert {key: r["forward passes"] for key, r in study.items()} == {key: 2 if key[1] else 1 for key in study}
 
 # %% [markdown]
 # ## The planner on the seeds' hardware

@@ -1,0 +1,89 @@
+"""The committed outputs must reproduce on a learner's CPU, whichever it is.
+
+PyTorch and bitsandbytes pick a code path from the CPU: AVX-512 (with bfloat16 instructions) or
+AVX2. On the first, bitsandbytes prints a warning while it is imported and repacks 4-bit weights for
+a bfloat16 inference kernel; on the second it does neither. The chapters' outputs were produced on
+one kind and are graded on both, so these tests run the chapters' set-up cells (where the imports
+happen) on the AVX2 path, whatever CPU runs the tests, and compare with the committed outputs.
+
+`avx2_env` selects the AVX2 path: PyTorch's ``ATEN_CPU_CAPABILITY`` (and the BLAS / oneDNN limits)
+and ``tests/avx2_path/sitecustomize.py``, which makes bitsandbytes' native library report no
+AVX-512-BF16. The whole suite of chapters can be run that way too (see the README, "Another CPU").
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def avx2_env() -> dict:
+    env = dict(os.environ)
+    env.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "avx2_path"), env.get("PYTHONPATH")])),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
+    return env
+
+
+def _run(code: str, env: dict, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], check=False, env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _setup_cell(notebook: Path) -> dict:
+    cells = json.loads(notebook.read_text())["cells"]
+    return next(cell for cell in cells if cell["cell_type"] == "code")
+
+
+def _without_progress_bars(text: str) -> str:
+    """Drops tqdm's progress lines (in a notebook they are widgets, not stderr text)."""
+    return "".join(line for line in text.splitlines(keepends=True) if "%|" not in line and line.strip())
+
+
+def _committed(cell: dict, name: str) -> str:
+    return "".join("".join(out["text"]) for out in cell["outputs"]
+                   if out["output_type"] == "stream" and out["name"] == name)
+
+
+def test_the_avx2_path_is_what_the_libraries_see():
+    probe = ("import torch, bitsandbytes.functional as F, bitsandbytes.nn as bnn\n"
+             "print(torch.backends.cpu.get_cpu_capability(), F.has_avx512bf16(),"
+             " bnn.Linear4bit(8, 8).support_avx512bf16_for_cpu)")
+    result = _run(probe, avx2_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["AVX2", "False", "False"]
+    assert "gemm_4bit_forward" not in result.stderr  # the AVX-512-BF16-only warning
+
+
+@pytest.mark.parametrize("notebook", CHAPTERS, ids=lambda p: p.stem)
+def test_setup_cell_prints_the_committed_output_on_an_avx2_cpu(notebook):
+    """Each chapter's first code cell (its imports: transformers, peft, bitsandbytes, ...) prints on
+    the AVX2 path exactly what its committed output holds (stdout and stderr)."""
+    cell = _setup_cell(notebook)
+    source = "".join(cell["source"])
+    assert "import" in source
+    result = _run(source, avx2_env(), cwd=notebook.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _without_progress_bars(result.stderr) == _committed(cell, "stderr")
+    assert result.stdout == _committed(cell, "stdout")
+
+
+def test_a_cpu_dependent_warning_in_a_committed_output_is_caught(tmp_path):
+    """The check above fails where it should: a set-up cell whose committed output carries the
+    warning that only an AVX-512-BF16 CPU prints (the defect this file guards against)."""
+    warning = ("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. "
+               "Please make sure you already `pip install kernels` and the kernels >= 0.11.1\n")
+    notebook = json.loads(CHAPTERS[-1].read_text())
+    cell = next(c for c in notebook["cells"] if c["cell_type"] == "code")
+    cell["outputs"] = [{"output_type": "stream", "name": "stderr", "text": [warning]}]
+    path = tmp_path / CHAPTERS[-1].name
+    path.write_text(json.dumps(notebook))
+    result = _run("".join(cell["source"]), avx2_env(), cwd=CHAPTERS[-1].parent)
+    assert result.returncode == 0
+    assert result.stderr != _committed(_setup_cell(path), "stderr")

@@ -56,3 +56,38 @@ def atomic_output(path, overwrite: bool = False, directory: bool = False):
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def exclusive_lock(path):
+    """``with exclusive_lock(path):`` only one holder at a time, across processes and threads.
+
+    ``path`` is a lock file (created if missing, left in place: deleting it would let two holders
+    in). A second caller blocks until the first leaves the block. The operating system releases the
+    lock when its holder dies, so a killed process never leaves the lock taken.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:  # each call opens its own handle: threads exclude each other too
+        if os.name == "nt":
+            import msvcrt
+
+            while True:
+                try:
+                    handle.seek(0)
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # gives up after ~10 s: try again
+                    break
+                except OSError:
+                    continue
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if os.name == "nt":
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+            else:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

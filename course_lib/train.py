@@ -155,14 +155,25 @@ def train(
 ) -> History:
     """Train ``model`` for ``steps`` optimizer steps of ``grad_accum`` micro-batches each.
 
-    ``data`` yields micro-batches (see `batches`); ``loss_fn(model, batch)`` returns the loss of
-    one micro-batch. The loss is divided by ``grad_accum`` so accumulated gradients average
-    over micro-batches. ``eval_fn(model)`` runs every ``eval_every`` steps and at the end.
-    ``gradient_checkpointing`` turns on a transformers model's activation checkpointing (recompute
-    each layer in backward instead of keeping its activations) for the run, off again after it.
-    A NaN or infinite loss stops the run with ``ValueError`` before its optimizer step. Whether
-    the run ends or fails, checkpointing is switched back; a finished run leaves the model in
-    eval mode, a failed one in the train/eval mode it had before.
+    ``data`` yields micro-batches (see `batches`, an endless stream); it must hold at least
+    ``steps * grad_accum`` of them: a shorter list is refused before training, an iterator that runs
+    dry stops the run with ``ValueError`` (the weights are those of the last whole step).
+    ``loss_fn(model, batch)`` returns the loss of one micro-batch. The loss is divided by
+    ``grad_accum`` so accumulated gradients average over micro-batches. ``eval_fn(model)`` runs
+    every ``eval_every`` steps and at the end. ``gradient_checkpointing`` turns on a transformers
+    model's activation checkpointing (recompute each layer in backward instead of keeping its
+    activations) for the run, off again after it.
+    A NaN or infinite loss stops the run with ``ValueError`` before its optimizer step, so the
+    weights are those after the last good step. Whether the run ends or fails, checkpointing is
+    switched back; a finished run leaves the model in eval mode, a failed one in the train/eval
+    mode it had before.
+
+    ``seed`` seeds Python's and torch's generators when the run starts (`seed_everything`): it
+    covers what happens inside the loop (dropout masks, any sampling in ``loss_fn``), not the
+    adapters' initialisation, which happened when they were injected, before ``train`` was
+    called. To reproduce that too, call ``seed_everything(seed)`` just before injecting (as
+    `course_lib.peft_methods.run_method` does). The order of ``data`` is the data's own business
+    (`batches` takes its own ``seed``).
 
     With ``loss_fn_does_backward`` the loss function back-propagates itself (GradCache, whose
     backward runs chunk by chunk): it is called as ``loss_fn(model, batch, loss_scale)``, must add
@@ -175,6 +186,12 @@ def train(
     weights.
     """
     check_schedule(steps, grad_accum, warmup_steps)
+    needed = steps * grad_accum
+    cure = "pass an endless stream such as train.batches(rows, batch_size), more data, or fewer steps"
+    if hasattr(data, "__len__") and len(data) < needed:
+        raise ValueError(f"data holds {len(data)} micro-batches, but steps={steps} x "
+                         f"grad_accum={grad_accum} = {needed} are needed: {cure}")
+    stream = iter(data)
     device = next(model.parameters()).device
     accelerator = make_accelerator(device)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -194,20 +211,25 @@ def train(
         autocast, scaler = nullcontext, None
     switch_checkpointing = gradient_checkpointing and not gradient_checkpointing_enabled(model)
     was_training = model.training
-    if switch_checkpointing:
-        set_gradient_checkpointing(model, True)
-    # several processes: DistributedDataParallel averages gradients in backward; one: no wrapper
-    wrapped = accelerator.prepare_model(model, device_placement=False) if world > 1 else model
     history = History()
-    stream = iter(data)
     try:  # whatever happens (an error, a NaN loss, Ctrl-C), the model leaves in the modes it came in
+        if switch_checkpointing:
+            set_gradient_checkpointing(model, True)
+        # several processes: DistributedDataParallel averages gradients in backward; one: no wrapper
+        wrapped = accelerator.prepare_model(model, device_placement=False) if world > 1 else model
         model.train()
         bar = tqdm(range(steps), desc=desc, disable=not progress or not accelerator.is_local_main_process)
         for step in bar:
             start = time.perf_counter()
             total = 0.0
             for micro in range(grad_accum):
-                batch = shard(next(stream), rank, world)
+                try:
+                    batch = shard(next(stream), rank, world)
+                except StopIteration:
+                    optimizer.zero_grad(set_to_none=True)   # no half-accumulated gradients left behind
+                    raise ValueError(f"data ran out after {step * grad_accum + micro} micro-batches, but "
+                                     f"steps={steps} x grad_accum={grad_accum} = {needed} are needed (the weights "
+                                     f"are those after step {step}): {cure}") from None
                 if loss_fn_does_backward:
                     total += float(loss_fn(model, batch, 1.0 / grad_accum)) / grad_accum
                     continue
@@ -243,8 +265,10 @@ def train(
                 history.evals.append((step + 1, eval_fn(model)))
                 model.train()
     finally:
-        if switch_checkpointing:
-            set_gradient_checkpointing(model, False)
-        model.train(was_training)
+        try:
+            if switch_checkpointing:
+                set_gradient_checkpointing(model, False)
+        finally:
+            model.train(was_training)
     model.eval()  # a finished run hands the model back ready for evaluation
     return history

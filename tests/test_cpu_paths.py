@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -87,3 +88,55 @@ def test_a_cpu_dependent_warning_in_a_committed_output_is_caught(tmp_path):
     result = _run("".join(cell["source"]), avx2_env(), cwd=CHAPTERS[-1].parent)
     assert result.returncode == 0
     assert result.stderr != _committed(_setup_cell(path), "stderr")
+
+
+_FOUR_BIT_LOGITS = """
+import sys
+import torch
+from safetensors.torch import save_file
+from transformers import BitsAndBytesConfig
+from course_lib import models
+
+config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float32)
+model, tokenizer = models.load_smollm2("cpu", quantization_config=config)
+batch = tokenizer(["def add(a, b): return a + b", "The capital of France is"], return_tensors="pt", padding=True)
+with torch.no_grad():
+    save_file({"logits": model(**batch).logits.contiguous()}, sys.argv[1])
+"""
+
+
+def test_4bit_inference_takes_the_same_path_on_every_cpu(tmp_path):
+    """A 4-bit SmolLM2 from `load_smollm2` gives, in eval mode without gradients (where bitsandbytes
+    would repack its weights for a bfloat16 kernel on an AVX-512-BF16 CPU), exactly the logits of
+    its training path; and the same logits, to float32 rounding, on the AVX2 path."""
+    import bitsandbytes.functional as bnbF
+    from safetensors.torch import load_file
+
+    avx2 = tmp_path / "avx2.safetensors"
+    result = subprocess.run([sys.executable, "-c", _FOUR_BIT_LOGITS, str(avx2)], check=False, env=avx2_env(),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    from transformers import BitsAndBytesConfig
+
+    from course_lib import models
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model, tokenizer = models.load_smollm2("cpu", quantization_config=config)
+    batch = tokenizer(["def add(a, b): return a + b", "The capital of France is"], return_tensors="pt",
+                      padding=True)
+    with torch.no_grad():
+        inference = model(**batch).logits
+        training_path = model.train()(**batch).logits
+    assert torch.equal(inference, training_path)
+    torch.testing.assert_close(inference, load_file(avx2)["logits"], rtol=1e-4, atol=1e-4)
+    if bnbF.has_avx512bf16():  # what the setting prevents, on a CPU that has the other path
+        assert models.use_one_cpu_path(model) == 30 * 7
+        for layer in model.modules():
+            if hasattr(layer, "support_avx512bf16_for_cpu"):
+                layer.support_avx512bf16_for_cpu = True
+        with torch.no_grad():
+            repacked = model.eval()(**batch).logits
+        assert (repacked - inference).abs().max() > 1e-4

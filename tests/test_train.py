@@ -238,3 +238,80 @@ def test_shard_splits_a_global_batch_into_equal_contiguous_shares():
         train.shard(rows, 0, 4)
     with pytest.raises(TypeError, match="cannot split"):
         train.shard("text", 0, 2)
+
+
+# Issue 21 (12): short data, a NaN step, a failure before the loop, and what ``seed`` covers.
+def _pairs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g)) for _ in range(n)]
+
+
+def test_data_shorter_than_the_run_is_refused_before_training():
+    """A sized ``data`` (a list) with fewer micro-batches than steps x grad_accum is refused with
+    the two counts, before any parameter moves (not a bare StopIteration mid-run)."""
+    model = nn.Linear(2, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"3 micro-batches.* steps=2 x grad_accum=2 = 4"):
+        train.train(model, _mse, _pairs(3), steps=2, grad_accum=2, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_stream_that_runs_out_says_how_many_batches_it_had():
+    """An iterator cannot be counted in advance: when it runs dry the error gives the counts and the cure."""
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"ran out after 3 micro-batches.* steps=2 x grad_accum=2 = 4.*batches\("):
+        train.train(model, _mse, iter(_pairs(3)), steps=2, grad_accum=2, progress=False)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_a_nan_step_leaves_the_parameters_of_the_last_good_step(grad_accum):
+    """The NaN check comes before optimizer.step: the weights equal those of a run that stopped
+    one step earlier (no NaN written into them), and the message says what to do."""
+    torch.manual_seed(0)
+    model, calls, after = nn.Linear(2, 1), [], {}
+
+    def loss(m, batch):
+        calls.append(1)
+        value = _mse(m, batch)
+        return value * float("nan") if len(calls) == 2 * grad_accum + 1 else value   # step 3's first micro-batch
+
+    def snapshot(m):
+        after[len(after) + 1] = {k: v.clone() for k, v in m.state_dict().items()}
+        return {}
+
+    with pytest.raises(ValueError, match=r"at step 3.*not taken.*Lower lr"):
+        train.train(model, loss, iter(_pairs(4 * grad_accum)), steps=4, grad_accum=grad_accum, lr=0.1,
+                    eval_fn=snapshot, eval_every=1, progress=False)
+    assert sorted(after) == [1, 2] and not torch.equal(after[1]["weight"], after[2]["weight"])
+    for name, value in model.state_dict().items():
+        assert torch.isfinite(value).all() and torch.equal(value, after[2][name]), name
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_data_that_is_not_iterable_leaves_checkpointing_off():
+    """A failure before the first step (here: data that is not iterable) also switches
+    gradient checkpointing back off and keeps the model's mode."""
+    from course_lib import models
+
+    model = models.tiny_llama()
+    with pytest.raises(TypeError):
+        train.train(model, _lm_loss, 42, steps=1, progress=False, gradient_checkpointing=True)
+    assert not models.gradient_checkpointing_enabled(model) and not model.training
+
+
+def test_seed_does_not_cover_adapter_initialisation_and_the_docstring_says_so():
+    """Adapters are initialised when injected, before train() runs: the same ``seed`` after
+    differently seeded injections trains different models; seed_everything before injecting fixes it."""
+    from course_lib import lora, models
+
+    def run(injection_seed):
+        model = models.tiny_llama()   # (it seeds itself: the same base weights every time)
+        train.seed_everything(injection_seed)
+        model = lora.inject_lora(model, ["q_proj", "v_proj"], r=2)
+        train.train(model, _lm_loss, train.batches(_token_rows(), 4, seed=0), steps=1, seed=0, progress=False)
+        return torch.cat([p.detach().flatten() for p in train.trainable_parameters(model)])
+
+    assert not torch.equal(run(1), run(2))
+    assert torch.equal(run(1), run(1))
+    doc = " ".join(train.train.__doc__.split())
+    assert "not the adapters' initialisation" in doc and "seed_everything" in doc

@@ -28,7 +28,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr with exit status 2."""
 
     def error(self, message: str):
-        raise _UsageError(message)
+        if message.endswith("expected one argument"):  # argparse read a value like -5GB as an option
+            message += " (for a value that starts with '-', write the option and it as one word: --gpu=-5GB)"
+        raise _UsageError(f"{message}; see {self.prog} --help")
 
 
 class _UsageError(Exception):
@@ -44,7 +46,18 @@ def _memory(text: str) -> int:
 
 
 def _modules(text: str):
-    return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
+    """``all-linear`` or a list of module names; nothing to adapt, or all-linear beside names, is refused here,
+    so that ``budget`` and ``plan`` refuse it alike."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no module names in {text!r}; give comma-separated names such as "
+                                         "q_proj,v_proj, or all-linear")
+    if "all-linear" in names:
+        if len(names) > 1:
+            raise argparse.ArgumentTypeError(f"all-linear already adapts every linear layer; give it alone, "
+                                             f"or list names without it, not {text!r}")
+        return "all-linear"
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `course-lib ... | head` closed the pipe: not an error (Python's docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as error:  # (after BrokenPipeError, an OSError too) a folder that cannot be written, a full disk
+        print(f"course-lib: error: {error}; check the path and its permissions", file=sys.stderr)
+        return 2
     except Exception as error:  # noqa: BLE001 (a bug: still one line, as DESIGN.md promises, but say so)
         print(f"course-lib: internal error ({type(error).__name__}: {error}); please report it", file=sys.stderr)
         return 2

@@ -25,6 +25,8 @@ class ModelConfig:
     (pre-norm LayerNorm, learned positions, GELU MLP, tied output layer: GPT-2/GPT-3).
     ``qkv_bias`` puts biases on q, k and v only (Qwen2); BERT and GPT have biases everywhere.
     ``dropout`` is the hidden and attention-probability dropout used in training (BERT: 0.1).
+    ``max_position_embeddings`` is the context length: BERT's and GPT's learned positions, the
+    longest sequence a rotary model was configured for; `Settings.build` refuses a longer ``seq_len``.
     """
 
     name: str
@@ -53,9 +55,10 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{self.name}: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")
-        if self.architecture != "llama" and self.max_position_embeddings <= 0:
-            raise ValueError(f"{self.name}: a {self.architecture} model has learned positions; "
-                             "give max_position_embeddings")
+        if isinstance(self.max_position_embeddings, bool) or not isinstance(self.max_position_embeddings, int) \
+                or self.max_position_embeddings < 1:
+            raise ValueError(f"{self.name}: give max_position_embeddings, the context length in tokens (its config's "
+                             f"max_position_embeddings), got {self.max_position_embeddings!r}")
 
     @property
     def head_size(self) -> int:
@@ -101,26 +104,29 @@ class ModelConfig:
         return linear + embeddings + norms
 
 
-def _llama(name, h, layers, heads, kv, i, vocab, tied, published, source, **extra) -> ModelConfig:
-    return ModelConfig(name, "llama", h, layers, heads, kv, i, vocab, tied, published_parameters=published,
-                       source=source, **extra)
+def _llama(name, h, layers, heads, kv, i, vocab, tied, context, published, source, **extra) -> ModelConfig:
+    return ModelConfig(name, "llama", h, layers, heads, kv, i, vocab, tied, max_position_embeddings=context,
+                       published_parameters=published, source=source, **extra)
 
 
+# _llama(name, hidden, layers, heads, KV heads, intermediate, vocab, tied, context, published count, source).
+# The context is each published config's max_position_embeddings (LLaMA 1 was trained at 2048 tokens; the
+# SmolLM2-135M-Instruct GGUF's llama.context_length agrees); BERT's and GPT-3's are their learned positions.
 MODELS: dict[str, ModelConfig] = {c.name: c for c in (
-    _llama("llama-7b", 4096, 32, 32, 32, 11008, 32000, False, 6_740_000_000, "Touvron et al. 2023, Table 2"),
-    _llama("llama-13b", 5120, 40, 40, 40, 13824, 32000, False, 13_020_000_000, "Touvron et al. 2023, Table 2"),
-    _llama("llama-33b", 6656, 60, 52, 52, 17920, 32000, False, 32_530_000_000, "Touvron et al. 2023, Table 2"),
-    _llama("llama-65b", 8192, 80, 64, 64, 22016, 32000, False, 65_290_000_000, "Touvron et al. 2023, Table 2"),
-    _llama("llama-2-70b", 8192, 80, 64, 8, 28672, 32000, False, 68_980_000_000, "meta-llama/Llama-2-70b-hf config"),
-    _llama("llama-3-8b", 4096, 32, 32, 8, 14336, 128256, False, 8_030_000_000, "meta-llama/Meta-Llama-3-8B config"),
-    _llama("llama-3-70b", 8192, 80, 64, 8, 28672, 128256, False, 70_550_000_000, "meta-llama/Meta-Llama-3-70B config"),
-    _llama("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, False, 7_620_000_000, "Qwen/Qwen2.5-7B config",
+    _llama("llama-7b", 4096, 32, 32, 32, 11008, 32000, False, 2048, 6_740_000_000, "Touvron et al. 2023, Table 2"),
+    _llama("llama-13b", 5120, 40, 40, 40, 13824, 32000, False, 2048, 13_020_000_000, "Touvron et al. 2023, Table 2"),
+    _llama("llama-33b", 6656, 60, 52, 52, 17920, 32000, False, 2048, 32_530_000_000, "Touvron et al. 2023, Table 2"),
+    _llama("llama-65b", 8192, 80, 64, 64, 22016, 32000, False, 2048, 65_290_000_000, "Touvron et al. 2023, Table 2"),
+    _llama("llama-2-70b", 8192, 80, 64, 8, 28672, 32000, False, 4096, 68_980_000_000, "meta-llama/Llama-2-70b-hf config"),
+    _llama("llama-3-8b", 4096, 32, 32, 8, 14336, 128256, False, 8192, 8_030_000_000, "meta-llama/Meta-Llama-3-8B config"),
+    _llama("llama-3-70b", 8192, 80, 64, 8, 28672, 128256, False, 8192, 70_550_000_000, "meta-llama/Meta-Llama-3-70B config"),
+    _llama("qwen2.5-7b", 3584, 28, 28, 4, 18944, 152064, False, 131072, 7_620_000_000, "Qwen/Qwen2.5-7B config",
            qkv_bias=True),
-    _llama("smollm2-135m", 576, 30, 9, 3, 1536, 49152, True, 134_515_008, "HuggingFaceTB/SmolLM2-135M config"),
+    _llama("smollm2-135m", 576, 30, 9, 3, 1536, 49152, True, 8192, 134_515_008, "HuggingFaceTB/SmolLM2-135M config"),
     ModelConfig("minilm", "bert", 384, 6, 12, 12, 1536, 30522, True, max_position_embeddings=512,
                 type_vocab_size=2, dropout=0.1, published_parameters=22_700_000,
                 source="sentence-transformers/all-MiniLM-L6-v2 config (a BERT encoder)"),
-    _llama("smollm2-1.7b", 2048, 24, 32, 32, 8192, 49152, True, 1_700_000_000,
+    _llama("smollm2-1.7b", 2048, 24, 32, 32, 8192, 49152, True, 8192, 1_700_000_000,
            "HuggingFaceTB/SmolLM2-1.7B config (model card: 1.7B); seed 001's 1-2B edge-device case"),
     ModelConfig("bert-base", "bert", 768, 12, 12, 12, 3072, 30522, True, max_position_embeddings=512,
                 type_vocab_size=2, dropout=0.1, published_parameters=110_000_000,
@@ -163,7 +169,8 @@ def _from_transformers(c: dict) -> ModelConfig:
         return ModelConfig(name, "llama", c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
                            c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"],
                            c["vocab_size"], bool(c.get("tie_word_embeddings", False)), head_dim=c.get("head_dim"),
-                           qkv_bias=kind == "qwen2", dropout=c.get("attention_dropout", 0.0))
+                           qkv_bias=kind == "qwen2", max_position_embeddings=c.get("max_position_embeddings", 0),
+                           dropout=c.get("attention_dropout", 0.0))
     if kind == "bert":
         return ModelConfig(name, "bert", c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
                            c["num_attention_heads"], c["intermediate_size"], c["vocab_size"], True,

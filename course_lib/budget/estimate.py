@@ -30,8 +30,11 @@ bytes here, and figures are printed in MiB and GiB.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, fields
+from decimal import Decimal
+from fractions import Fraction
 
 from .configs import ModelConfig, get_config
 from .settings import DTYPE_BYTES, OPTIMIZERS, Settings, lora_targets
@@ -57,27 +60,55 @@ def four_bit_storage_bytes(numel: int, double_quant: bool = True, blocksize: int
 
 _UNITS = {"": GiB, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": MiB, "mb": MiB, "mib": MiB,
           "g": GiB, "gb": GiB, "gib": GiB, "t": 2**40, "tb": 2**40, "tib": 2**40}
+MAX_MEMORY = 2**60
+"""The most `parse_memory` accepts: 1 EiB (1,048,576 TiB), far above any GPU, and finite."""
+_FORM = "write it like 24GB, 8GiB or 512MB (GB is read as GiB), or give a whole number of bytes"
+
+
+def _shown(value) -> str:
+    """``repr(value)``, cut short: an error message stays one readable line whatever was typed."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
 
 
 def parse_memory(value: str | float) -> int:
     """Bytes from ``"24GB"``, ``"24 GiB"``, ``"512MB"`` or ``"24"`` (GiB); a number is taken as bytes.
 
-    GB is read as GiB, as GPU memory is sold (see the module doc).
+    GB is read as GiB, as GPU memory is sold (see the module doc). Anything that is not between one
+    byte and `MAX_MEMORY` (zero, negative, nan, infinite, ``"1e400GB"``) raises a one-line
+    ``ValueError`` that says the accepted form.
     """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number, unit = float(value), "b"
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        unit = "b"
+        try:
+            number = int(value) if isinstance(value, numbers.Integral) else float(value)  # an int stays exact
+        except OverflowError:  # a Fraction or Decimal beyond float
+            number = math.inf
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"cannot read {value!r} as an amount of memory; write it like 24GB, 8GiB or 512MB")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    if not number > 0:
-        raise ValueError(f"memory must be positive, got {value!r}")
-    return int(number * _UNITS[unit])
+            raise ValueError(f"cannot read {_shown(value)} as an amount of memory; {_FORM}")
+        number, unit = float(match.group(1)), match.group(2).lower()  # a long digit string is inf, not an error
+    if not number > 0:  # also nan
+        raise ValueError(f"memory must be positive, got {_shown(value)}; {_FORM}")
+    if number > MAX_MEMORY / _UNITS[unit]:  # also inf
+        raise ValueError(f"memory must be at most 1 EiB (2**60 bytes), got {_shown(value)}; {_FORM}")
+    n = int(number * _UNITS[unit])
+    if n < 1:
+        raise ValueError(f"memory must be at least one byte, got {_shown(value)}; {_FORM}")
+    return n
 
 
 def format_bytes(n: float) -> str:
-    """``3.52 GiB`` / ``26.0 MiB`` / ``512 B``: binary units, three significant figures."""
+    """``3.52 GiB`` / ``26.0 MiB`` / ``512 B``: binary units, three significant figures.
+
+    From a million TiB on, a power of ten: ``6.32e+17 TiB`` (exact for integers of any size).
+    """
+    if abs(n) >= 10**6 * 2**40:
+        return f"{Decimal(n) / 2**40:.2e} TiB"
     for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
         if abs(n) >= size:
             return f"{n / size:.3g} {unit}" if n / size < 1000 else f"{n / size:.0f} {unit}"
@@ -201,9 +232,14 @@ def estimate_settings(config, settings: Settings) -> Budget:
     grad_bytes = a if s.method == "full" else ell
     parts = activation_parts(c, s, targets)
     return Budget(weights=weights, lora_parameters=lora_params * ell, gradients=trainable * grad_bytes,
-                  optimizer_state=math.ceil(trainable * OPTIMIZERS[s.optimizer]), activations=sum(parts.values()),
+                  optimizer_state=_optimizer_bytes(trainable, s.optimizer), activations=sum(parts.values()),
                   transient=_transient(c, s), parameters=parameters + lora_params, trainable_parameters=trainable,
                   activation_parts=parts, settings=s)
+
+
+def _optimizer_bytes(trainable: int, optimizer: str) -> int:
+    """``ceil(trainable · bytes per parameter)``, exactly: a float product overflows for absurd ranks."""
+    return math.ceil(Fraction(OPTIMIZERS[optimizer]) * trainable)
 
 
 # ---------------------------------------------------------------------------------------------

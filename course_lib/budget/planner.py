@@ -7,12 +7,16 @@ nothing does; `seed_recipe` is seed 000's tree itself. `course-lib plan` prints 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from ..checks import fraction, optional_positive_int
 from .configs import get_config
 from .estimate import Budget, GiB, _names, estimate_settings, format_bytes, parse_memory
 from .settings import Settings
+
+MAX_PLAN_BATCH = 10**12
+"""The largest effective batch `plan` takes: it finds the batch's divisors in about √batch steps."""
 
 
 @dataclass
@@ -62,6 +66,15 @@ class Plan:
                 "tried": self.tried, "reason": self.reason, "notes": self.notes}
 
 
+def divisors_descending(n: int) -> list[int]:
+    """Every divisor of ``n``, largest first: the ways `plan` can split a batch of ``n`` sequences.
+
+    Found in pairs (d, n // d) with d up to √n, so a batch of 10^12 takes a million steps, not 10^12.
+    """
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return [n // d for d in small if n // d != d] + small[::-1]
+
+
 def seed_recipe(gpu_memory: int) -> tuple[str, list[str], int, int | None]:
     """Seed 000's decision tree: (its words, methods, r, GradCache chunk) for a GPU of ``gpu_memory`` bytes."""
     gib = gpu_memory / GiB
@@ -87,8 +100,9 @@ def plan(model, gpu_memory, *, batch_size: int | None = None, seq_len: int = 512
     the headroom is for the CUDA context, fragmentation and kernels' workspace.
 
     ``batch_size`` is the effective batch (default 64 sequences for an encoder, seed 000's
-    configuration B, and 4 for a causal LM, seed 001's 70B recipe); it is kept whole. The LoRA
-    targets default to the attention projections (q, k, v, o; query, key, value for BERT).
+    configuration B, and 4 for a causal LM, seed 001's 70B recipe); it is kept whole, and at most
+    `MAX_PLAN_BATCH`. The LoRA targets default to the attention projections (q, k, v, o; query,
+    key, value for BERT); given ones are checked against the model even where full fine-tuning fits.
     """
     c = get_config(model)
     gpu = parse_memory(gpu_memory)
@@ -96,11 +110,18 @@ def plan(model, gpu_memory, *, batch_size: int | None = None, seq_len: int = 512
     encoder = c.architecture == "bert"
     batch = optional_positive_int("batch_size", batch_size)
     batch = batch if batch is not None else (64 if encoder else 4)
+    if batch > MAX_PLAN_BATCH:
+        raise ValueError(f"batch_size must be at most {MAX_PLAN_BATCH:,} for plan, which tries the batch's divisors "
+                         f"as micro-batches; got {batch:,}: plan a smaller batch, or estimate this one with budget")
     usable = int(gpu * (1 - headroom))
     words, methods, r_tree, chunk_tree = seed_recipe(gpu)
-    targets = target_modules or {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "bert": ["query", "key", "value"],
-                                 "gpt": ["q_proj", "k_proj", "v_proj", "out_proj"]}[c.architecture]
-    pieces = [d for d in range(batch, 0, -1) if batch % d == 0]
+    if target_modules is None:
+        targets = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "bert": ["query", "key", "value"],
+                   "gpt": ["q_proj", "k_proj", "v_proj", "out_proj"]}[c.architecture]
+    else:  # checked here, once: the first rung may be full fine-tuning, which has no targets to check
+        targets = target_modules
+        Settings.build(c, "lora", target_modules=targets, seq_len=seq_len)
+    pieces = divisors_descending(batch)
     if chunk_tree is not None:
         pieces = [d for d in pieces if d <= chunk_tree] or [1]
     mrl = ("MRL adds a loss over a few truncations of the same embedding: no memory worth modelling "
@@ -115,20 +136,47 @@ def plan(model, gpu_memory, *, batch_size: int | None = None, seq_len: int = 512
         return Settings.build(c, method, weight_dtype=weight_dtype, optimizer=optimizer, seq_len=seq_len,
                               gradient_checkpointing=checkpointing, **lora, **split)
 
+    def largest_fitting(method: str, r: int, checkpointing: bool) -> tuple[Settings, Budget, bool]:
+        """The first of ``pieces`` (largest first) whose peak fits, or the smallest piece and False.
+
+        The peak grows with the piece (every activation and backward buffer is proportional to the
+        tokens in one forward pass), so a bisection finds what trying each piece in turn would, in
+        about log2(divisors) estimates; an encoder's whole batch (no GradCache) is tried on its own."""
+        def fits(piece: int) -> tuple[Settings, Budget, bool]:
+            s = rung(method, r, checkpointing, piece)
+            b = estimate_settings(c, s)
+            return s, b, b.peak <= usable
+
+        chunked = pieces
+        if encoder and pieces[0] == batch:
+            whole = fits(batch)
+            if whole[2] or len(pieces) == 1:
+                return whole
+            chunked = pieces[1:]
+        low, high = 0, len(chunked) - 1  # find the first index that fits, in a list whose later pieces fit more
+        found = None
+        while low <= high:
+            middle = (low + high) // 2
+            attempt = fits(chunked[middle])
+            if attempt[2]:
+                found, high = attempt, middle - 1
+            else:
+                low = middle + 1
+        return found or fits(chunked[-1])
+
     tried, smallest = [], None
     ladder = [(m, r_tree, ck) for m in [*methods, "qlora"] for ck in (False, True)]
     ladder += [("qlora", r, True) for r in (8, 4) if r < r_tree]
     for method, r, checkpointing in ladder:
-        for piece in pieces:
-            s = rung(method, r, checkpointing, piece)
-            b = estimate_settings(c, s)
-            if b.peak <= usable:
-                if s.chunk_size:
-                    whole = estimate_settings(c, replace(s, chunk_size=None))
-                    if whole.peak <= usable:
-                        notes.append(f"the tree's GradCache is not needed here: the whole batch fits "
-                                     f"(peak {format_bytes(whole.peak)}); chunks only cost a second forward pass")
-                return Plan(True, c.name, gpu, usable, words, s, b, tried, notes=notes)
+        s, b, fit = largest_fitting(method, r, checkpointing)
+        piece = s.chunk_size or s.batch_size
+        if fit:
+            if s.chunk_size:
+                whole = estimate_settings(c, replace(s, chunk_size=None))
+                if whole.peak <= usable:
+                    notes.append(f"the tree's GradCache is not needed here: the whole batch fits "
+                                 f"(peak {format_bytes(whole.peak)}); chunks only cost a second forward pass")
+            return Plan(True, c.name, gpu, usable, words, s, b, tried, notes=notes)
         smallest = (s, b)
         tried.append(f"{method}" + ("" if method == "full" else f" r={r}")
                      + f", checkpointing {'on' if checkpointing else 'off'}: even at "

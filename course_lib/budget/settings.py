@@ -5,7 +5,7 @@ quantization, optimizer, checkpointing, batch shape, attention kernel, device) a
 dataclass: a typo fails where the settings are made, with a message that names the setting and
 the value to use instead, and nothing downstream has to check again. `Settings.build` fills in
 the defaults that depend on the model (LoRA's targets, QLoRA's NF4 with double quantization) and
-checks what only the model can say (its learned positions, its linear layers' names).
+checks what only the model can say (its context length, its linear layers' names).
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ class Settings:
 
         Defaults: LoRA and QLoRA r=8 on peft's targets for the family (`default_target_modules`);
         QLoRA in NF4 with double quantization. The model decides the rest: ``seq_len`` at most its
-        learned positions, GradCache (``chunk_size``) only for an encoder, LoRA's targets among its
-        linear layers.
+        context (``max_position_embeddings``), GradCache (``chunk_size``) only for an encoder, each of
+        LoRA's targets among its linear layers.
         """
         c = get_config(model)
         one_of("method", method, METHODS)
@@ -110,9 +110,11 @@ class Settings:
         settings = cls(c.name, method, r, target_modules, weight_dtype, lora_dtype, quant_type, double_quant,
                        optimizer, bool(gradient_checkpointing), batch_size, seq_len, gradient_accumulation_steps,
                        chunk_size, attention, device)
-        if c.max_position_embeddings and seq_len > c.max_position_embeddings:
-            raise ValueError(f"{c.name} has {c.max_position_embeddings} learned positions; seq_len must be at most "
-                             f"that, got {seq_len}")
+        if seq_len > c.max_position_embeddings:
+            context = (f"{c.max_position_embeddings} learned positions" if c.architecture != "llama"
+                       else f"a context of {c.max_position_embeddings} tokens (max_position_embeddings)")
+            raise ValueError(f"{c.name} has {context}; seq_len must be at most {c.max_position_embeddings}, "
+                             f"got {seq_len}")
         if method != "full":
             lora_targets(c, target_modules)  # raises if they match no linear layer of this model
         return settings
@@ -132,8 +134,11 @@ class Settings:
 
 def _check_target_names(target_modules) -> None:
     if (isinstance(target_modules, str) and target_modules != "all-linear") or not isinstance(
-            target_modules, (str, list, tuple)) or not all(isinstance(t, str) for t in target_modules):
+            target_modules, (str, list, tuple)) or not all(isinstance(t, str) and t for t in target_modules):
         raise ValueError(f"target_modules must be a list of module names or 'all-linear', got {target_modules!r}")
+    if not target_modules:
+        raise ValueError("target_modules is empty: name the layers LoRA adapts, e.g. ['q_proj', 'v_proj'], "
+                         "or give 'all-linear'")
 
 
 def default_target_modules(config: ModelConfig) -> list[str]:
@@ -143,13 +148,20 @@ def default_target_modules(config: ModelConfig) -> list[str]:
 
 def lora_targets(config: ModelConfig, target_modules) -> list[tuple[str, int, int, bool]]:
     """The linear layers LoRA wraps, matched as peft does: a name matches a target if it equals it or
-    ends with ``"." + target``; ``"all-linear"`` is every linear layer except the output head."""
+    ends with ``"." + target``; ``"all-linear"`` is every linear layer except the output head.
+
+    Every target must match some layer: a misspelt name among good ones would otherwise leave its
+    layers out of the estimate without a word."""
     linears = config.linears()
     if target_modules == "all-linear":
         return linears
-    chosen = [lin for lin in linears if any(lin[0] == t or lin[0].endswith("." + t) for t in target_modules)]
-    if not chosen:
+
+    def matches(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    unmatched = [t for t in target_modules if not any(matches(lin[0], t) for lin in linears)]
+    if unmatched:
         names = sorted({n.split(".")[-1] for n in [*config.block_linears(), *config.other_linears()]})
-        raise ValueError(f"target_modules {list(target_modules)} match no linear layer of {config.name}; "
+        raise ValueError(f"target_modules {unmatched} match no linear layer of {config.name}; "
                          f"its linear layers are {names}")
-    return chosen
+    return [lin for lin in linears if any(matches(lin[0], t) for t in target_modules)]

@@ -11,7 +11,10 @@ Three gzip-compressed JSON-lines files, all made from the source of CPython 3.11
   the docstring summary, answer the function's bare name.
 
 ``python -m course_lib.data build`` rebuilds the files by parsing the stdlib with ``ast`` (nothing
-is imported); on CPython 3.11.7 the rebuild is byte-identical to the shipped files.
+is imported); on CPython 3.11.7 the rebuild is byte-identical to the shipped files. The build also
+writes ``SHA256SUMS`` (``sha256sum`` format) beside them, and every load checks its file against it
+(once per process and file), so a truncated, emptied or edited file is refused with the rebuild
+command instead of giving fewer rows.
 
 Where the files are read from (`DATA_DIR`): ``$COURSE_DATA_DIR`` if set; else the package's own
 ``course_lib/datasets/``, where a wheel (``pip install .``) carries them as package data, mapped
@@ -35,6 +38,8 @@ import warnings
 import zlib
 from pathlib import Path
 
+from .atomic_files import atomic_output
+
 PACKAGED_DATA_DIR = Path(__file__).resolve().parent / "datasets"   # inside an installed wheel
 CHECKOUT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # a source checkout, pip install -e
 CODE_SEARCH_FILE = "code_search.jsonl.gz"
@@ -42,6 +47,8 @@ DISTRACTORS_FILE = "distractors.jsonl.gz"
 INSTRUCT_FILE = "instruct.jsonl.gz"
 SPLITS = ("train", "val", "test")
 REBUILD = "python -m course_lib.data build"
+SUMS_FILE = "SHA256SUMS"  # beside the data files, written by the build, checked by every load
+DATA_FILES = (CODE_SEARCH_FILE, DISTRACTORS_FILE, INSTRUCT_FILE)
 
 
 def _shipped_dir() -> Path:
@@ -74,6 +81,7 @@ def _read_jsonl(name: str, keys: tuple[str, ...]) -> list[dict]:
                         f"nor in {CHECKOUT_DATA_DIR} (a source checkout): install course-lib from its "
                         f"source tree (`pip install .` or `pip install -e .`), set $COURSE_DATA_DIR to a "
                         f"folder that holds the files, or rebuild them there with `{REBUILD} --out DIR`")
+    _verify(path)
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
@@ -84,6 +92,60 @@ def _read_jsonl(name: str, keys: tuple[str, ...]) -> list[dict]:
         if missing:
             raise DataError(f"{path} line {i} lacks {missing}: rebuild the data with `{REBUILD}`")
     return rows
+
+
+_VERIFIED: dict[Path, tuple[int, int, int]] = {}  # resolved path -> (size, mtime_ns, inode) it verified at
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_sums(sums: Path, path: Path) -> dict[str, str]:
+    """File name -> SHA-256 from a ``sha256sum``-format file; a fault names both files."""
+    if not sums.is_file():
+        raise DataError(f"{sums} is missing, so {path} cannot be verified: rebuild the data with `{REBUILD}`")
+    found = {}
+    for number, line in enumerate(sums.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        match = re.fullmatch(r"([0-9a-f]{64}) [ *](\S+)", line.strip())
+        if match is None:
+            raise DataError(f"{sums} line {number} is not '<sha256>  <file name>', so {path} cannot be "
+                            f"verified: rebuild the data with `{REBUILD}`")
+        found[match[2]] = match[1]
+    return found
+
+
+def _verify(path: Path) -> None:
+    """Check ``path`` against the SHA-256 in ``SHA256SUMS`` beside it; once per process while the
+    file stays the same (size, modification time, inode), so loading again costs nothing."""
+    stat = path.stat()
+    key, stamp = path.resolve(), (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if _VERIFIED.get(key) == stamp:
+        return
+    sums = path.parent / SUMS_FILE
+    expected = _read_sums(sums, path).get(path.name)
+    if expected is None:
+        raise DataError(f"{sums} lists no SHA-256 for {path.name}, so {path} cannot be verified: rebuild the "
+                        f"data with `{REBUILD}`")
+    actual = _file_sha256(path)
+    if actual != expected:
+        raise DataError(f"{path} does not match its SHA-256 in {sums} ({stat.st_size:,} bytes, sha256 "
+                        f"{actual[:12]}..., expected {expected[:12]}...): the file is truncated, corrupt or "
+                        f"edited; rebuild the data with `{REBUILD}`")
+    _VERIFIED[key] = stamp
+
+
+def _write_sums(out_dir: Path) -> None:
+    """``SHA256SUMS`` for the three files in ``out_dir`` (``sha256sum -c SHA256SUMS`` checks them)."""
+    lines = "".join(f"{_file_sha256(out_dir / n)}  {n}\n" for n in sorted(DATA_FILES))
+    with atomic_output(out_dir / SUMS_FILE, overwrite=True) as tmp:
+        tmp.write_text(lines, encoding="utf-8")
 
 
 def _by_split(rows: list[dict], split: str) -> list[dict]:
@@ -313,6 +375,7 @@ def build(out_dir: Path = DATA_DIR, stdlib_dir: Path | None = None) -> dict:
     _write_jsonl(out_dir / CODE_SEARCH_FILE, pairs)
     _write_jsonl(out_dir / DISTRACTORS_FILE, distractors)
     _write_jsonl(out_dir / INSTRUCT_FILE, instruct)
+    _write_sums(out_dir)  # last: a build that dies before this leaves files that fail their old sums
     counts = {s: sum(p["split"] == s for p in pairs) for s in SPLITS}
     return {**counts, "pairs": len(pairs), "distractors": len(distractors),
             "distractors_from_skipped": len(from_skipped), "instruct": len(instruct)}

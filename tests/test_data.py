@@ -168,6 +168,7 @@ def test_rebuild_is_byte_identical(tmp_path):
     counts = data.build(tmp_path)
     for name in FILES:
         assert (tmp_path / name).read_bytes() == (data.DATA_DIR / name).read_bytes(), name
+    assert (tmp_path / data.SUMS_FILE).read_bytes() == (data.DATA_DIR / data.SUMS_FILE).read_bytes()
     assert {k: counts[k] for k in data.stats()} == data.stats()
 
 
@@ -231,3 +232,105 @@ def test_command_line():
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "build" in bad.stderr
     ok = subprocess.run(run + ["stats"], check=False, capture_output=True, text=True)
     assert ok.returncode == 0 and f"pairs={len(data.load_code_search('all'))}" in ok.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# SHA-256 sums: a truncated, emptied or edited file is refused before it is parsed
+# ---------------------------------------------------------------------------------------------
+def _copy_of_the_data(folder: Path, sums: bool = True) -> Path:
+    folder.mkdir()
+    for name in FILES + ((data.SUMS_FILE,) if sums else ()):
+        shutil.copy(data.DATA_DIR / name, folder / name)
+    return folder
+
+
+def _tamper(path: Path, how: str) -> None:
+    if how == "0-byte file":
+        path.write_bytes(b"")
+    elif how == "empty gzip":
+        path.write_bytes(gzip.compress(b""))
+    else:  # the first 100 rows, well-formed: only the checksum can tell
+        lines = gzip.decompress(path.read_bytes()).splitlines(keepends=True)
+        path.write_bytes(gzip.compress(b"".join(lines[:100]), mtime=0))
+
+
+LOADERS = [(data.CODE_SEARCH_FILE, lambda: data.load_code_search("all")),
+           (data.DISTRACTORS_FILE, data.load_distractors),
+           (data.INSTRUCT_FILE, lambda: data.load_instruct("all"))]
+
+
+def test_shipped_sums_are_the_files_sums():
+    lines = (data.DATA_DIR / data.SUMS_FILE).read_text().splitlines()
+    assert lines == [f"{hashlib.sha256((data.DATA_DIR / n).read_bytes()).hexdigest()}  {n}" for n in sorted(FILES)]
+    for name in FILES:
+        data._verify(data.DATA_DIR / name)  # the shipped files verify
+
+
+@pytest.mark.parametrize("how", ["0-byte file", "empty gzip", "100 rows"])
+@pytest.mark.parametrize("name, load", LOADERS)
+def test_tampered_file_fails_its_checksum(tmp_path, monkeypatch, how, name, load):
+    folder = _copy_of_the_data(tmp_path / "data")
+    _tamper(folder / name, how)
+    monkeypatch.setenv("COURSE_DATA_DIR", str(folder))
+    with pytest.raises(data.DataError, match="SHA-256") as err:
+        load()
+    message = str(err.value)
+    assert "\n" not in message and str(folder / name) in message and data.REBUILD in message, message
+
+
+def test_missing_sums_file_is_refused(tmp_path, monkeypatch):
+    folder = _copy_of_the_data(tmp_path / "data", sums=False)
+    monkeypatch.setenv("COURSE_DATA_DIR", str(folder))
+    with pytest.raises(data.DataError) as err:
+        data.load_instruct("test")
+    message = str(err.value)
+    assert str(folder / data.SUMS_FILE) in message and str(folder / data.INSTRUCT_FILE) in message
+    assert data.REBUILD in message and "\n" not in message
+
+
+@pytest.mark.parametrize("sums", ["not a checksum line\n", ""], ids=["garbage", "empty"])
+def test_broken_sums_file_is_refused(tmp_path, monkeypatch, sums):
+    folder = _copy_of_the_data(tmp_path / "data")
+    (folder / data.SUMS_FILE).write_text(sums)
+    monkeypatch.setenv("COURSE_DATA_DIR", str(folder))
+    with pytest.raises(data.DataError) as err:
+        data.load_code_search("test")
+    message = str(err.value)
+    assert str(folder / data.SUMS_FILE) in message and data.REBUILD in message and "\n" not in message
+
+
+def test_sums_are_checked_once_per_file_and_again_when_it_changes(tmp_path, monkeypatch):
+    folder = _copy_of_the_data(tmp_path / "data")
+    monkeypatch.setenv("COURSE_DATA_DIR", str(folder))
+    hashed = []
+    real = data._file_sha256
+    monkeypatch.setattr(data, "_file_sha256", lambda path: hashed.append(Path(path).name) or real(path))
+    rows = data.load_instruct("all")
+    assert data.load_instruct("test") and data.load_instruct("all") == rows
+    assert hashed == [data.INSTRUCT_FILE]                     # verified once, then cached
+    _tamper(folder / data.INSTRUCT_FILE, "100 rows")
+    with pytest.raises(data.DataError, match="SHA-256"):     # a changed file is verified again
+        data.load_instruct("all")
+
+
+def test_build_writes_the_sums_its_files_verify_against(tmp_path, monkeypatch):
+    stdlib = tmp_path / "stdlib"
+    (stdlib / "alpha").mkdir(parents=True)
+    for module in ("alpha/__init__", "beta", "gamma"):
+        (stdlib / f"{module}.py").write_text(textwrap.dedent(f'''
+            def {module.split("/")[0]}_one(x):
+                """Return the argument plus one, for {module}."""
+                y = x + 1
+                return y
+
+            def helper_{module.split("/")[0]}(x):
+                y = x * 2
+                return y
+            '''))
+    out = tmp_path / "out"
+    data.build(out, stdlib_dir=stdlib)
+    sums = (out / data.SUMS_FILE).read_text()
+    for name in FILES:
+        assert f"{hashlib.sha256((out / name).read_bytes()).hexdigest()}  {name}\n" in sums
+    monkeypatch.setenv("COURSE_DATA_DIR", str(out))
+    assert len(data.load_code_search("all")) == 3 and len(data.load_distractors()) == 3

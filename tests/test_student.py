@@ -8,6 +8,7 @@ checked without running it: only its solution regions differ from the original.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,90 @@ def test_cli_bad_input_names_the_file_and_the_cell(tmp_path, capsys):
     empty.mkdir()
     assert cli.main(["student", str(empty), str(tmp_path / "out")]) == 2
     assert "holds no .ipynb" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Overwriting: never through a link into the sources, never half-written
+# ---------------------------------------------------------------------------------------------
+def _sources(folder: Path) -> dict[str, bytes]:
+    """Two small chapters with a solution each, written into ``folder``; their bytes by name."""
+    folder.mkdir()
+    for name, answer in (("01_a.ipynb", 1), ("02_b.ipynb", 2)):
+        nb = _notebook(("markdown", "Write `f`."),
+                       ("code", f"def f():\n    # BEGIN SOLUTION\n    return {answer}\n    # END SOLUTION"),
+                       ("code", f"assert f() == {answer}"))
+        nbformat.write(nb, folder / name)
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("link", ["cp -al (hard links)", "symlinks", "symlink to another chapter", "second only",
+                                  "the source folder itself"])
+def test_overwrite_refuses_targets_that_are_the_sources(tmp_path, capsys, link):
+    """`cp -al notebooks out; course-lib student notebooks out --overwrite` must not strip the
+    solutions out of notebooks/: refused before anything is written, with what to do."""
+    src, out = tmp_path / "notebooks", tmp_path / "out"
+    originals = _sources(src)
+    if link == "the source folder itself":
+        out = src
+    elif link == "cp -al (hard links)":
+        shutil.copytree(src, out, copy_function=os.link)
+    else:
+        out.mkdir()
+        if link == "symlinks":
+            for name in originals:
+                (out / name).symlink_to(src / name)
+        elif link == "symlink to another chapter":
+            (out / "01_a.ipynb").symlink_to(src / "02_b.ipynb")
+        else:  # the first copy is an ordinary old one, the second a hard link: nothing may be written
+            (out / "01_a.ipynb").write_text("an old copy")
+            os.link(src / "02_b.ipynb", out / "02_b.ipynb")
+    before = _bytes(out)
+    assert cli.main(["student", str(src), str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "same file" in err and "Traceback" not in err, err
+    assert str(out) in err and "choose" in err
+    assert _bytes(src) == originals                       # the solutions are still there
+    assert _bytes(out) == before                          # and nothing was written
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_replaces_a_copy_instead_of_writing_through_it(tmp_path):
+    """The new copy is renamed into place: another name for the old copy (a hard link a teacher
+    kept) still holds the old one."""
+    src, out = tmp_path / "notebooks", tmp_path / "out"
+    _sources(src)
+    student.write_student_copies(src, out)
+    kept = tmp_path / "kept.ipynb"
+    os.link(out / "01_a.ipynb", kept)
+    old = kept.read_bytes()
+    nb = nbformat.read(src / "01_a.ipynb", as_version=4)
+    nb.cells[0].source = "Write `f` (second edition)."
+    nbformat.write(nb, src / "01_a.ipynb")
+    student.write_student_copies(src, out, overwrite=True)
+    assert "second edition" in (out / "01_a.ipynb").read_text()
+    assert kept.read_bytes() == old
+    assert sorted(p.name for p in out.iterdir()) == ["01_a.ipynb", "02_b.ipynb"]
+
+
+def test_failed_write_leaves_the_old_copy_whole(tmp_path, monkeypatch):
+    src, out = tmp_path / "notebooks", tmp_path / "out"
+    _sources(src)
+    student.write_student_copies(src, out)
+    before = _bytes(out)
+
+    def write_half_then_die(nb, fp, *args, **kwargs):
+        Path(fp).write_text('{"cells": [')
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(nbformat, "write", write_half_then_die)
+    with pytest.raises(OSError, match="No space left"):
+        student.write_student_copies(src, out, overwrite=True)
+    assert _bytes(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 def _nbval_lax(folder: Path) -> tuple[int, set[str], int]:

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
+
+from ..atomic_files import atomic_output
 
 BEGIN = "# BEGIN SOLUTION"
 END = "# END SOLUTION"
@@ -37,7 +40,8 @@ STUB = 'raise NotImplementedError("exercise: write your solution here (see the t
 
 
 class SolutionMarkerError(ValueError):
-    """A notebook's solution markers do not pair up, or the path is not a notebook."""
+    """A notebook's solution markers do not pair up, the path is not a notebook, or a copy would
+    be written over a source (the output folder is the source folder, or holds links to it)."""
 
 
 @dataclass
@@ -163,11 +167,22 @@ def notebooks_in(source: str | Path) -> list[Path]:
     return [source]
 
 
+def _same_file_as_a_source(target: Path, sources: list[Path]) -> Path | None:
+    """The source that ``target`` is (a hard link, a symlink, the same path), or None."""
+    if not target.exists():
+        return None  # nothing there, or a dangling symlink: replaced by the copy, not written through
+    return next((source for source in sources if os.path.samefile(target, source)), None)
+
+
 def write_student_copies(source: str | Path, out: str | Path, overwrite: bool = False) -> dict[Path, StudentCopy]:
     """Write the student copy of each notebook in ``source`` (a notebook or a folder) into ``out``.
 
     Every notebook is read and checked before anything is written, so a bad marker leaves
-    ``out`` untouched.
+    ``out`` untouched. So is every target: one that is the same file as a source (``out`` is the
+    source folder, or holds hard links or symlinks to the sources, as ``cp -al notebooks out``
+    makes) is refused, since writing it would erase the solutions. Each copy is written to a
+    temporary file in ``out`` and renamed into place, so a failure leaves the old copy whole and
+    a link elsewhere to an old copy keeps the old copy.
 
     Args:
         source: a ``.ipynb`` file or a folder of them (not searched recursively).
@@ -178,15 +193,23 @@ def write_student_copies(source: str | Path, out: str | Path, overwrite: bool = 
         For each written path, what was done to it.
 
     Raises:
-        SolutionMarkerError: a path is not a notebook, or its markers do not pair up.
+        SolutionMarkerError: a path is not a notebook, its markers do not pair up, or a copy
+            would be written over a source.
         FileExistsError: a copy exists and ``overwrite`` is false.
     """
     out = Path(out)
+    sources = notebooks_in(source)
     copies = {}
-    for path in notebooks_in(source):
+    for path in sources:
         target = out / path.name
-        if target.resolve() == path.resolve():
-            raise SolutionMarkerError(f"{path}: the output folder is the source folder; choose another one")
+        if target.resolve() == path.resolve() and out.resolve() == path.parent.resolve():
+            raise SolutionMarkerError(f"{path}: the output folder is the source folder (a copy there is the same "
+                                      "file as its source); choose another one")
+        original = _same_file_as_a_source(target, sources)
+        if original is not None:
+            raise SolutionMarkerError(f"{target} is the same file as the source {original} (a hard link or a "
+                                      f"symlink, as `cp -al` makes): writing it would erase the solutions; choose "
+                                      f"an output folder without links to the sources, or delete the links in {out}")
         copies[target] = student_notebook(read_notebook(path), name=str(path))
     existing = [str(t) for t in copies if t.exists()]
     if existing and not overwrite:
@@ -194,5 +217,6 @@ def write_student_copies(source: str | Path, out: str | Path, overwrite: bool = 
                               "choose an empty folder or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     for target, result in copies.items():
-        nbformat.write(result.notebook, target)
+        with atomic_output(target, overwrite=overwrite) as tmp:  # renamed into place: never through a link
+            nbformat.write(result.notebook, str(tmp))
     return copies

@@ -95,7 +95,9 @@ print(f"loss {history.loss[0]:.3f} -> {history.loss[-1]:.3f}")
 # embeddings of the runtime-LoRA model, the merged model, and the ONNX file agree to float32
 # rounding; the INT8 file does not, by design:
 
-# %%
+# %% tags=["nbval-ignore-output"]
+# The differences' exact sizes depend on the CPU's kernels (AVX2 or AVX-512), so only the asserted
+# bounds, not the printed digits, are what a re-run must reproduce.
 test_pairs = data.load_code_search("test")
 queries = [p["query"] for p in test_pairs[:64]]
 onnx_fp32 = export.OnnxEncoder(OUT / "minilm.onnx", num_threads=THREADS)

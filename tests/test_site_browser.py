@@ -124,6 +124,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def page(browser):
     context = browser.new_context(viewport={"width": 1280, "height": 1600})
     page = context.new_page()
+    # generous waits: on a busy 2-core machine the search worker indexes the chapters for a minute
+    # or more (a wait, not a timing claim: the page only has to get there)
+    page.set_default_timeout(180_000)
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.js_errors = errors
@@ -215,7 +218,7 @@ def test_search_finds_nf4(site_url, page):
     box = page.locator("input.md-search__input")
     box.fill("NF4")
     results = page.locator(".md-search-result__item a")
-    results.first.wait_for(timeout=30_000)
+    results.first.wait_for(timeout=180_000)
     hrefs = results.evaluate_all("links => links.map(a => a.href)")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "search-NF4.png"))

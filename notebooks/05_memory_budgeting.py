@@ -270,7 +270,7 @@ plt.show()
 # Accumulation divides the activations by the number of micro-batches exactly (1,118 MiB for the
 # whole batch of 8, 560 for micro-batches of 4, 140 for single sequences) and on this CPU costs
 # little time: a matrix product over 2 sequences is nearly as efficient per token as over 8, and only
-# single sequences were slower (roughly 15-20% on an idle machine; timings vary from run to run and
+# single sequences were slower (roughly a quarter on an idle machine; timings vary from run to run and
 # with the machine's load, so the checks below do not rely on them). On a GPU small micro-batches
 # leave the device idle, so there the time cost is larger. Checkpointing pays one extra forward pass
 # (the count above: every layer runs twice per micro-batch; roughly 30% more time per step on an

@@ -110,7 +110,9 @@ print(f"{TRAIN_STEPS} steps of {BATCH} pairs each: {history_plain.seconds_per_st
 # `N_DISTRACTORS` distractors; we truncate both sides to each prefix size, re-normalise, and
 # measure recall@10 (`matryoshka.metrics_by_dim`).
 
-# %%
+# %% tags=["nbval-ignore-output"]
+# Not compared by nbval: one query of 506 crossing rank 10 moves a recall by 0.002, and that
+# happens between CPUs (AVX2 / AVX-512) and between runs; the checks below allow for it.
 relevant = list(range(len(test_pairs)))
 embeddings, by_dim = {}, {}
 for name, model in [("pretrained", base), ("LoRA", lora_plain), ("LoRA + MRL", lora_mrl)]:

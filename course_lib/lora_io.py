@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .atomic_files import atomic_output
-from .checks import fraction, positive_int, positive_number
+from .checks import fraction, positive_int, positive_number, regex
 from .lora import adapter_names, inject_adapter, linear_layers, lora_layers, matches
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -158,10 +158,10 @@ def _config_problem(config) -> str | None:
         positive_number("lora_alpha", config["lora_alpha"])
         fraction("lora_dropout", config.get("lora_dropout", 0.0))
         if isinstance(targets, str):
-            _regex("target_modules", targets)
+            regex("target_modules", targets)
         for key, check in (("rank_pattern", positive_int), ("alpha_pattern", positive_number)):
             for module, value in (config.get(key) or {}).items():
-                _regex(f"{key} key", module)
+                regex(f"{key} key", module)
                 check(f"{key}[{module!r}]", value)
     except ValueError as error:
         return str(error)
@@ -189,13 +189,6 @@ def _read_config(directory: Path) -> dict:
         raise ValueError(f"{path}: the adapter uses {unsupported}, which course_lib.lora does not implement; "
                          "load it with peft")
     return config
-
-
-def _regex(what: str, text: str) -> None:
-    try:
-        re.compile(text)
-    except re.error as error:
-        raise ValueError(f"{what} {text!r} is not a valid regular expression ({error})") from None
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:

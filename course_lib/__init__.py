@@ -8,6 +8,7 @@ Techniques
     ``lora_combine`` (several adapters into one), ``quant`` (NF4 / FP4 / INT8 from scratch),
     ``linear4bit`` (the frozen 4-bit layer), ``qlora``, ``gradcache``, ``matryoshka``,
     ``adapters`` (bottleneck adapters), ``peft_methods`` (chapter 07's methods side by side),
+    ``distributed`` (processes, gathered contrastive loss, FSDP2 / ZeRO sharding),
     ``export`` (merge, ONNX, INT8) and ``gguf_export``.
 
 Infrastructure

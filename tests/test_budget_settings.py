@@ -11,7 +11,7 @@ from course_lib import budget, memory
 from course_lib.budget import Settings, estimate
 
 PACKAGE = Path(budget.__file__).parent
-ORDER = ["configs", "settings", "estimate", "planner"]  # each module imports only those before it
+ORDER = ["configs", "settings", "sharding", "estimate", "planner", "multi_gpu"]  # each imports only those before it
 
 
 def _imported_siblings(module: str) -> set[str]:
@@ -94,7 +94,8 @@ def test_to_dict_is_the_plain_dict_the_json_had():
     assert list(out["settings"]) == ["model", "method", "r", "target_modules", "weight_dtype", "lora_dtype",
                                      "quant_type", "double_quant", "optimizer", "gradient_checkpointing",
                                      "batch_size", "seq_len", "gradient_accumulation_steps", "chunk_size",
-                                     "attention", "device"]
+                                     "attention", "device", "gpus", "sharding", "offload", "master_weights",
+                                     "quant_storage"]  # chapter 08's settings, appended: the old keys keep their order
     assert out["settings"]["target_modules"] == ["q_proj", "v_proj"]
     assert json.loads(json.dumps(out))["settings"] == out["settings"]
     p = budget.plan("minilm", "10GB").to_dict()

@@ -13,6 +13,11 @@ A training step holds five kinds of tensors, and `estimate` gives each a line:
   `activation_parts` (per layer: the normalised inputs, the attention's inputs and output, the
   MLP's intermediates, the LoRA branches' inputs; then the loss's log-probabilities).
 
+On several GPUs (``gpus``, ``sharding``, ``offload``) every line is one GPU's: ZeRO / FSDP divide
+the first four as `course_lib.budget.sharding` says, a sixth line, ``sharding_buffers``, holds the
+unsharded tensors of the units being gathered or reduced, and the activations stay those of one
+GPU's micro-batch. ``master_weights`` adds the float32 master copy to the optimizer state.
+
 Their sum is what `course_lib.memory.measure_step` counts on a real model: on SmolLM2 and MiniLM
 (CPU, float32, full fine-tuning, LoRA and QLoRA, with and without checkpointing) the two agree
 within 1%, and the tests hold them within 10%. `Budget.transient` adds the largest short-lived
@@ -38,6 +43,7 @@ from fractions import Fraction
 
 from .configs import ModelConfig, get_config
 from .settings import DTYPE_BYTES, OPTIMIZERS, Settings, lora_targets
+from .sharding import ModelStates, describe, per_gpu
 
 GiB, MiB = 2**30, 2**20
 
@@ -118,15 +124,17 @@ def format_bytes(n: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # The estimate
 # ---------------------------------------------------------------------------------------------
-LINES = ("weights", "lora_parameters", "gradients", "optimizer_state", "activations")
+LINES = ("weights", "lora_parameters", "gradients", "optimizer_state", "activations", "sharding_buffers")
 
 
 @dataclass
 class Budget:
     """An estimate in bytes, one field per line of the breakdown, plus what it was computed for.
 
-    ``total`` is what the step holds (the five lines); ``transient`` the largest short-lived buffer
-    of the backward pass; ``peak = total + transient``. ``activation_parts`` splits the activations
+    ``total`` is what the step holds (the six lines); ``transient`` the largest short-lived buffer
+    of the backward pass; ``peak = total + transient``. On several GPUs every figure is one GPU's
+    (``sharding_buffers`` is 0 without sharding); ``model_states`` is ZeRO's "model states", the
+    weights, LoRA parameters, gradients and optimizer state. ``activation_parts`` splits the activations
     by where they come from (per-layer parts already multiplied by the number of layers).
     """
 
@@ -135,6 +143,7 @@ class Budget:
     gradients: int
     optimizer_state: int
     activations: int
+    sharding_buffers: int
     transient: int
     parameters: int
     trainable_parameters: int
@@ -148,6 +157,10 @@ class Budget:
     @property
     def peak(self) -> int:
         return self.total + self.transient
+
+    @property
+    def model_states(self) -> int:
+        return self.weights + self.lora_parameters + self.gradients + self.optimizer_state
 
     def to_dict(self) -> dict:
         """Plain numbers (bytes) and settings, for ``json.dumps``."""
@@ -164,11 +177,15 @@ class Budget:
                 + f"  {s.weight_dtype}  {s.optimizer}  batch {s.batch_size} x {s.seq_len} tokens"
                 + (f"  GradCache chunks of {s.chunk_size}" if s.chunk_size else "")
                 + (f"  accumulation {s.gradient_accumulation_steps}" if s.gradient_accumulation_steps > 1 else "")
-                + ("  checkpointing" if s.gradient_checkpointing else ""))
+                + ("  checkpointing" if s.gradient_checkpointing else "")
+                + ("  fp32 master weights" if s.master_weights else ""))
         rows = [("weights", self.weights), ("LoRA parameters", self.lora_parameters), ("gradients", self.gradients),
-                ("optimizer state", self.optimizer_state), ("activations", self.activations),
-                ("total", self.total), ("+ transient in backward", self.transient), ("peak", self.peak)]
-        lines = [head, f"parameters {self.parameters:,}, trainable {self.trainable_parameters:,}"]
+                ("optimizer state", self.optimizer_state), ("activations", self.activations)]
+        if s.shards != "none":
+            rows.append(("sharding buffers", self.sharding_buffers))
+        rows += [("total", self.total), ("+ transient in backward", self.transient), ("peak", self.peak)]
+        lines = [head] + ([describe(s)] if describe(s) else [])
+        lines += [f"parameters {self.parameters:,}, trainable {self.trainable_parameters:,}"]
         lines += [f"  {name:<24}{format_bytes(value):>12}" for name, value in rows]
         if gpu_memory is not None:
             spare = gpu_memory - self.peak
@@ -186,7 +203,9 @@ def estimate(config, method: str = "lora", *, r: int | None = None, target_modul
              weight_dtype: str = "bfloat16", lora_dtype: str = "float32", quant_type: str | None = None,
              double_quant: bool | None = None, optimizer: str = "adamw", gradient_checkpointing: bool = False,
              batch_size: int = 1, seq_len: int = 512, gradient_accumulation_steps: int = 1,
-             chunk_size: int | None = None, attention: str = "sdpa", device: str = "cuda") -> Budget:
+             chunk_size: int | None = None, attention: str = "sdpa", device: str = "cuda", gpus: int = 1,
+             sharding: str = "none", offload: bool = False, master_weights: bool = False,
+             quant_storage: str | None = None) -> Budget:
     """The memory of one training step of ``config`` with ``method`` ("full", "lora" or "qlora").
 
     * ``r``, ``target_modules`` (peft's names: ``["q_proj", "v_proj"]``, ``"all-linear"``...): LoRA
@@ -203,6 +222,13 @@ def estimate(config, method: str = "lora", *, r: int | None = None, target_modul
       activations for ``chunk_size`` sequences at a time plus the cached embeddings.
     * ``attention``: "sdpa" (transformers' default) or "eager" (keeps the s×s probabilities).
       ``device``: "cuda" or "cpu", which decides the attention kernel and how dropout stores its mask.
+    * ``master_weights``: mixed precision with a float32 master copy of the 16-bit trained weights
+      (4 more bytes per trained parameter, in the optimizer state): full fine-tuning in bfloat16
+      with AdamW then holds 2 + 2 + 12 = 16 bytes per parameter, as DeepSpeed's bf16 mode does.
+    * ``gpus``, ``sharding`` ("none", "optimizer", "optimizer+gradients", "full": ZeRO stages
+      0-3), ``offload``: data parallelism over ``gpus`` GPUs, each with a micro-batch of
+      ``batch_size``; every figure is then one GPU's (`course_lib.budget.sharding`).
+      ``quant_storage``: QLoRA's bnb_4bit_quant_storage, which must be ``weight_dtype`` to shard fully.
     """
     c = get_config(config)
     return estimate_settings(c, Settings.build(
@@ -210,7 +236,8 @@ def estimate(config, method: str = "lora", *, r: int | None = None, target_modul
         quant_type=quant_type, double_quant=double_quant, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, batch_size=batch_size, seq_len=seq_len,
         gradient_accumulation_steps=gradient_accumulation_steps, chunk_size=chunk_size, attention=attention,
-        device=device))
+        device=device, gpus=gpus, sharding=sharding, offload=offload, master_weights=master_weights,
+        quant_storage=quant_storage))
 
 
 def estimate_settings(config, settings: Settings) -> Budget:
@@ -230,11 +257,34 @@ def estimate_settings(config, settings: Settings) -> Budget:
         weights = parameters * a
     trainable = parameters if s.method == "full" else lora_params
     grad_bytes = a if s.method == "full" else ell
+    optimizer_state = _optimizer_bytes(trainable, s.optimizer) + (4 * trainable if s.master_weights else 0)
+    states = _model_states(c, s, targets, weights, lora_params * ell, trainable * grad_bytes, optimizer_state)
     parts = activation_parts(c, s, targets)
-    return Budget(weights=weights, lora_parameters=lora_params * ell, gradients=trainable * grad_bytes,
-                  optimizer_state=_optimizer_bytes(trainable, s.optimizer), activations=sum(parts.values()),
-                  transient=_transient(c, s), parameters=parameters + lora_params, trainable_parameters=trainable,
-                  activation_parts=parts, settings=s)
+    return Budget(**per_gpu(states, s), activations=sum(parts.values()), transient=_transient(c, s),
+                  parameters=parameters + lora_params, trainable_parameters=trainable, activation_parts=parts,
+                  settings=s)
+
+
+def _model_states(c: ModelConfig, s: Settings, targets: list, weights: int, lora_bytes: int, gradients: int,
+                  optimizer_state: int) -> ModelStates:
+    """The whole model's states and the sizes of its FSDP units: one transformer block, and the rest (the root)."""
+    a, ell = DTYPE_BYTES[s.weight_dtype], DTYPE_BYTES[s.lora_dtype]
+    linears = c.block_linears().values()
+    norms = (2 if c.architecture == "llama" else 4) * c.hidden_size  # RMSNorm: a weight; LayerNorm: and a bias
+    block_params = sum(i * o + (o if b else 0) for i, o, b in linears) + norms
+    if s.method == "qlora":
+        block_stored = sum(four_bit_storage_bytes(i * o, s.double_quant) + (o if b else 0) * a for i, o, b in linears)
+        block_stored += norms * a
+    else:
+        block_stored = block_params * a
+    block_lora = sum(s.r * (i + o) for n, i, o, _ in targets if n.startswith("layers.0."))
+    block_trained = block_params if s.method == "full" else block_lora
+    L = c.num_hidden_layers
+    grad_bytes = a if s.method == "full" else ell
+    return ModelStates(weights, lora_bytes, gradients, optimizer_state,
+                       block_weights=block_stored + block_lora * ell, root_weights=weights + lora_bytes
+                       - L * (block_stored + block_lora * ell), block_gradients=block_trained * grad_bytes,
+                       root_gradients=gradients - L * block_trained * grad_bytes, layers=L)
 
 
 def _optimizer_bytes(trainable: int, optimizer: str) -> int:

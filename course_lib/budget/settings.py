@@ -6,13 +6,27 @@ dataclass: a typo fails where the settings are made, with a message that names t
 the value to use instead, and nothing downstream has to check again. `Settings.build` fills in
 the defaults that depend on the model (LoRA's targets, QLoRA's NF4 with double quantization) and
 checks what only the model can say (its context length, its linear layers' names).
+
+Several GPUs (chapter 08): ``gpus`` data-parallel GPUs, each with its own micro-batch of
+``batch_size`` sequences, and a ``sharding`` strategy from `SHARDING`, ZeRO's stages 0-3:
+``"none"`` (DDP: every GPU holds everything), ``"optimizer"`` (ZeRO-1: the optimizer state is
+split over the GPUs), ``"optimizer+gradients"`` (ZeRO-2, FSDP's SHARD_GRAD_OP), ``"full"``
+(ZeRO-3, FSDP's FULL_SHARD: the parameters too). With one GPU there is nothing to split: every
+strategy is then "none" (FSDP itself switches to NO_SHARD at world size 1), so ``sharding`` other
+than "none" with ``gpus=1`` is allowed and gives the same estimate. ``offload`` moves the optimizer
+state (and with "full", the parameter shards) to CPU memory, as DeepSpeed's ``offload_optimizer`` /
+``offload_param`` and FSDP's ``CPUOffload`` do; it needs a sharding strategy (DeepSpeed offloads
+only under ZeRO), and is the one switch that still changes the estimate on one GPU (ZeRO-Offload).
+``master_weights`` is classic mixed precision (apex's ``master_weights``, DeepSpeed's bf16/fp16
+modes): 16-bit trainable weights and gradients, plus a float32 copy of the weights kept with the
+optimizer state, 2 + 2 + 4 + 8 = 16 bytes per parameter with AdamW (the ZeRO paper's K = 12).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..checks import one_of, optional_positive_int, positive_int
+from ..checks import boolean, one_of, optional_positive_int, positive_int
 from .configs import ModelConfig, get_config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -23,6 +37,10 @@ OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2 + 2 * 4 / 2048, "sgd": 0.0}
 under 4096 values stay 32-bit there, which is not modelled); SGD without momentum keeps nothing.
 torch's AdamW on bfloat16 parameters keeps bfloat16 moments (4 bytes): that is not "adamw" here."""
 ATTENTION = ("sdpa", "eager")
+SHARDING = ("none", "optimizer", "optimizer+gradients", "full")
+"""ZeRO's stages 0, 1, 2, 3, cheapest first: DDP, ZeRO-1, ZeRO-2 (FSDP SHARD_GRAD_OP), ZeRO-3 (FSDP FULL_SHARD)."""
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
+"""The dtype bitsandbytes packs the 4-bit codes into (``bnb_4bit_quant_storage``): the bytes are the same."""
 DEVICES = ("cuda", "cpu")
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -54,6 +72,11 @@ class Settings:
     chunk_size: int | None = None
     attention: str = "sdpa"
     device: str = "cuda"
+    gpus: int = 1
+    sharding: str = "none"
+    offload: bool = False
+    master_weights: bool = False
+    quant_storage: str | None = None
 
     def __post_init__(self) -> None:
         """The checks that need no model; the errors say which combination to use instead."""
@@ -80,17 +103,53 @@ class Settings:
             one_of("quant_type", self.quant_type, QUANT_TYPES)
             if not isinstance(self.double_quant, bool):
                 raise ValueError(f"double_quant must be True or False for QLoRA, got {self.double_quant!r}")
+        self._check_gpus()
+
+    def _check_gpus(self) -> None:
+        """The settings for several GPUs, mixed precision and the 4-bit storage dtype."""
+        positive_int("gpus", self.gpus, "the number of data-parallel GPUs, 1 or more")
+        one_of("sharding", self.sharding, SHARDING, "ZeRO stage 0, 1, 2 or 3")
+        for name in ("offload", "master_weights"):
+            boolean(name, getattr(self, name))
+        if self.offload and self.sharding == "none":
+            raise ValueError("offload moves the optimizer state (and with sharding='full' the parameters) to the CPU, "
+                             "which DeepSpeed and FSDP do only for a sharded model: choose sharding='optimizer' or "
+                             "higher, or drop offload")
+        trained = self.weight_dtype if self.method == "full" else self.lora_dtype
+        if self.master_weights and trained == "float32":
+            which = "weight_dtype" if self.method == "full" else "lora_dtype"
+            raise ValueError(f"master_weights keeps a float32 copy of 16-bit trained weights, but {which} is already "
+                             f"float32; set {which}='bfloat16' (mixed precision) or drop master_weights")
+        if self.method != "qlora":
+            if self.quant_storage is not None:
+                raise ValueError("quant_storage is the dtype of QLoRA's packed 4-bit weights: use method='qlora', "
+                                 "or drop it")
+            return
+        one_of("quant_storage", self.quant_storage, QUANT_STORAGE, "bitsandbytes' bnb_4bit_quant_storage")
+        if self.gpus > 1 and self.sharding == "full" and self.quant_storage != self.weight_dtype:
+            raise ValueError(f"FSDP shards the 4-bit weights only when they are stored in the dtype of the other "
+                             f"weights ({self.weight_dtype}), not {self.quant_storage}: set quant_storage="
+                             f"'{self.weight_dtype}' (bnb_4bit_quant_storage=torch.{self.weight_dtype}), or shard "
+                             "less (sharding='optimizer+gradients')")
+
+    @property
+    def shards(self) -> str:
+        """The strategy in effect: ``sharding``, or "none" on one GPU, where there is nothing to split."""
+        return self.sharding if self.gpus > 1 else "none"
 
     @classmethod
     def build(cls, model, method: str = "lora", *, r: int | None = None, target_modules=None,
               weight_dtype: str = "bfloat16", lora_dtype: str = "float32", quant_type: str | None = None,
               double_quant: bool | None = None, optimizer: str = "adamw", gradient_checkpointing: bool = False,
               batch_size: int = 1, seq_len: int = 512, gradient_accumulation_steps: int = 1,
-              chunk_size: int | None = None, attention: str = "sdpa", device: str = "cuda") -> Settings:
+              chunk_size: int | None = None, attention: str = "sdpa", device: str = "cuda", gpus: int = 1,
+              sharding: str = "none", offload: bool = False, master_weights: bool = False,
+              quant_storage: str | None = None) -> Settings:
         """The settings for ``model`` (a name, a `ModelConfig` or a transformers config), checked.
 
         Defaults: LoRA and QLoRA r=8 on peft's targets for the family (`default_target_modules`);
-        QLoRA in NF4 with double quantization. The model decides the rest: ``seq_len`` at most its
+        QLoRA in NF4 with double quantization, its 4-bit codes stored as bitsandbytes does by default
+        (uint8), or in ``weight_dtype`` under full sharding, the only storage FSDP can shard. The model decides the rest: ``seq_len`` at most its
         context (``max_position_embeddings``), GradCache (``chunk_size``) only for an encoder, each of
         LoRA's targets among its linear layers.
         """
@@ -104,12 +163,14 @@ class Settings:
         if method == "qlora":
             quant_type = "nf4" if quant_type is None else quant_type
             double_quant = True if double_quant is None else bool(double_quant)
+            if quant_storage is None:
+                quant_storage = weight_dtype if sharding == "full" else "uint8"
         if chunk_size is not None and c.architecture != "bert":
             raise ValueError("chunk_size (GradCache) is for contrastive encoders; a causal LM's per-sequence loss "
                              "splits with gradient_accumulation_steps and a smaller batch_size instead")
         settings = cls(c.name, method, r, target_modules, weight_dtype, lora_dtype, quant_type, double_quant,
                        optimizer, bool(gradient_checkpointing), batch_size, seq_len, gradient_accumulation_steps,
-                       chunk_size, attention, device)
+                       chunk_size, attention, device, gpus, sharding, offload, master_weights, quant_storage)
         if seq_len > c.max_position_embeddings:
             context = (f"{c.max_position_embeddings} learned positions" if c.architecture != "llama"
                        else f"a context of {c.max_position_embeddings} tokens (max_position_embeddings)")

@@ -386,11 +386,11 @@ print("llama_cpp importable here:", importlib.util.find_spec("llama_cpp") is not
 #   little redundancy per weight (chapter 02 saw the same with NF4); for a small LLM prefer 8-bit
 #   weight-only formats, or a 4-bit type with a per-block offset (Q4_1, exercise 3) and check.
 # * **"ONNX makes CPU inference 30-200% faster"; "INT8 20-40% faster"** (seed 001): on this
-#   machine onnxruntime generated more than twice as fast as PyTorch eager (59 vs 23 tokens/s in
+#   machine onnxruntime generated more than twice as fast as PyTorch eager (56 vs 23 tokens/s in
 #   the committed run), and INT8 encoded MiniLM queries faster than float32, but generated SmolLM2's
-#   tokens more slowly than float32 onnxruntime (48 vs 59 tokens/s): "INT8 is faster" depends on the
-#   model and the CPU (tables above; timings vary by run, so only the MiniLM query latency is
-#   asserted, where the two are several times apart).
+#   tokens at about float32 onnxruntime's speed (62 vs 56 tokens/s here; an earlier run had INT8
+#   slower, 48 vs 59): "INT8 is faster" depends on the model and the CPU (tables above; timings vary
+#   by run, so only the MiniLM query latency is asserted, where the two are several times apart).
 # * **"A merged model has the same speed as the base model"** (seeds 003, 004): it *is* the base
 #   architecture; the runtime-LoRA and merged rows above differ only by the adapter branch
 #   (chapter 01 measured 1.4% for it).

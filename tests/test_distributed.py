@@ -430,3 +430,129 @@ def test_smollm2_lora_fully_sharded(smollm2):
         for kind, size in rank["local"].items():
             print(f"SmolLM2 {kind}: {size / rank['whole'][kind]:.3f} of one process")
             assert size / rank["whole"][kind] <= 0.55
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 over bitsandbytes' 4-bit weights (FSDP-QLoRA), on the CPU
+# ---------------------------------------------------------------------------------------------
+QDIM, QRANK, QCLASSES, QROWS, QSTEPS = 64, 4, 4, 16, 2
+
+
+def qlora_model() -> torch.nn.Module:
+    """Three blocks of a frozen NF4 ``Linear4bit`` (64 × 64, float32 compute) plus a trainable
+    LoRA pair (B starts at zero), GELU between blocks, a trainable float32 head; seeded, so every
+    process builds and quantizes the same model. The packed 4-bit weight is stored as float32, the
+    dtype of the trainable parameters, as bitsandbytes' FSDP-QLoRA guide asks (``quant_storage``
+    matching the model's dtype). ``Linear4bit`` gives its weight ``Params4bit(..., module=self)``, so
+    quantizing also sets ``layer.quant_state``: FSDP2's gathered weight is a plain tensor that has
+    lost ``weight.quant_state``, and the layer's forward takes it back from there."""
+    import logging
+
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)     # on AVX-512-BF16 CPUs the import warns that an optional eval-mode kernel
+    try:                              # ("kernels-community" gemm_4bit_forward) is missing: unused here
+        import bitsandbytes as bnb
+    finally:
+        quiet.setLevel(level)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = bnb.nn.Linear4bit(QDIM, QDIM, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                                          quant_storage=torch.float32)
+            self.lora_a = torch.nn.Linear(QDIM, QRANK, bias=False)
+            self.lora_b = torch.nn.Linear(QRANK, QDIM, bias=False)
+            torch.nn.init.zeros_(self.lora_b.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.lora_b(self.lora_a(x))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(), torch.nn.GELU(), Block(), torch.nn.GELU(), Block(), torch.nn.GELU(),
+                                torch.nn.Linear(QDIM, QCLASSES))
+    model.to("cpu")                   # Params4bit quantizes on its first move to a device
+    models.use_one_cpu_path(model)    # never repack the weights for the eval-mode bfloat16 kernel
+    return model.train()
+
+
+def qlora_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(QROWS, QDIM, generator=g), torch.randint(0, QCLASSES, (QROWS,), generator=g)
+
+
+def qlora_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def four_bit_layers(model):
+    import bitsandbytes as bnb  # already imported, quietly, by qlora_model
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}   # FSDPLinear4bit too
+
+
+def qlora_worker(rank, world):
+    model = qlora_model()               # first: it imports bitsandbytes without the import-time warning
+    import bitsandbytes.functional as bnbF
+
+    blocks = [model[i] for i in (0, 2, 4)]
+    model = distributed.shard(model, "full", layers=[b.base for b in blocks] + blocks)
+    local = {name: layer.weight.to_local() for name, layer in four_bit_layers(model).items()}
+    optimizer = distributed.make_optimizer(model, lr=1e-2)
+    batch = tuple(distributed.local_rows(t) for t in qlora_batch())
+    losses = [distributed.train_step(model, optimizer, qlora_loss, batch) for _ in range(QSTEPS)]
+    gathered = {}
+    for name, layer in four_bit_layers(model).items():
+        packed = layer.weight.full_tensor()           # a collective: every rank gathers every layer
+        gathered[name] = {"bytes": packed.view(torch.uint8).clone(), "dtype": packed.dtype,
+                          "dequantized": bnbF.dequantize_4bit(packed, layer.quant_state)}
+    trained = {k: v for k, v in distributed.full_parameters(model).items() if "base" not in k}
+    return {"losses": losses, "local_bytes": {k: v.numel() * v.element_size() for k, v in local.items()},
+            "parameters": distributed.state_bytes(model)["parameters"], "gathered": gathered, "trained": trained}
+
+
+def test_fsdp2_shards_bitsandbytes_4bit_weights():
+    """FSDP2 (ZeRO-3, each Linear4bit, each block, then the root) over 3 frozen NF4 layers + LoRA,
+    2 processes × 8 rows against one process on the 16 rows, 2 AdamW steps:
+    (a) each rank stores half of every packed weight: 64 × 64 4-bit values are 2048 bytes (512
+        float32 holding 8 values each), 1024 per rank; the model's parameter bytes exactly halve
+        (every dimension is even). The quantization state (absmax, code) is a plain attribute, not
+        a parameter: each rank keeps it whole, and state_bytes does not count it;
+    (b) the losses are the one-process losses (the mean of two 8-row means is the 16-row mean);
+    (c) the LoRA and head weights end within PARAM_TOLERANCE of the one-process run (measured
+        1.3e-5, in the last block's A, whose gradient is zero at step 1 since B starts at zero, so
+        AdamW's step 2 normalizes a tiny float32 gradient), and every one of them moved > 10 ×
+        the tolerance (measured >= 7.5e-3): gradients flowed back through the 4-bit layers;
+    (d) the packed weight gathered back (full_tensor) is, byte for byte, the one this process
+        quantizes from the same seed, and dequantizes (dequantize_4bit with the layer's
+        quant_state) bit for bit to the same float32 weight. Bytes, not floats, are compared: float32
+        storage of packed nibbles holds NaN bit patterns (7 of these 1536 words), which FSDP's
+        all-gather copies untouched but torch.equal on floats would call unequal."""
+    start = time.monotonic()
+    results = distributed.launch(qlora_worker, 2, timeout=120)
+    print(f"FSDP2 over 4-bit layers, 2 processes: {time.monotonic() - start:.1f} s")
+    model = qlora_model()
+    import bitsandbytes.functional as bnbF
+
+    quantized = {name: (layer.weight.data.clone(), layer.quant_state) for name, layer in four_bit_layers(model).items()}
+    whole_parameters = distributed.state_bytes(model)["parameters"]
+    initial = {k: v.detach().clone() for k, v in model.named_parameters() if "base" not in k}
+    optimizer = distributed.make_optimizer(model, lr=1e-2)
+    losses = [distributed.train_step(model, optimizer, qlora_loss, qlora_batch()) for _ in range(QSTEPS)]
+    reference = {k: v.detach() for k, v in model.named_parameters() if "base" not in k}
+    assert len(quantized) == 3
+    for rank in results:
+        assert rank["local_bytes"] == dict.fromkeys(quantized, QDIM * QDIM // 2 // 2)              # (a)
+        assert rank["parameters"] * 2 == whole_parameters
+        assert rank["losses"] == pytest.approx(losses, rel=1e-5)                                  # (b)
+        gap = max_gap(rank["trained"], reference)                                                  # (c)
+        print(f"4-bit FSDP2: losses {rank['losses']} vs {losses}, largest trainable-weight gap {gap:.1e}")
+        assert gap < PARAM_TOLERANCE
+        for name, (packed, state) in quantized.items():                                           # (d)
+            got = rank["gathered"][name]
+            assert got["dtype"] == torch.float32 and packed.dtype == torch.float32
+            assert torch.equal(got["bytes"], packed.view(torch.uint8))
+            assert torch.equal(got["dequantized"], bnbF.dequantize_4bit(packed, state))
+    moved = min((reference[k] - initial[k]).abs().max().item() for k in reference)
+    print(f"4-bit FSDP2: every trainable tensor moved at least {moved:.1e}")
+    assert moved > 10 * PARAM_TOLERANCE

@@ -68,8 +68,8 @@ def test_format_duration(seconds, text):
     assert sitegen.format_duration(seconds) == text
 
 
-def test_the_chapters_are_00_to_07():
-    assert [p.name[:2] for p in CHAPTERS] == [f"{i:02d}" for i in range(8)]
+def test_the_chapters_are_00_to_08():
+    assert [p.name[:2] for p in CHAPTERS] == [f"{i:02d}" for i in range(9)]
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)

@@ -13,6 +13,8 @@ batches, so the parent can compare the two runs number by number.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .. import data, distributed, instruct, lora, models
@@ -34,6 +36,14 @@ def packed_rows(tokenizer, n_rows: int, seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[:n_rows * seq_len]).view(n_rows, seq_len)
 
 
+def _quiet() -> None:
+    """No loading progress bars from transformers in the worker processes: they would land in
+    the notebook's output as stderr text."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     ids = ids.to(distributed.current_device())
     return model(input_ids=ids, labels=ids).loss
@@ -44,10 +54,12 @@ def train_smollm2(rank: int, world: int, method: str = "lora", strategy: str = "
     """Train SmolLM2 (``method`` "full" or "lora": r=``r`` on every linear layer) for ``steps``
     AdamW steps on global batches of ``batch_size`` packed rows, this rank's share of each, with
     ``distributed.shard(model, strategy)`` when ``world > 1``. Returns the losses of the global
-    batches, what this rank held after the last step (`distributed.state_bytes`) and, from rank
+    batches, the seconds of each step on this rank, what this rank held after the last step
+    (`distributed.state_bytes`) and, from rank
     0 only, every trainable parameter whole (for the comparison with one process)."""
     if method not in ("full", "lora"):
         raise ValueError(f"method must be 'full' or 'lora', got {method!r}")
+    _quiet()
     torch.manual_seed(seed)
     model, tok = models.load_smollm2("cpu", dtype=torch.float32)
     model.train()
@@ -58,15 +70,17 @@ def train_smollm2(rank: int, world: int, method: str = "lora", strategy: str = "
     if world > 1:
         distributed.shard(model, strategy)
     optimizer = distributed.make_optimizer(model, lr=lr)
-    losses = []
+    losses, seconds = [], []
     for step in range(steps):
         batch = rows[step * batch_size:(step + 1) * batch_size]
+        start = time.perf_counter()
         losses.append(distributed.train_step(model, optimizer, _lm_loss, distributed.local_rows(batch, rank, world)))
+        seconds.append(time.perf_counter() - start)
     held = distributed.state_bytes(model, optimizer)
     trainable = {n for n, p in (model.module if hasattr(model, "module") else model).named_parameters()
                  if p.requires_grad}
     whole = distributed.full_parameters(model)   # a collective under FSDP: every rank takes part
-    return {"rank": rank, "world": world, "losses": losses, "bytes": held,
+    return {"rank": rank, "world": world, "losses": losses, "step_seconds": seconds, "bytes": held,
             "trainable": {n: t for n, t in whole.items() if n in trainable} if rank == 0 else None}
 
 
@@ -90,6 +104,7 @@ def minilm_gradient(rank: int, world: int, mode: str = "gathered", batch_size: i
 
     if mode not in MINILM_MODES:
         raise ValueError(f"mode must be one of {', '.join(MINILM_MODES)}, got {mode!r}")
+    _quiet()
     model, tok = models.load_minilm("cpu")
     model.eval()
     pairs = distributed.local_rows(data.load_code_search("train")[:batch_size], rank, world)
@@ -109,3 +124,25 @@ def minilm_gradient(rank: int, world: int, mode: str = "gathered", batch_size: i
     return {"rank": rank, "loss": distributed.mean_over_processes(loss), "negatives_per_query":
             (batch_size if mode != "per_process" else batch_size // world) - 1,
             "gradient": grad if rank == 0 else None}
+
+
+def accelerate_probe() -> dict:
+    """What `accelerate.Accelerator.prepare` made of a tiny Llama in this process: the process's
+    index and count as accelerate sees them, its distributed type, the class of the prepared
+    model, and whether its parameters were sharded (``DTensor``). Run under ``accelerate launch``
+    by ``python -m course_lib.tooling.fsdp_demo``, which prints it as one JSON line per process."""
+    from accelerate import Accelerator
+    from torch.distributed.tensor import DTensor
+
+    accelerator = Accelerator()
+    prepared = accelerator.prepare(models.tiny_llama(0))
+    return {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+            "prepared_model": type(prepared).__name__,
+            "sharded": any(isinstance(p, DTensor) for p in prepared.parameters())}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(accelerate_probe()), flush=True)

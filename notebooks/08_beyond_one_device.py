@@ -19,7 +19,8 @@
 # 3. **The budget for N GPUs**: the ZeRO paper's figures reproduced, and how many GPUs of 24, 40 or
 #    80 GB the seeds' cases need, with which strategy.
 #
-# Everything runs here with two CPU processes talking over gloo, and unchanged on N GPUs (NCCL).
+# Everything runs here with two CPU processes talking over gloo. The same code takes one GPU per
+# process and NCCL when GPUs are present (written for it, not run on GPUs for this chapter).
 #
 # **Time:** about 1.5 minutes on 2 CPU cores. Per-process memory for 1, 2 and 4 processes and the
 # time per step come from `benchmarks/fsdp_memory.py`, whose committed result is shown labelled.
@@ -42,9 +43,9 @@ from course_lib import budget, distributed
 from course_lib.tooling import fsdp_demo
 
 SEED = 0
-WORLD = 2                    # processes; on a machine with GPUs: torch.cuda.device_count()
-STEPS, BATCH, SEQ_LEN = 2, 4, 32     # SmolLM2: AdamW steps, packed rows per global batch, tokens per row
-PAIRS = 16                   # the contrastive batch (MiniLM), split over the processes
+WORLD = 2                    # processes; with GPUs, at most torch.cuda.device_count()
+STEPS, BATCH, SEQ_LEN = 2, 4, 32     # SmolLM2: AdamW steps, packed rows per global batch (a multiple of WORLD), tokens per row
+PAIRS = 16                   # the contrastive batch (MiniLM), split over the processes (a multiple of WORLD)
 TIMEOUT = 900                # seconds before a stuck group of processes is killed
 _ = torch.manual_seed(SEED)
 print(f"{WORLD} processes, backend {'nccl' if torch.cuda.is_available() else 'gloo'}")
@@ -163,7 +164,7 @@ for method in ("lora", "full"):
 display(Markdown("| method | processes | state | held by one process (MiB) | estimate per GPU (MiB) |\n"
                  "|---|---|---|---|---|\n" + "\n".join(rows)))
 print("one process of two holds, of one process's bytes:", {m: round(v, 3) for m, v in ratios.items()})
-assert all(0.49 < v <= 0.51 for v in ratios.values())
+assert all(abs(v - 1 / WORLD) < 0.01 for v in ratios.values())
 
 # %% [markdown]
 # Each process holds half: 0.5 of the parameters, of the gradients and of AdamW's state, for LoRA
@@ -442,7 +443,8 @@ display(Markdown(f'''
 | GPUs for LLaMA-3-8B full fine-tuning on 80 GB / 24 GB cards | {plans["llama-3-8b", "80GB", "full"].gpus} / {plans["llama-3-8b", "24GB", "full"].gpus} |
 | GPUs for LLaMA-3-70B QLoRA on 24 GB cards, fully sharded | {plans["llama-3-70b", "24GB", "qlora"].gpus} |
 '''))
-assert round(negatives["per_process"]["gap"], 2) == 0.27
+if (WORLD, PAIRS) == (2, 16):                  # the figure the prose quotes, for the default run
+    assert round(negatives["per_process"]["gap"], 2) == 0.27
 
 # %% [markdown]
 # ## Exercises

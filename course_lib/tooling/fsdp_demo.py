@@ -62,7 +62,7 @@ def train_smollm2(rank: int, world: int, method: str = "lora", strategy: str = "
     _quiet()
     torch.manual_seed(seed)
     model, tok = models.load_smollm2("cpu", dtype=torch.float32)
-    model.train()
+    model.to(distributed.current_device()).train()   # its GPU under NCCL (one process too), else the CPU
     model.config.use_cache = False
     if method == "lora":
         lora.inject_lora(model, "all-linear", r=r, lora_alpha=2 * r)
@@ -106,7 +106,7 @@ def minilm_gradient(rank: int, world: int, mode: str = "gathered", batch_size: i
         raise ValueError(f"mode must be one of {', '.join(MINILM_MODES)}, got {mode!r}")
     _quiet()
     model, tok = models.load_minilm("cpu")
-    model.eval()
+    model.to(distributed.current_device()).eval()   # NCCL gathers GPU tensors only
     pairs = distributed.local_rows(data.load_code_search("train")[:batch_size], rank, world)
     queries, documents = [p["query"] for p in pairs], [p["document"] for p in pairs]
     encode_q = partial(retrieval.encode_batch, model, tok, max_length=retrieval.QUERY_MAX_TOKENS)

@@ -29,6 +29,7 @@
 import inspect
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -412,7 +413,7 @@ probe = subprocess.run(
      "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
      "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "-m", "course_lib.tooling.fsdp_demo"],
     capture_output=True, text=True, env=env, timeout=300, check=False)
-seen = [json.loads(line) for line in probe.stdout.splitlines() if line.startswith("{")]
+seen = [json.loads(found) for found in re.findall(r"\{[^{}]*\}", probe.stdout)]   # one flat object per process
 for s in seen:
     print(s)
 print("DataLoaderConfiguration().split_batches =", DataLoaderConfiguration().split_batches)

@@ -144,5 +144,7 @@ def accelerate_probe() -> dict:
 
 if __name__ == "__main__":
     import json
+    import os
 
-    print(json.dumps(accelerate_probe()), flush=True)
+    # one write of one line: two processes printing into one pipe cannot interleave inside it
+    os.write(1, (json.dumps(accelerate_probe()) + "\n").encode())

@@ -450,7 +450,7 @@ if (WORLD, PAIRS) == (2, 16):                  # the figure the prose quotes, fo
 # %% [markdown]
 # ## Exercises
 #
-# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
+# Each exercise has a check cell that a teacher's grading runs; the solution sits between the
 # `BEGIN SOLUTION` / `END SOLUTION` markers.
 #
 # **Exercise 1: ZeRO by hand.** Write `model_state_bytes(psi, gpus, stage, k=12)`: the bytes of

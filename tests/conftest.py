@@ -50,3 +50,25 @@ def pytest_collection_modifyitems(config, items):
         function = getattr(item, "function", None)
         if function is not None and calls_reference_library(function):
             item.add_marker(pytest.mark.crosscheck)
+
+
+# ---------------------------------------------------------------------------------------------
+# The course-lib command, called in-process (tests/test_budget_gpus.py, tests/test_reliability_cli.py)
+# ---------------------------------------------------------------------------------------------
+def run(capsys, *argv):
+    """``course-lib ARGV...`` in this process: ``(exit status, stdout, stderr)``."""
+    from course_lib.cli import main
+
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status, out, err, *words):
+    """The command failed as a user should see it: status 2, nothing on stdout, one line on
+    stderr starting ``course-lib: error:``, no traceback, naming each of ``words``."""
+    assert status == 2 and out == "", (status, out)
+    assert err.count("\n") == 1 and err.startswith("course-lib: error: "), err
+    assert "internal error" not in err and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err

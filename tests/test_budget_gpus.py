@@ -8,26 +8,12 @@ import math
 import re
 
 import pytest
+from conftest import assert_one_line_error, run
 
 from course_lib import budget
 from course_lib.budget import GiB, ModelConfig, estimate, plan_gpus
-from course_lib.cli import main
 
 STAGE = {"none": 0, "optimizer": 1, "optimizer+gradients": 2, "full": 3}
-
-
-def run(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_one_line_error(status, out, err, *words):
-    assert status == 2 and out == "", (status, out)
-    assert err.count("\n") == 1 and err.startswith("course-lib: error: "), err
-    assert "internal error" not in err and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
 
 
 # ---------------------------------------------------------------------------------------------

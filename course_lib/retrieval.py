@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import progress as _progress
 
 from .checks import positive_int
 
@@ -67,7 +67,7 @@ def embed(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
     chunks = []
     steps = range(0, len(order), batch_size)
     desc = progress if isinstance(progress, str) else "embedding"
-    for start in tqdm(steps, desc=desc, disable=not progress):
+    for start in _progress(steps, desc, disable=not progress):
         idx = order[start:start + batch_size]
         chunks.append(encode_batch(model, tokenizer, [texts[i] for i in idx], max_length,
                                    normalize).float().cpu())

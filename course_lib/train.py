@@ -1,7 +1,7 @@
 """One small training loop shared by the chapters.
 
 AdamW (or any optimizer you pass), linear warm-up then cosine decay, gradient accumulation,
-gradient clipping, optional gradient (activation) checkpointing, a tqdm bar showing the loss,
+gradient clipping, optional gradient (activation) checkpointing, progress (`course_lib.progress`),
 optional periodic evaluation, and a record of every step (loss, learning rate, seconds). It is
 seeded and, on CPU, deterministic. On CUDA it runs the forward pass under autocast in bfloat16
 (float16 with loss scaling where bfloat16 is not supported); on CPU it stays in float32, which is
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import progress
 
 from .checks import positive_int
 from .models import cuda_half_dtype, gradient_checkpointing_enabled, set_gradient_checkpointing
@@ -218,7 +218,7 @@ def train(
         # several processes: DistributedDataParallel averages gradients in backward; one: no wrapper
         wrapped = accelerator.prepare_model(model, device_placement=False) if world > 1 else model
         model.train()
-        bar = tqdm(range(steps), desc=desc, disable=not progress or not accelerator.is_local_main_process)
+        bar = progress(range(steps), desc, disable=not progress or not accelerator.is_local_main_process)
         for step in bar:
             start = time.perf_counter()
             total = 0.0

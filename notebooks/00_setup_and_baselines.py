@@ -19,13 +19,13 @@
 #
 # ```bash
 # make course   # create .venv, install, execute every chapter in order, build the site into site/
-# make test     # the same set-up, then the unit tests, the notebooks under nbval, and the site --strict
+# make test     # the same set-up, then the unit tests, every chapter re-executed and compared, the site
 # ```
 #
-# A teacher grades with `pytest --nbval`: it re-executes each notebook and compares every output
-# with the committed one. Claims are `assert` cells, so a wrong number fails, not only a crash.
-# Cells whose output legitimately varies (timings, progress bars) carry the tag
-# `nbval-ignore-output`. The parameters below are sized for a 2-core CPU; raise them on a GPU.
+# A teacher grades by re-executing each notebook and comparing every output with the committed one
+# (the teachers' page has the command). Claims are `assert` cells, so a wrong number fails, not
+# only a crash. Cells whose output legitimately varies (timings) are left out of the comparison.
+# The parameters below are sized for a 2-core CPU; raise them on a GPU.
 
 # %%
 import time
@@ -163,9 +163,14 @@ print(f"median query: {sorted(query_words)[len(query_words) // 2]} words; "
 # %% [markdown]
 # ## Baseline 1: MiniLM code search, zero-shot
 #
-# Each test query is scored against every document by cosine similarity; the metric is the rank
-# of its own function. **recall@k** is the fraction of queries whose function is in the top k,
-# **MRR** the mean of 1/rank. We search twice: among the test documents only, and among the test
+# Each test query $q$ is scored against every document $d$ by cosine similarity,
+# $\cos(q, d) = \frac{q \cdot d}{\lVert q\rVert\,\lVert d\rVert}$; the metric is the rank $\mathrm{rank}_q$
+# of the query's own function among all documents. Over the $n$ test queries,
+#
+# $$ \text{recall@}k = \frac{1}{n}\sum_{q} \mathbb{1}[\mathrm{rank}_q \le k], \qquad
+#    \text{MRR} = \frac{1}{n}\sum_{q} \frac{1}{\mathrm{rank}_q} .$$
+#
+# We search twice: among the test documents only, and among the test
 # documents plus a seeded sample of `N_DISTRACTORS` distractors (the full corpus is for GPU runs
 # and benchmarks). MiniLM was trained on natural-language pairs, not on code, so this is the bar a
 # fine-tuned encoder must clear.
@@ -205,7 +210,8 @@ assert mixed["recall@10"] > 5 * 10 / len(documents)
 # The instruction gives the docstring summary and asks for the function's name; the answer is
 # scored by exact match after `instruct.normalize_answer` (which takes a back-quoted name if the
 # model writes a sentence). **Perplexity** is exp of the mean negative log-likelihood of the
-# correct answer's tokens given the prompt: it measures how surprised the model is by the right
+# correct answer's $T$ tokens $a_1 \dots a_T$ given the prompt $p$,
+# $\mathrm{PPL} = \exp\big(-\frac{1}{T}\sum_{t=1}^{T} \log P(a_t \mid p, a_{<t})\big)$: it measures how surprised the model is by the right
 # name even when greedy decoding misses it, so it moves before exact match does.
 
 # %% tags=["nbval-ignore-output"]
@@ -272,13 +278,13 @@ assert (len(test_pairs), len(documents), len(sample), round(em * len(sample))) =
 # %% [markdown]
 # ## Exercises
 #
-# Each exercise has a check cell below it that a teacher's `pytest --nbval` runs. The solution is
-# between the `BEGIN SOLUTION` / `END SOLUTION` markers.
+# Each exercise has a check cell right after it. The solution is in the cell between the lines
+# `BEGIN SOLUTION` and `END SOLUTION` (on the site it is on the Solutions page).
 #
 # **Exercise 1.** Compute MiniLM's recall@5 on the test documents alone, with the functions of
 # `course_lib.retrieval` (the embeddings are already in `query_emb` and `doc_emb`).
 
-# %%
+# %% tags=["solution"]
 # BEGIN SOLUTION
 recall_at_5 = retrieval.recall_at_k(rank_alone, 5, n_docs=len(test_pairs))
 # END SOLUTION
@@ -292,7 +298,7 @@ assert recall_at_5 == retrieval.retrieval_metrics(query_emb, doc_emb[:len(test_p
 # **Exercise 2.** How many MiB would SmolLM2's parameters take in bfloat16? Compute it from the
 # parameter count, then check it against `models.describe` on a bfloat16 copy of the model.
 
-# %%
+# %% tags=["solution"]
 # BEGIN SOLUTION
 bf16_mib = facts["SmolLM2-135M-Instruct"]["parameters"] * 2 / 2**20
 # END SOLUTION

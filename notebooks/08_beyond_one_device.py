@@ -450,15 +450,15 @@ if (WORLD, PAIRS) == (2, 16):                  # the figure the prose quotes, fo
 # %% [markdown]
 # ## Exercises
 #
-# Each exercise has a check cell that a teacher's grading runs; the solution sits between the
-# `BEGIN SOLUTION` / `END SOLUTION` markers.
+# Each exercise has a check cell right after it. The solution is in the cell between the lines
+# `BEGIN SOLUTION` and `END SOLUTION` (on the site it is on the Solutions page).
 #
 # **Exercise 1: ZeRO by hand.** Write `model_state_bytes(psi, gpus, stage, k=12)`: the bytes of
 # model state one GPU holds for Ψ parameters trained with mixed-precision Adam at ZeRO stage 0
 # (DDP), 1, 2 or 3, without `course_lib`. The check compares it with the ZeRO paper's printed
 # figures.
 
-# %%
+# %% tags=["solution"]
 def model_state_bytes(psi, gpus, stage, k=12):
     # BEGIN SOLUTION
     weights, gradients, optimizer = 2 * psi, 2 * psi, k * psi
@@ -483,7 +483,7 @@ assert model_state_bytes(1e9, 1, 3) == model_state_bytes(1e9, 1, 0) == 16e9
 # scores them against all `world · b` gathered documents. Write `gathered_labels(rank, world, b)`:
 # the index of each local query's positive document among the gathered ones.
 
-# %%
+# %% tags=["solution"]
 def gathered_labels(rank, world, b):
     # BEGIN SOLUTION
     return list(range(rank * b, (rank + 1) * b))

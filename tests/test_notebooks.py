@@ -3,6 +3,7 @@ their outputs."""
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,58 @@ def test_chapter_is_committed_executed_with_claims(path):
     ignored = [c for c in code if IGNORE_TAG in c.metadata.get("tags", [])]
     assert not [c for c in ignored if "assert " in c.source], "an ignored cell hides its asserts' output"
     assert len(ignored) <= len(code) // 2
+
+
+# What a published chapter must not show: a machine's own paths, warnings on stderr, progress-bar
+# widgets (a saved notebook keeps only their text fallback, frozen at "0%"), widget state (the site
+# would fetch the widget renderer from a CDN), and words of the course's own machinery.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])(/(home|root|usr|tmp|work|opt|var|Users)/|[A-Za-z]:\\\\|site-packages)")
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+JARGON = re.compile(r"nbval|FIGURE lines?|`FIGURE`|\bthe issue\b|issue's", re.IGNORECASE)
+
+
+def hygiene_problems(nb) -> list[str]:
+    """Every output or prose problem of one notebook, as 'cell N: what'."""
+    problems = ["metadata: widget state saved"] if "widgets" in nb.metadata else []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            problems += [f"cell {i}: project jargon in prose: {m.group(0)!r}" for m in JARGON.finditer(cell.source)]
+            continue
+        for output in cell.get("outputs", []):
+            text = output.get("text", "") + "".join(str(v) for v in output.get("data", {}).values())
+            text += "".join(output.get("traceback", []))
+            if output.output_type == "stream" and output.name == "stderr":
+                problems.append(f"cell {i}: stderr output: {output.text[:120]!r}")
+            if WIDGET_VIEW in output.get("data", {}):
+                problems.append(f"cell {i}: a widget (saved text: {output.data.get('text/plain', '')[:60]!r})")
+            if re.search(r"\b0%\|", text):
+                problems.append(f"cell {i}: a progress bar frozen at 0%")
+            if match := ABSOLUTE_PATH.search(text):
+                problems.append(f"cell {i}: an absolute path in an output: {text[max(0, match.start() - 20):match.end() + 40]!r}")
+    return problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_outputs_are_clean(path):
+    problems = hygiene_problems(nbformat.read(path, as_version=4))
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+def test_hygiene_scan_sees_each_problem():
+    nb = new_notebook(cells=[nbformat.v4.new_markdown_cell("# T\nThe issue's target is met (not compared by nbval).")])
+    nb.metadata["widgets"] = {}
+    cell = new_code_cell("x", outputs=[
+        new_output("stream", name="stderr", text="/work/main/.venv/lib/python3.11/site-packages/x.py:1: UserWarning: w"),
+        new_output("display_data", data={WIDGET_VIEW: {}, "text/plain": "Loading weights:   0%|          | 0/103"}),
+        new_output("stream", name="stdout", text="saved to /home/ann/course/out.safetensors"),
+    ])
+    nb.cells.append(cell)
+    problems = "\n".join(hygiene_problems(nb))
+    for expected in ("widget state", "jargon", "stderr", "a widget", "0%", "absolute path"):
+        assert expected in problems, (expected, problems)
+    clean = new_notebook(cells=[new_code_cell("x", outputs=[new_output("stream", name="stdout",
+                                                                       text="SmolLM2 LoRA: 2/6 3/6 5/6 6/6\n50% of 2 GiB\n")])])
+    assert hygiene_problems(clean) == []
 
 
 def _toy_notebook(path: Path) -> None:

@@ -130,6 +130,18 @@ def page(browser):
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.js_errors = errors
+    # offline, as a reader without internet sees it: any request off this machine is refused and noted
+    external = []
+
+    def offline(route):
+        if urllib.parse.urlsplit(route.request.url).hostname in ("127.0.0.1", "localhost", None):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", offline)
+    page.external_requests = external
     yield page
     context.close()
 
@@ -180,6 +192,7 @@ def test_every_chapter_is_in_the_navigation():
 @pytest.mark.parametrize("title,source", PAGES, ids=[s for _, s in PAGES])
 def test_page(site_url, page, title, source):
     url = site_url + _url_path(source)
+    page.external_requests.clear()
     response = page.goto(url, wait_until="load")
     assert response is not None and response.ok, f"{url}: HTTP {response and response.status}"
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -209,7 +222,30 @@ def test_page(site_url, page, title, source):
         assert page.locator(OUTPUTS).count() > 0, f"{source}: no output cell found (did the template change?)"
         errors = page.eval_on_selector_all(OUTPUTS, ERRORS_JS)
         assert not errors, f"{source}: an error output is shown: {errors[0][:500]}"
+        _assert_math_rendered(page, source)
+    assert not page.external_requests, f"{source}: the page asked the internet for {page.external_requests}"
     assert not page.js_errors, f"{source}: JavaScript errors: {page.js_errors}"
+
+
+# MathJax 2's HTML-CSS output: each typeset formula becomes a span.MathJax (display: .MathJax_Display)
+MATH = ".MathJax, .MathJax_Display"
+
+
+def _assert_math_rendered(page, source: str) -> None:
+    """The chapter's formulas are typeset by the site's own MathJax and no raw TeX is left in the text."""
+    page.wait_for_function("() => window.MathJax && MathJax.isReady && document.querySelector('.MathJax') "
+                           "&& MathJax.Hub.queue.pending === 0 && MathJax.Hub.queue.running === 0")
+    assert page.locator(MATH).count() > 0, f"{source}: no rendered formula (MathJax did not typeset)"
+    # the text a reader sees: markdown cells only (code and outputs may legitimately hold a $)
+    raw = page.eval_on_selector_all(".jp-MarkdownCell", "cells => cells.map(c => c.innerText).join('\\n')")
+    leftovers = [s for s in ("$$", "\\frac", "\\alpha", "\\mathcal") if s in raw]
+    assert not leftovers, f"{source}: raw TeX shown as text: {leftovers}"
+
+
+def test_raw_tex_would_be_seen(page):
+    page.set_content('<div class="jp-MarkdownCell">y = $$\\frac{a}{b}$$</div>')
+    raw = page.eval_on_selector_all(".jp-MarkdownCell", "cells => cells.map(c => c.innerText).join('\\n')")
+    assert "$$" in raw and "\\frac" in raw
 
 
 def test_search_finds_nf4(site_url, page):

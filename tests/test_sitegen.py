@@ -12,6 +12,7 @@ from course_lib.tooling.figures import format_figure, parse_figure_line
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
 
 
@@ -215,3 +216,48 @@ def test_the_summary_counts_every_recorded_figure(tmp_path):
     met = sum(f.met for f in figures)
     assert (f"{len(figures)} figures from {len(RESULTS)} scripts: {met} met their target, "
             f"{len(figures) - met} missed.") in committed
+
+
+# ---------------------------------------------------------------------------------------------
+# Solutions page, local MathJax
+# ---------------------------------------------------------------------------------------------
+def test_the_solutions_page_takes_each_solution_cell_under_its_exercise(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# 03 · Probe"),
+        nbformat.v4.new_markdown_cell("## Exercises\n\n**Exercise 1: a step by hand.** Write `step`."),
+        nbformat.v4.new_code_cell("def step():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION"),
+        nbformat.v4.new_code_cell("assert step() == 1"),
+        nbformat.v4.new_markdown_cell("**Exercise 2.** A tagged cell."),
+        nbformat.v4.new_code_cell("answer = 2", metadata={"tags": ["solution"]}),
+        nbformat.v4.new_markdown_cell("**Exercise 3 (open).** No code."),
+    ])
+    nbformat.write(nb, tmp_path / "03_probe.ipynb")
+    assert sitegen.solution_cells(tmp_path / "03_probe.ipynb") == [
+        ("Exercise 1: a step by hand", "def step():\n    # BEGIN SOLUTION\n    return 1\n    # END SOLUTION"),
+        ("Exercise 2", "answer = 2")]
+    page = sitegen.solutions_page(tmp_path)
+    assert page.startswith("## 03 · Probe\n\n### Exercise 1: a step by hand\n\n```python\ndef step():")
+    assert "### Exercise 2\n\n```python\nanswer = 2\n```" in page and "Exercise 3" not in page
+
+
+def test_every_committed_solution_cell_is_tagged_so_the_site_hides_it():
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        untagged = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "# BEGIN SOLUTION" in c.source
+                    and sitegen.SOLUTION_TAG not in c.metadata.get("tags", [])]
+        assert not untagged, f"{path.name}: solution cells {untagged} lack the tag {sitegen.SOLUTION_TAG!r}"
+
+
+def test_markdown_pages_with_formulas_get_the_local_mathjax(hooks):
+    class Page:
+        url = "solutions/"
+
+    out = hooks.on_post_page('<p><span class="arithmatex">\\(x\\)</span></p></body>', Page(), {})
+    assert '<script src="../assets/mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"></script>' in out
+    assert hooks.on_post_page("<p>no formula</p></body>", Page(), {}) == "<p>no formula</p></body>"
+
+
+def test_the_build_copies_mathjax_into_the_site(hooks, tmp_path):
+    hooks.on_post_build({"site_dir": str(tmp_path)})
+    assert (tmp_path / "assets" / "mathjax" / "MathJax.js").is_file()
+    assert (tmp_path / "assets" / "mathjax" / "config" / "TeX-AMS-MML_HTMLorMML-full.js").is_file()

@@ -8,15 +8,18 @@ Nothing here is typed by hand, so nothing here goes stale:
   cell, ``shell.execute_reply`` when it answered); a chapter's time is its last reply minus its
   first input, the run as ``make notebooks`` did it (kernel start-up not included);
 * `chapter_times_table` turns those into the home page's table;
+* `solutions_page` gathers the exercises' solution cells for the Solutions page (on a chapter page
+  the solution's code is hidden, see ``remove_tag_config`` in mkdocs.yml);
 * `benchmarks_page` renders every ``benchmarks/results/*.json``: the command and date of the
   run, the ``FIGURE`` lines it stores (read by `course_lib.tooling.figures`), and its numbers.
 
-``docs/hooks.py`` calls the last two when mkdocs builds the site.
+``docs/hooks.py`` calls the last three when mkdocs builds the site.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -259,3 +262,41 @@ def figures_summary(paths: list[Path]) -> str:
             f"{len(rows) - met} missed. A miss is reported, not hidden: some targets are the seed tutorials' "
             "claims (LoRA \"15-20x faster\" than full fine-tuning), which the measurement refutes.\n")
     return head + "\n" + "\n".join(_table(["script", "figure", "value", "target", "met?"], rows)) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Solutions
+# ---------------------------------------------------------------------------------------------
+SOLUTION_TAG = "solution"   # the tag of an exercise's solution cell; the site hides its code under the exercise
+_EXERCISE_TITLE = re.compile(r"\*\*(Exercise [^*]+?)\.?\*\*")
+
+
+def solution_cells(path: str | Path) -> list[tuple[str, str]]:
+    """``(exercise title, code)`` for each solution cell of a chapter, in order.
+
+    A solution cell is a code cell tagged ``solution`` or holding a ``# BEGIN SOLUTION`` marker; its
+    title is the bold ``**Exercise N: ...**`` opening the nearest Markdown cell above it.
+    """
+    nb = json.loads(Path(path).read_text(encoding="utf-8"))
+    title, found = "", []
+    for cell in nb["cells"]:
+        source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+        if cell["cell_type"] == "markdown":
+            match = _EXERCISE_TITLE.search(source)
+            title = match.group(1) if match else title
+        elif SOLUTION_TAG in cell.get("metadata", {}).get("tags", []) or "# BEGIN SOLUTION" in source:
+            found.append((title or "Exercise", source))
+    return found
+
+
+def solutions_page(notebook_dir: str | Path) -> str:
+    """Markdown of every chapter's exercise solutions, chapter by chapter."""
+    lines: list[str] = []
+    for path in sorted(Path(notebook_dir).glob(CHAPTERS)):
+        cells = solution_cells(path)
+        if not cells:
+            continue
+        lines += [f"## {notebook_title(path)}", ""]
+        for title, code in cells:
+            lines += [f"### {title}", "", "```python", code.rstrip(), "```", ""]
+    return "\n".join(lines)

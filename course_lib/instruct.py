@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from .progress import progress as _progress
 
+from .progress import progress as _progress
 from .retrieval import model_device
 
 

@@ -174,7 +174,8 @@ def measure_causal_lm_step(model: nn.Module, optimizer: torch.optim.Optimizer, i
     optimizer.zero_grad(set_to_none=True)
 
     def step() -> None:
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        # a training step keeps no KV cache (with checkpointing on, transformers would warn and turn it off)
+        model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
         optimizer.step()
 
     result = measure_step(step, model, optimizer)

@@ -37,10 +37,8 @@ class TextProgress:
 
     def __iter__(self) -> Iterator:
         print(f"{self.desc}:", end="", flush=True)
-        done = 0
-        for item in self.iterable:
+        for done, item in enumerate(self.iterable, start=1):
             yield item
-            done += 1
             if done in self.marks:
                 print(f" {done}/{self.total}", end="", flush=True)
         print(flush=True)

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from .progress import progress as _progress
 
 from .checks import positive_int
+from .progress import progress as _progress
 
 # ---------------------------------------------------------------------------------------------
 # Embedding with a plain transformers encoder (what sentence-transformers does for MiniLM)

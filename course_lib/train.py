@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from .progress import progress
 
 from .checks import positive_int
 from .models import cuda_half_dtype, gradient_checkpointing_enabled, set_gradient_checkpointing
+from .progress import progress as _progress
 
 
 def seed_everything(seed: int) -> None:
@@ -218,7 +218,7 @@ def train(
         # several processes: DistributedDataParallel averages gradients in backward; one: no wrapper
         wrapped = accelerator.prepare_model(model, device_placement=False) if world > 1 else model
         model.train()
-        bar = progress(range(steps), desc, disable=not progress or not accelerator.is_local_main_process)
+        bar = _progress(range(steps), desc, disable=not progress or not accelerator.is_local_main_process)
         for step in bar:
             start = time.perf_counter()
             total = 0.0

@@ -106,7 +106,7 @@ def test_techniques_never_import_the_course_tooling():
 
 # DESIGN.md's grouping: the infrastructure every chapter shares never imports a technique.
 INFRASTRUCTURE = {f"course_lib.{m}" for m in ("models", "data", "train", "retrieval", "instruct", "memory",
-                                              "generation", "surgery", "checks", "atomic_files", "cli")}
+                                              "generation", "surgery", "checks", "atomic_files", "cli", "progress")}
 
 
 def test_infrastructure_never_imports_a_technique():

@@ -53,9 +53,8 @@ def test_forbidden_restores_after_an_error_and_on_an_inherited_method():
     class Child(lora.LoRALinear):
         pass
 
-    with pytest.raises(RuntimeError):
-        with exercises.forbidden((Child, "forward")):
-            raise RuntimeError("the learner's code failed")
+    with pytest.raises(RuntimeError), exercises.forbidden((Child, "forward")):
+        raise RuntimeError("the learner's code failed")
     assert "forward" not in Child.__dict__          # inherited again, not copied onto the subclass
     assert Child.forward is lora.LoRALinear.forward
 

@@ -19,6 +19,8 @@ The wheels are located with ``importlib.util.find_spec`` and never imported: ``l
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -54,6 +56,25 @@ def quiet_progress_bars() -> None:
 
     disable_progress_bars()
     hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_gguf_conversion():
+    """Inside the block, transformers' GGUF reader draws no progress bar.
+
+    ``from_pretrained(..., gguf_file=...)`` converts the file with a ``tqdm.auto`` bar of its own
+    that no setting turns off (a widget frozen at "0%" in a saved notebook); this swaps it for a
+    disabled bar and puts it back on exit.
+    """
+    from tqdm.std import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 class ModelNotInstalledError(RuntimeError):
@@ -206,7 +227,8 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_progress_bars()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with quiet_gguf_conversion():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

@@ -16,7 +16,6 @@
 
 # %%
 import copy
-import json
 import logging
 import tempfile
 import time
@@ -29,6 +28,9 @@ from IPython.display import Markdown, display
 from torch import nn
 
 from course_lib import data, instruct, lora, lora_combine, lora_io, memory, models, retrieval, train
+from course_lib.tooling.exercises.lora import check_lora
+from course_lib.tooling.results import benchmark_result
+from course_lib.tooling.source import show
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # peft imports bitsandbytes, which notes a missing optional CPU kernel
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -73,6 +75,53 @@ with torch.no_grad():
 y = layer(torch.tensor([1.0, 2.0]))
 print("W0·x + B·A·x =", [round(v, 4) for v in y.tolist()])
 assert torch.allclose(y, torch.tensor([5.25, 11.3]))
+
+# %% [markdown]
+# ## The code that ran
+#
+# Here is `LoRALinear`'s forward pass, its update $\Delta W$, and merge and unmerge, as they are
+# in `course_lib/lora.py`:
+
+# %%
+show(lora.LoRALinear.forward, lora.LoRALinear.delta_weight, lora.LoRALinear.merge, lora.LoRALinear.unmerge)
+
+# %% [markdown]
+# **What just happened.** `forward` first runs the frozen layer, `base_layer(x)` $= W_0x + b$.
+# Then, for each active adapter that is not merged, it adds `lora_B(lora_A(x)) * scaling`:
+# `lora_A` is an `nn.Linear(k, r)` whose weight is $A$ ($r \times k$) and `lora_B` an
+# `nn.Linear(r, d)` whose weight is $B$ ($d \times r$), so this is $s\,B(Ax)$ with the scaling $s$.
+# It multiplies by $A$ first and never forms $BA$: that costs $r(d + k)$ multiply-adds per input
+# instead of $dk$. (Dropout, when set, acts on the adapter's input only; the base layer sees `x`
+# unchanged.) The scaling is fixed when the adapter is added:
+#
+# $$ s = \frac{\alpha}{r} \quad\text{(LoRA)}, \qquad s = \frac{\alpha}{\sqrt{r}} \quad\text{(rank-stabilised LoRA)}. $$
+#
+# With $\alpha/r$ the update is divided by $r$, which, as the rsLoRA paper (Kalajdzievski, 2023)
+# shows, slows learning down at large ranks; $\alpha/\sqrt{r}$ (`use_rslora=True`) divides by
+# less. The two agree at $r = 1$. `merge` folds the update into the base weight, and `unmerge`
+# takes it out again:
+#
+# $$ W = W_0 + s\,BA \quad\text{(merge)}, \qquad W_0 = W - s\,BA \quad\text{(unmerge)}. $$
+#
+# Before it writes anything, `merge` refuses an adapter already merged (its update would be added
+# twice), a 4-bit base, and an update holding NaN or infinity. Below: both scalings for
+# $\alpha = 16$, then merge and unmerge on the 2×2 example.
+
+# %%
+with torch.random.fork_rng(devices=[]):   # new layers draw random weights; keep the runs below on their seed
+    for r in (1, 4, 16, 64):
+        plain = lora.LoRALinear(nn.Linear(64, 64), r=r, lora_alpha=16).scaling["default"]
+        rs = lora.LoRALinear(nn.Linear(64, 64), r=r, lora_alpha=16, use_rslora=True).scaling["default"]
+        print(f"r = {r:2d}:  alpha/r = {plain:6.3f}   alpha/sqrt(r) = {rs:6.3f}")
+        assert plain == 16 / r and rs == 16 / r**0.5
+
+layer.merge()
+print("merged weight W0 + B·A =", [[round(v, 4) for v in row] for row in layer.base_layer.weight.tolist()])
+# B·A = [[0.05, 0.1], [0.06, 0.12]], added to W0:
+assert torch.allclose(layer.base_layer.weight, torch.tensor([[1.05, 2.10], [3.06, 4.12]]))
+assert torch.allclose(layer(torch.tensor([1.0, 2.0])), y)          # the same output, now from one matrix
+layer.unmerge()
+assert torch.allclose(layer.base_layer.weight, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
 
 # %% [markdown]
 # <a id="claim-01-zero-init"></a>
@@ -145,6 +194,51 @@ for r in (8, 16):
 # %%
 assert llama3_8b == 3_407_872 and llama2_7b == 4_194_304   # r·(d_in + d_out) summed, by hand above
 assert abs(llama2_7b - 4e6) < abs(llama3_8b - 4e6)
+
+# %% [markdown]
+# ## The training loop and gradient accumulation
+#
+# The fine-tuning runs below go through `train.train`: AdamW, a short linear warm-up then cosine
+# decay, gradient clipping. When a batch does not fit in memory it can also accumulate gradients:
+# with `grad_accum = M` it runs $M$ micro-batches before each optimizer step, and calls backward
+# on each micro-batch's mean loss *divided by M*. The gradients add up in `.grad`, and for $M$
+# micro-batches of equal size the sum is exactly the gradient of the whole batch's mean loss:
+#
+# $$ \nabla \frac{1}{N}\sum_{i=1}^{N} \ell_i \;=\; \sum_{m=1}^{M} \frac{1}{M}\, \nabla \bar\ell_m,
+#    \qquad \bar\ell_m = \frac{M}{N} \sum_{i \in \text{micro-batch } m} \ell_i . $$
+#
+# Without the division the step would be $M$ times too large. A check on a small LoRA layer:
+# the gradient of 8 examples at once, then the same 8 as 4 micro-batches of 2 by hand, then one
+# step of `train.train(..., grad_accum=4)` with plain SGD at learning rate 1, whose update must be
+# minus that gradient.
+
+# %%
+with torch.random.fork_rng():   # this check draws random numbers; keep the runs below on their seed
+    torch.manual_seed(SEED)
+    small = lora.LoRALinear(nn.Linear(5, 3), r=2, lora_alpha=4)
+    nn.init.normal_(small.lora_B["default"].weight)       # B = 0 would give A no gradient
+    xs, ys = torch.randn(8, 5), torch.randn(8, 3)
+params = [small.lora_A["default"].weight, small.lora_B["default"].weight]
+mse = lambda model, batch: ((model(batch[0]) - batch[1]) ** 2).mean()
+
+full_grad = torch.autograd.grad(mse(small, (xs, ys)), params)      # the whole batch's mean loss
+for start in range(0, 8, 2):                                       # M = 4 micro-batches of 2
+    (mse(small, (xs[start:start + 2], ys[start:start + 2])) / 4).backward()
+accumulated = [p.grad for p in params]
+print("4 micro-batches, each loss / 4, equal the full-batch gradient:",
+      all(torch.allclose(a, g, atol=1e-6) for a, g in zip(accumulated, full_grad)))
+assert all(torch.allclose(a, g, atol=1e-6) for a, g in zip(accumulated, full_grad))
+
+for p in params:
+    p.grad = None
+before = [p.detach().clone() for p in params]
+with torch.random.fork_rng():   # train.train seeds the generators itself
+    train.train(small, mse, [(xs[i:i + 2], ys[i:i + 2]) for i in range(0, 8, 2)], steps=1, grad_accum=4,
+                max_grad_norm=None, optimizer=torch.optim.SGD(params, lr=1.0), progress=False)
+step = [p.detach() - b for p, b in zip(params, before)]
+print("train.train's step with grad_accum=4 is minus the full-batch gradient:",
+      all(torch.allclose(s, -g, atol=1e-6) for s, g in zip(step, full_grad)))
+assert all(torch.allclose(s, -g, atol=1e-6) for s, g in zip(step, full_grad))
 
 # %% [markdown]
 # <a id="claim-01-minilm-lora-vs-full"></a>
@@ -264,8 +358,7 @@ assert smol_after["perplexity"] < smol_base["perplexity"] / 5   # the right name
 # the date it ran) is shown here, labelled as such.
 
 # %%
-root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "benchmarks").is_dir())
-bench = json.loads((root / "benchmarks" / "results" / "lora_training.json").read_text())
+bench = benchmark_result("lora_training")
 print(f"benchmark results: `{bench['command']}` run on {bench['date']} ({bench['seconds'] / 60:.0f} min, CPU)\n")
 sweep = [row for row in bench["minilm"] if row["method"] == "lora"]
 full = next(row for row in bench["minilm"] if row["method"] == "full")
@@ -466,7 +559,7 @@ display(Markdown(table))
 #   for MiniLM, and no gradient buffers for the frozen weights.
 # * **"Runtime (unmerged) LoRA is 2-3x slower at inference":** the extra branch costs
 #   $r(d+k)/(dk)$ of a layer's multiply-adds, a few percent. The latency cell above is too short to resolve a few percent (its
-#   ratios move by tens of percent from run to run, so it is not compared by nbval);
+#   ratios move by tens of percent from run to run, so it is not checked);
 #   `benchmarks/lora_vs_peft.py`, with repeats, measured 1.014x the base model on SmolLM2, and
 #   merged LoRA costs nothing (1.003x).
 # * **Rank vs accuracy (the seed's table):** in the 40-step benchmark, MiniLM's test recall@10 rises
@@ -485,7 +578,7 @@ assert round(bench_full["seconds_per_step"] / bench_lora["seconds_per_step"], 1)
 assert round(full["seconds_per_step"] / r8["seconds_per_step"], 1) == 1.3
 assert (round(bench_lora["optimizer_state_bytes"] / 2**20, 1), round(bench_full["optimizer_state_bytes"] / 2**20)) == (3.5, 1026)
 assert (round(lora_run["optimizer_bytes"] / 2**20, 2), round(full_run["optimizer_bytes"] / 2**20)) == (0.56, 172)
-bench_figures = json.loads((root / "benchmarks" / "results" / "lora_vs_peft.json").read_text())["figures"]
+bench_figures = benchmark_result("lora_vs_peft")["figures"]
 assert any("lora_runtime_inference_ours_over_base: 1.014" in f for f in bench_figures)
 assert any("lora_merged_inference_ours_over_base: 1.003" in f for f in bench_figures)
 assert [round(row["recall@10"], 3) for row in sweep if row["r"] in (1, 8, 32)] == [0.810, 0.842, 0.854]
@@ -496,34 +589,46 @@ assert round(rel["linear_blend"], 2) == 0.99
 # %% [markdown]
 # ## Exercises
 #
-# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
-# `BEGIN SOLUTION` / `END SOLUTION` markers.
+# Each exercise has a check cell right after it; the solution is in the cell between
+# `BEGIN SOLUTION` and `END SOLUTION` (on the site it is on the Solutions page).
 #
-# **Exercise 1: the LoRA forward by hand.** For the `LoRALinear` below (random B, so the adapter
-# is not zero), compute its output for `x` from `base_layer.weight`, `base_layer.bias`, the A and B
-# matrices and `scaling`, without calling the layer.
+# **Exercise 1: build LoRA's forward pass and merge.** Write two functions with plain tensor
+# operations (`@`, `+`, `*`, `.T`):
+#
+# * `lora_forward(x, W0, b0, A, B, scaling)` returns $W_0x + b_0 + s\,BAx$ for every row of the
+#   batch `x` (shape $n \times k$), that is a tensor of shape $n \times d$. `W0` is the frozen
+#   weight ($d \times k$, as `nn.Linear` stores it), `b0` its bias ($d$), `A` is $r \times k$, `B` is
+#   $d \times r$ and `scaling` is the number $s$ ($\alpha/r$, or $\alpha/\sqrt{r}$ for rsLoRA).
+# * `lora_merge(W0, A, B, scaling)` returns the merged weight $W_0 + s\,BA$ ($d \times k$), as a new
+#   tensor: `W0` must stay as it was.
+#
+# The check tries them on the 2×2 worked example above, on a random layer with a bias, and checks
+# that a plain linear layer with your merged weight gives your forward's output. Calling
+# `LoRALinear` (its `forward`, `merge`, `unmerge`, `delta_weight`), `lora.merge`,
+# `lora.merge_and_unload`, `lora.delta_weight` or peft's LoRA layer is not allowed: the check
+# reports it.
+
+# %% tags=["solution"]
+def lora_forward(x, W0, b0, A, B, scaling):
+    # BEGIN SOLUTION
+    return x @ W0.T + b0 + scaling * (x @ A.T) @ B.T   # A first: r(d + k) multiply-adds, never d·k
+    # END SOLUTION
+
+
+def lora_merge(W0, A, B, scaling):
+    # BEGIN SOLUTION
+    return W0 + scaling * B @ A
+    # END SOLUTION
 
 # %%
-torch.manual_seed(1)
-layer = lora.LoRALinear(nn.Linear(6, 4), r=2, lora_alpha=8)
-nn.init.normal_(layer.lora_B["default"].weight)
-x = torch.randn(3, 6)
-# BEGIN SOLUTION
-W0, b0 = layer.base_layer.weight, layer.base_layer.bias
-A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-by_hand = x @ W0.T + b0 + layer.scaling["default"] * (x @ A.T) @ B.T
-# END SOLUTION
-print(by_hand.shape)
-
-# %%
-assert torch.allclose(by_hand, layer(x), atol=1e-6)
+check_lora(lora_forward, lora_merge)
 
 # %% [markdown]
 # **Exercise 2: count before you train.** How many parameters does LoRA with r = 16 on *all*
 # linear layers of SmolLM2 (`"all-linear"`: q, k, v, o, gate, up and down projections, not the
 # output layer) train? Compute it from `smollm.config` with the formula $r(d_\text{in} + d_\text{out})$.
 
-# %%
+# %% tags=["solution"]
 # BEGIN SOLUTION
 c = smollm.config
 h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim

@@ -19,10 +19,8 @@
 
 # %%
 import copy
-import json
 import logging
 import warnings
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -30,6 +28,7 @@ from IPython.display import Markdown, display
 from scipy.stats import norm
 
 from course_lib import data, instruct, linear4bit, lora, memory, models, qlora, quant, train
+from course_lib.tooling.results import benchmark_result
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # bitsandbytes notes a missing optional CPU kernel
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -61,6 +60,20 @@ _ = torch.manual_seed(SEED)
 # a range where there are few weights. The construction is asymmetric so that 0 is represented
 # exactly: 8 positive levels from quantiles of the upper half, 7 negative ones from the lower half,
 # plus 0, all divided by the largest so they span [-1, 1].
+#
+# The paper writes the idea as the midpoint of neighbouring quantiles of $X \sim N(0, 1)$,
+# $q_i = \frac12\big(Q_X(\frac{i}{2^k+1}) + Q_X(\frac{i+1}{2^k+1})\big)$ for $k = 4$ bits. The table
+# bitsandbytes ships (and `course_lib.quant.nf4_codebook` reproduces bit for bit) is built a little
+# differently, and this is what the cell below computes. With $\Phi^{-1}$ the inverse CDF of
+# $N(0, 1)$ and $\delta = \frac12\big((1 - \frac{1}{2\cdot 15}) + (1 - \frac{1}{2\cdot 16})\big) \approx 0.9677$
+# the probability of the outermost level,
+#
+# $$\tilde q^{+}_j = \Phi^{-1}\Big(\delta - j\,\frac{\delta - \frac12}{8}\Big),\ j = 0, \dots, 7, \qquad
+# \tilde q^{-}_j = -\Phi^{-1}\Big(\delta - j\,\frac{\delta - \frac12}{7}\Big),\ j = 0, \dots, 6,$$
+#
+# $$\{q_0 < q_1 < \dots < q_{15}\} = \frac{\{\tilde q^{-}_0, \dots, \tilde q^{-}_6,\ 0,\ \tilde q^{+}_7, \dots, \tilde q^{+}_0\}}{\Phi^{-1}(\delta)},$$
+#
+# so $q_0 = -1$, $q_7 = 0$ exactly and $q_{15} = 1$: the code of a value is its index $i$ in this sorted table.
 
 # %%
 offset = quant.NF4_OFFSET   # (1 - 1/(2·15) + 1 - 1/(2·16)) / 2: how far into the tails the extreme quantiles sit
@@ -110,6 +123,65 @@ print(f"code entropy (bits of 4): NF4 {entropy['nf4']:.3f}, FP4 {entropy['fp4']:
 assert entropy["nf4"] > entropy["int4"] and entropy["nf4"] > entropy["fp4"]
 
 # %% [markdown]
+# ## Blockwise absmax quantization, in a dozen lines
+#
+# Quantizing a tensor to NF4 is three steps per block $b$ of 64 consecutive weights (row-major): scale
+# by the block's absolute maximum, replace each value by the index of the nearest level, and pack
+# two 4-bit codes per byte. Dequantizing looks the level up and scales it back:
+#
+# $$c_b = \max_{j \in b} |w_j|, \qquad \text{code}_j = \arg\min_{i} \Big|\frac{w_j}{c_b} - q_i\Big|, \qquad
+# \hat w_j = c_b \, q_{\text{code}_j}.$$
+#
+# Here it is for a whole weight matrix, checked byte for byte against `course_lib.quant` (which does
+# the same in cache-sized slices, with a faster nearest-level search) and against bitsandbytes'
+# `quantize_4bit` on one of SmolLM2's layers.
+
+# %%
+nf4 = quant.nf4_codebook()   # the 16 levels q_0 < ... < q_15 from above
+
+def nf4_quantize(w, blocksize=64):
+    """NF4 with blockwise absmax scaling: (packed codes, one float32 absmax per block)."""
+    blocks = w.detach().float().reshape(-1, blocksize)           # row-major blocks (numel a multiple of blocksize)
+    absmax = blocks.abs().amax(dim=1)                            # c_b = max |w| over the block
+    scaled = blocks / absmax.unsqueeze(1)                        # w / c_b, in [-1, 1]
+    codes = (scaled.unsqueeze(-1) - nf4).abs().argmin(dim=-1)    # index of the nearest level
+    codes = codes.flatten().to(torch.uint8)
+    packed = (codes[0::2] << 4) | codes[1::2]                    # two codes per byte, the first in the high nibble
+    return packed, absmax
+
+def nf4_dequantize(packed, absmax, shape, blocksize=64):
+    """w_hat = c_b * q[code]: unpack the nibbles, look up the levels, scale each block back."""
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).flatten().long()
+    return (nf4[codes].view(-1, blocksize) * absmax.unsqueeze(1)).view(shape)
+
+w_q = weights["model.layers.0.self_attn.q_proj"]
+packed, absmax = nf4_quantize(w_q)
+w_hat = nf4_dequantize(packed, absmax, w_q.shape)
+ours_state = quant.quantize_blockwise(w_q, "nf4", 64, double_quant=False)
+bnb_packed, bnb_state = bnbF.quantize_4bit(w_q, blocksize=64, quant_type="nf4")
+print(f"{w_q.numel():,d} weights -> {packed.numel():,d} bytes of codes + {absmax.numel():,d} absmax values")
+print("codes and absmax equal to course_lib's:    ", torch.equal(packed, ours_state.packed) and torch.equal(absmax, ours_state.absmax))
+print("codes and absmax equal to bitsandbytes':   ", torch.equal(packed, bnb_packed.flatten()) and torch.equal(absmax, bnb_state.absmax))
+scaled_error = ((w_q - w_hat).abs().view(-1, 64) / absmax.unsqueeze(1)).max().item()
+half_gap = ((nf4[1:] - nf4[:-1]).max() / 2).item()
+print(f"largest error |w - w_hat| / c_b: {scaled_error:.4f} (half the widest gap between levels: {half_gap:.4f})")
+assert torch.equal(packed, ours_state.packed) and torch.equal(absmax, ours_state.absmax)
+assert torch.equal(packed, bnb_packed.flatten()) and torch.equal(absmax, bnb_state.absmax)
+assert torch.equal(w_hat, quant.dequantize_blockwise(ours_state))
+assert torch.equal(w_hat, bnbF.dequantize_4bit(bnb_packed, bnb_state))
+assert scaled_error <= half_gap + 1e-6
+
+# %% [markdown]
+# **What just happened.** `absmax` holds one float32 per block: after dividing by it, every block
+# has a value at exactly $+1$ or $-1$, so the outermost levels are always used. The nearest level is
+# an `argmin` over the 16 distances (course_lib and bitsandbytes count how many midpoints between
+# levels lie below the value, which gives the same index faster). Codes 0-15 fit in 4 bits, so two
+# share a byte: the first value of each pair in the high nibble, `code[0] << 4 | code[1]`, which is
+# bitsandbytes' layout, so the bytes above are exactly the ones bitsandbytes stores. An error is at
+# most half the gap between the two levels around the value, times $c_b$: small in the crowded
+# middle of the table, larger in the sparse tails, where normally distributed weights are rare.
+
+# %% [markdown]
 # <a id="claim-02-nf4-error"></a>
 #
 # ## Quantization error on every layer of SmolLM2
@@ -146,10 +218,13 @@ assert wins == len(linear_names)   # NF4 beats FP4 on every single layer
 #
 # ## Bits per parameter, and what the model weighs
 #
-# A 4-bit code per weight plus a float32 absmax per block of 64 costs 4 + 32/64 = **4.5 bits**.
-# Double quantization stores each absmax in 8 bits (after subtracting their mean) with one float32
-# per 256 blocks: 4 + 8/64 + 32/(64·256) ≈ **4.127 bits**, the QLoRA paper's figure. Here the
-# counts come from the bytes of the stored tensors, for SmolLM2's linear layers (the embedding,
+# A 4-bit code per weight plus a float32 absmax per block of 64 costs **4.5 bits**. Double
+# quantization stores each absmax in 8 bits (after subtracting their mean) with one float32 per
+# 256 blocks, which brings it to **4.127 bits**, the QLoRA paper's figure:
+#
+# $$4 + \frac{32}{64} = 4.5 \quad\longrightarrow\quad 4 + \frac{8}{64} + \frac{32}{64 \cdot 256} \approx 4.127 \text{ bits per weight}.$$
+#
+# Here the counts come from the bytes of the stored tensors, for SmolLM2's linear layers (the embedding,
 # shared with the output layer, stays float32):
 
 # %%
@@ -311,7 +386,7 @@ assert abs(ql["perplexity"] / lo["perplexity"] - 1) < 0.15                # and 
 # long for this notebook; its committed results:
 
 # %%
-bench = json.loads(Path("../benchmarks/results/qlora_training.json").read_text())
+bench = benchmark_result("qlora_training")
 print(f"benchmark run: {bench['command']}  ({bench['date']}, {bench['seconds'] // 60} min on {bench['threads']} CPU threads)")
 print(f"{'':18s} {'exact match':>11s} {'answer ppl':>10s} {'s/step':>7s} {'final loss':>10s}")
 for run in bench["runs"]:
@@ -342,6 +417,9 @@ def state_bytes(params, cls):
     optimizer.step()
     return memory.optimizer_state_bytes(optimizer)
 
+# On a CPU bitsandbytes warns once that PagedAdamW falls back to the non-paged optimizer. That is
+# harmless here: there is no GPU memory to page out of, and the state it allocates is the same.
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
 optim_bytes = {}
 for scope, params in [("QLoRA adapters", [p for p in ql["model"].parameters() if p.requires_grad]),
                       ("all SmolLM2 parameters", list(smollm.parameters()))]:
@@ -455,9 +533,9 @@ display(Markdown(table))
 #   steps, answer perplexity 54.19 with the NF4 base against 48.13 with the float32 base (13%
 #   apart), from 1744 and 1372 zero-shot: the NF4 base starts further away. After the benchmark's
 #   40 steps the gap remains: exact match 0.07 against 0.14 and answer perplexity 12.39 against
-#   10.52 (its `FIGURE` lines report both targets as missed). The paper's claim is for 7B-65B
-#   models trained to convergence, where a 4-bit base loses far less than our 135M model (+23%
-#   perplexity here); we cannot test that on a CPU, and do not claim it.
+#   10.52. The paper's claim is for 7B-65B models trained to convergence, where a 4-bit base
+#   loses far less than our 135M model (+23% perplexity here); we cannot test that on a CPU, and
+#   do not claim it.
 # * **Our QLoRA equals the production one:** the same initial adapter on our `Linear4bit` and on
 #   transformers' `BitsAndBytesConfig` + peft gives the same losses to 4 decimals and adapters
 #   within 1e-4 here, and in the benchmark the same loss at every one of 40 steps and the same
@@ -490,14 +568,49 @@ assert close((c["perplexity"], a["perplexity"], b["perplexity"]), (1607, 54.19, 
 # %% [markdown]
 # ## Exercises
 #
-# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
-# `BEGIN SOLUTION` / `END SOLUTION` markers.
+# Each exercise has a check cell right after it; the solution is in the cell between
+# `BEGIN SOLUTION` and `END SOLUTION` (on the site it is on the Solutions page).
 #
-# **Exercise 1: dequantize by hand.** Quantize the tensor `w` below with NF4 (blocksize 64, no
+# **Exercise 1: quantize one block to NF4 (build it).** Write `nf4_quantize_block(block)`:
+#
+# * `block` is a 1-D float32 tensor of 64 weights;
+# * return `(packed, absmax)`: `absmax` is the block's largest absolute value $c = \max_j |w_j|$
+#   (a Python float or a one-element tensor), and `packed` a `torch.uint8` tensor of shape `(32,)`
+#   holding the 64 codes $\text{code}_j = \arg\min_i |w_j / c - q_i|$, two per byte, **the first
+#   value of each pair in the high nibble**: `byte = code[2k] << 4 | code[2k + 1]` (bitsandbytes'
+#   layout, and course_lib's);
+# * the 16 levels $q_0 < \dots < q_{15}$ may come from `quant.nf4_codebook()` (code $i$ means
+#   `quant.nf4_codebook()[i]`); the quantizing itself must be yours: the check turns off
+#   bitsandbytes' `quantize_4bit` / `quantize_nf4` / `quantize_fp4` / `dequantize_4bit` and
+#   course_lib's `quant.quantize_blockwise` / `dequantize_blockwise` (and the helpers behind
+#   them) and `Linear4bit.from_linear` / `quantize_model`, and fails if your function calls one.
+#
+# A worked pair: in a block whose largest $|w|$ is 2.0, the value 0.8814 scales to
+# $0.4407 = q_{12}$ (code 12) and the value $-2.0$ to $-1 = q_0$ (code 0), so if they are the first
+# two values the first byte is `12 << 4 | 0 = 192`. The check compares your bytes with bitsandbytes'
+# on two blocks built like that (so their codes are known) and on two random ones.
+
+# %% tags=["solution"]
+def nf4_quantize_block(block):
+    """64 float32 weights -> (32 bytes of NF4 codes, first of each pair in the high nibble; absmax)."""
+    # BEGIN SOLUTION
+    absmax = block.abs().max()
+    codes = (block.unsqueeze(1) / absmax - quant.nf4_codebook()).abs().argmin(dim=1).to(torch.uint8)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed, absmax.item()
+    # END SOLUTION
+
+# %%
+from course_lib.tooling.exercises.nf4 import check_nf4_quantize_block
+
+check_nf4_quantize_block(nf4_quantize_block)
+
+# %% [markdown]
+# **Exercise 2: dequantize by hand.** Quantize the tensor `w` below with NF4 (blocksize 64, no
 # double quantization) and dequantize it yourself from the packed codes, the absmax values and the
 # codebook: the first value of each pair sits in the *high* nibble of its byte.
 
-# %%
+# %% tags=["solution"]
 w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
 state = quant.quantize_blockwise(w, "nf4", 64, double_quant=False)
 # BEGIN SOLUTION
@@ -510,11 +623,11 @@ print(by_hand.shape)
 assert torch.equal(by_hand, quant.dequantize_blockwise(state))
 
 # %% [markdown]
-# **Exercise 2: bits per parameter at another block size.** What does NF4 with double
+# **Exercise 3: bits per parameter at another block size.** What does NF4 with double
 # quantization cost per weight at blocksize 128? Write it as a formula, then check it against the
 # stored tensors.
 
-# %%
+# %% tags=["solution"]
 # BEGIN SOLUTION
 bits_128 = 4 + 8 / 128 + 32 / (128 * 256)
 # END SOLUTION
@@ -525,6 +638,6 @@ big = torch.randn(128 * 256 * 4)
 assert abs(quant.bits_per_parameter(quant.quantize_blockwise(big, "nf4", 128, double_quant=True)) - bits_128) < 1e-3
 
 # %% [markdown]
-# **Exercise 3 (open).** Train QLoRA with INT4 instead of NF4 as the base type
+# **Exercise 4 (open).** Train QLoRA with INT4 instead of NF4 as the base type
 # (`qlora.prepare_model_for_qlora(model, quant_type="int4")`). Does the worse base perplexity carry
 # over to the fine-tuned model, or does the adapter make up for it?

@@ -26,12 +26,10 @@
 # %%
 import importlib.util
 import inspect
-import json
 import logging
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -40,6 +38,7 @@ from IPython.display import Markdown, display
 
 from course_lib import budget, lora, memory, models, qlora
 from course_lib.budget import GiB, MiB, estimate
+from course_lib.tooling.results import benchmark_result
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # peft imports bitsandbytes, which notes a missing optional CPU kernel
 import peft
@@ -90,6 +89,86 @@ for part, n in est_lora.activation_parts.items():
 
 
 # %% [markdown]
+# ### One layer's four terms, in code
+#
+# Every layer adds the same four terms, so the heart of the estimate is one decoder layer. Here it
+# is written out for a Llama layer in float32 ($b$ = 4 bytes per value). With hidden size $h$ (576), query
+# width $h_q$ (heads × head size, 576 for SmolLM2), key/value width $h_{kv}$ (192: 3 KV heads),
+# MLP width $i$ (1,536), $n_h$ heads, $T$ = batch × sequence tokens, and LoRA of rank $r$ on q and v,
+# the layer's parameters $P$ and trainable parameters $P_t$ are
+#
+# $$P = h\,h_q + 2\,h\,h_{kv} + h_q\,h + 3\,h\,i + 2h, \qquad
+#   P_t = \begin{cases} P & \text{full fine-tuning} \\ r(h + h_q) + r(h + h_{kv}) & \text{LoRA on q and v} \end{cases}$$
+#
+# and the four terms
+#
+# $$\text{weights} = (P + P_{\text{LoRA}})\,b_w, \qquad \text{gradients} = P_t\,b_g, \qquad
+#   \text{AdamW state} = 2 \cdot 4\,P_t$$
+#
+# ($P_{\text{LoRA}}$ is the adapters' parameters, $P_t$ under LoRA and 0 under full fine-tuning; AdamW
+# keeps two float32 moments, and mixed precision with a float32 master copy of 16-bit weights adds $4P_t$),
+#
+# $$\text{activations} = T\,\Big[\underbrace{2(4h + 4)}_{\text{RMSNorms}}
+#   + \underbrace{b\,(h_q + 2h_{kv}) + b\,h_q + 4n_h}_{\text{attention}} + \underbrace{3b\,i}_{\text{MLP}}
+#   + \underbrace{b\,h + 2rb}_{\text{LoRA: q/v input, } Ax}\Big]$$
+#
+# for LoRA; full fine-tuning replaces the last term by $2bh + b(2h + i)$: the norms' outputs (their
+# weights train) and the inputs of q/k/v, gate/up and down. `layer_memory` computes exactly this,
+# and the asserts hold it to `estimate` above, to the byte:
+
+# %%
+def layer_memory(c, method, r, tokens, b=4):
+    """Weights, gradients, AdamW state and activations of one Llama decoder layer, in bytes.
+
+    Everything in float32 (b = 4 bytes per value); "lora" puts rank-r adapters on q_proj and v_proj.
+    """
+    h, i, n_h = c.hidden_size, c.intermediate_size, c.num_attention_heads
+    h_q, h_kv = n_h * c.head_size, c.num_key_value_heads * c.head_size
+    P = h * h_q + 2 * h * h_kv + h_q * h + 3 * h * i + 2 * h   # q, k, v, o, gate, up, down; two RMSNorm weights
+    P_lora = r * (h + h_q) + r * (h + h_kv) if method == "lora" else 0   # A: r x d_in, B: d_out x r, on q and v
+    P_t = P if method == "full" else P_lora                  # what trains
+    per_token = (2 * (4 * h + 4)                              # each RMSNorm: its float32 input and 1/rms
+                 + b * (h_q + 2 * h_kv) + b * h_q + 4 * n_h   # attention: q, k, v; its output; log-sum-exp
+                 + 3 * b * i)                                 # MLP: gate, SiLU(gate), up
+    if method == "full":   # a trained weight needs its input: dL/dW = delta^T x
+        per_token += 2 * b * h + b * (2 * h + i)              # the norms' outputs; the inputs of q/k/v, gate/up, down
+    else:
+        per_token += b * h + 2 * r * b                        # the input of q and v (one tensor); A x of both
+    return {"weights": (P + P_lora) * b, "gradients": P_t * b, "optimizer_state": 2 * 4 * P_t,
+            "activations": tokens * per_token}
+
+
+L, outside = smol.num_hidden_layers, (smol.vocab_size + 1) * smol.hidden_size   # embedding (tied) and final norm
+layer = {}
+for method in ("full", "lora"):
+    one = layer[method] = layer_memory(smol, method, LORA_R, BATCH * SEQ)
+    extra = {} if method == "full" else {"r": LORA_R, "target_modules": TARGETS["lora"]}
+    e = estimate(smol, method, batch_size=BATCH, seq_len=SEQ, **extra, **kw)
+    trained_outside = outside if method == "full" else 0
+    assert L * one["weights"] + 4 * outside == e.weights + e.lora_parameters
+    assert L * one["gradients"] + 4 * trained_outside == e.gradients
+    assert L * one["optimizer_state"] + 8 * trained_outside == e.optimizer_state
+    assert L * one["activations"] == sum(n for part, n in e.activation_parts.items() if part.startswith("layers:"))
+    print(f"{method:>4}, one layer of {L}: "
+          + ", ".join(f"{term.replace('_', ' ')} {budget.format_bytes(n)}" for term, n in one.items()))
+full_layer, lora_layer = layer["full"], layer["lora"]
+assert full_layer["gradients"] + full_layer["optimizer_state"] > 40 * MiB
+assert lora_layer["gradients"] + lora_layer["optimizer_state"] < 200 * 2**10
+assert 0.68 < lora_layer["activations"] / full_layer["activations"] < 0.72 and lora_layer["activations"] > lora_layer["weights"]
+
+
+# %% [markdown]
+# What just happened. Thirty copies of one layer, plus what lies outside the layers (the
+# 49,152 × 576 embedding, which the output layer shares, and the final norm: $Vh + h$ parameters),
+# give the estimate's first three terms to the byte, and the layers' share of its activations to
+# the byte; the rest of the activations is the loss and the rotary tables, which the exercise at the
+# end adds. One layer shows the whole story of LoRA: its weights barely move (13.6 MiB against
+# 13.5), but its gradients and AdamW state shrink from 40 MiB to under 200 KiB, and its
+# activations by only 30% (the MLP's three intermediates, $3bi$ per token, are kept whatever
+# trains). The activations are the one term proportional to $T$: at 4 × 128 tokens one layer
+# already holds more of them than of its weights.
+
+# %% [markdown]
 # ## Measured against estimated
 #
 # Now the real SmolLM2, one training step each: full fine-tuning, LoRA r = 8 on q and v, and QLoRA
@@ -103,6 +182,7 @@ for part, n in est_lora.activation_parts.items():
 # %%
 def prepared(method):
     model, _ = models.load_smollm2(DEVICE, dtype=torch.float32)
+    model.config.use_cache = False   # training keeps no KV cache (checkpointing could not recompute one)
     if method == "qlora":
         qlora.prepare_model_for_qlora(model)
     if method != "full":
@@ -436,7 +516,7 @@ flop_bound_100 = 100 * 6 * f70.parameters * tokens_70 / 165e12
 r_ratio = lambda d, k, r: (d * k + r * (d + k)) / (d * k)
 q_ratio = r_ratio(smol.hidden_size, smol.hidden_size, LORA_R)
 full_m, lora_m, qlora_m = (measured[m, False]["total"] for m in ("full", "lora", "qlora"))
-lora_runs = json.loads(Path("../benchmarks/results/lora_training.json").read_text())
+lora_runs = benchmark_result("lora_training")
 smol_runs = {r["method"]: r for r in lora_runs["smollm2"]}
 speed_lora = smol_runs["full"]["seconds_per_step"] / smol_runs["lora"]["seconds_per_step"]  # chapter 01's benchmark
 saving8 = 1 - lora8.peak / f8.peak
@@ -444,9 +524,9 @@ minilm = budget.get_config("bert-base")
 cfg = {name: estimate(minilm, "lora", r=r, target_modules=["query", "value"], batch_size=b, seq_len=128, chunk_size=c)
        for name, r, b, c in (("A", 16, 128, None), ("B", 16, 64, 32), ("C", 8, 32, 16))}
 r16, r32 = (estimate(minilm, "lora", r=r, target_modules=["query", "value"], batch_size=128, seq_len=128) for r in (16, 32))
-mrl_json = json.loads(Path("../benchmarks/results/mrl_combination.json").read_text())
+mrl_json = benchmark_result("mrl_combination")
 mem = {k: v["memory"]["total"] for k, v in mrl_json["methods"].items()}
-peft_bench = json.loads(Path("../benchmarks/results/lora_vs_peft.json").read_text())
+peft_bench = benchmark_result("lora_vs_peft")
 
 # %%
 E = []
@@ -593,25 +673,72 @@ assert not any(exists for _, _, exists, _ in api)
 #
 # ## Exercises
 #
-# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
-# `BEGIN SOLUTION` / `END SOLUTION` markers.
+# Each exercise has a check cell right after it; the solution is in the cell between
+# `BEGIN SOLUTION` and `END SOLUTION` (on the site it is on the Solutions page).
 #
-# **Exercise 1: the fixed part by hand.** Write `fixed_bytes(parameters, trainable, weight_bytes,
-# optimizer)`: the bytes of weights, gradients and optimizer state (`"adamw"` or `"sgd"`) for a
-# model trained in one dtype, and check it against the estimator.
+# **Exercise 1: a training step's memory, by hand.** Write `training_memory(config)`, which returns
+# the bytes of one training step of a Llama-style decoder (like SmolLM2) as a dict with four
+# integer entries, `"weights"`, `"gradients"`, `"optimizer_state"` and `"activations"`. Everything
+# is float32 (4 bytes per value). `config` is a dict with:
+# `hidden` $h$, `intermediate` $i$, `layers` $L$, `heads` $n_h$, `kv_heads` $n_{kv}$ (head size
+# $d = h / n_h$, $h_q = n_h d$, $h_{kv} = n_{kv} d$), `vocab` $V$, `tied` (the output layer shares
+# the embedding matrix), `method` (`"full"`, or `"lora"`: rank `r` adapters on q_proj and v_proj of
+# every layer), `r`, `batch` $B$ and `seq` $s$ ($T = Bs$ tokens), `optimizer` (`"adamw"` or
+# `"sgd"`), `checkpointing` (True or False). The rules, those `budget.estimate` uses:
+#
+# * **parameters**: per layer q ($h \times h_q$), k and v ($h \times h_{kv}$), o ($h_q \times h$), gate
+#   and up ($h \times i$), down ($i \times h$), no biases, and two RMSNorm weights of $h$; outside the
+#   layers the embedding $Vh$, the final norm $h$, and an output layer $Vh$ unless tied. LoRA adds
+#   $r(d_{in} + d_{out})$ per adapted layer.
+# * **weights**: 4 bytes per parameter, LoRA's included. **gradients**: 4 per trainable parameter
+#   (every parameter for `"full"`, only LoRA's for `"lora"`). **optimizer state**: AdamW 8 per
+#   trainable parameter, SGD 0.
+# * **activations** per token and layer: the norms $2(4h + 4)$, plus $2 \cdot 4h$ for `"full"`;
+#   attention $4(h_q + 2h_{kv}) + 4h_q + 4n_h$; the MLP $3 \cdot 4i$; the linear layers' inputs,
+#   $4(2h + i)$ for `"full"`, $4h$ for `"lora"`; for `"lora"` also $2 \cdot 4r$ (A's outputs). After
+#   the last layer, per token: $4h + 4$ (final norm), plus $4h + 4h$ for `"full"`, plus $4V + 8$
+#   (the loss). Once per step: the rotary tables $2 \cdot 4sd$, and for `"full"` the token ids,
+#   $8T$.
+# * without checkpointing, activations = $L \cdot T \cdot$ (per layer) $+\; T \cdot$ (after the
+#   layers) $+$ (once); with checkpointing, $L \cdot T \cdot 4h$ (each layer's input) $+ \max\big(T
+#   \cdot (\text{per layer} - 4h),\ T \cdot \text{after the layers}\big) +$ (once): during backward one
+#   layer is recomputed at a time, after the loss's tensors are freed, and its first norm's input
+#   is the layer input already counted.
+#
+# Do not call `budget.estimate`, `budget.plan`, `course_lib.memory`'s measurements or accelerate's
+# memory estimator: the check makes them raise. The check compares your function with figures
+# worked out by hand for three tiny models and with the estimator on three of SmolLM2's size.
 
-# %%
-def fixed_bytes(parameters, trainable, weight_bytes, optimizer="adamw"):
+# %% tags=["solution"]
+def training_memory(config):
     # BEGIN SOLUTION
-    return parameters * weight_bytes + trainable * weight_bytes + trainable * {"adamw": 8, "sgd": 0}[optimizer]
+    h, i, L, V, n_h, r = (config[k] for k in ("hidden", "intermediate", "layers", "vocab", "heads", "r"))
+    full, d = config["method"] == "full", h // n_h
+    h_q, h_kv, T = n_h * d, config["kv_heads"] * d, config["batch"] * config["seq"]
+    P = L * (h * h_q + 2 * h * h_kv + h_q * h + 3 * h * i + 2 * h) + V * h + h + (0 if config["tied"] else V * h)
+    P_lora = 0 if full else L * (r * (h + h_q) + r * (h + h_kv))
+    P_t = P if full else P_lora
+    layer = 2 * (4 * h + 4) + 4 * (h_q + 2 * h_kv) + 4 * h_q + 4 * n_h + 3 * 4 * i
+    layer += 2 * 4 * h + 4 * (2 * h + i) if full else 4 * h + 2 * 4 * r
+    after = 4 * h + 4 + (8 * h if full else 0) + 4 * V + 8
+    once = 2 * 4 * config["seq"] * d + (8 * T if full else 0)
+    if config["checkpointing"]:
+        activations = L * T * 4 * h + max(T * (layer - 4 * h), T * after) + once
+    else:
+        activations = L * T * layer + T * after + once
+    return {"weights": 4 * (P + P_lora), "gradients": 4 * P_t,
+            "optimizer_state": (8 if config["optimizer"] == "adamw" else 0) * P_t, "activations": activations}
     # END SOLUTION
 
-print(fixed_bytes(100, 10, 4))
+smol_step = {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152, "tied": True,
+             "method": "lora", "r": LORA_R, "batch": BATCH, "seq": SEQ, "optimizer": "adamw", "checkpointing": False}
+print({term: f"{mib(n):.1f} MiB" for term, n in training_memory(smol_step).items()})
 
 # %%
-for opt in ("adamw", "sgd"):
-    e = estimate("llama-3-8b", "full", weight_dtype="float32", optimizer=opt)
-    assert fixed_bytes(e.parameters, e.trainable_parameters, 4, opt) == e.weights + e.gradients + e.optimizer_state
+from course_lib.tooling.exercises.memory import check_training_memory
+
+check_training_memory(training_memory)
+assert training_memory(smol_step)["activations"] == est_lora.activations   # the chapter's LoRA step, to the byte
 
 
 # %% [markdown]
@@ -619,7 +746,7 @@ for opt in ("adamw", "sgd"):
 # sequences with which Qwen2.5-7B trains with QLoRA (r = 16 on every linear layer, gradient
 # checkpointing) inside 24 GB, keeping 10% free (`peak <= 0.9 * 24 GiB`).
 
-# %%
+# %% tags=["solution"]
 def largest_batch(model, gpu_bytes, **settings):
     # BEGIN SOLUTION
     batch = 0

@@ -52,3 +52,13 @@ def test_loaders_turn_off_the_hub_and_transformers_bars():
     hf_logging.enable_progress_bar()
     models.quiet_progress_bars()
     assert are_progress_bars_disabled() and not hf_logging.is_progress_bar_enabled()
+
+
+def test_the_gguf_reader_bar_is_off_inside_the_block_and_back_after():
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    with models.quiet_gguf_conversion():
+        bar = gguf_utils.tqdm(range(3), desc="Converting")
+        assert bar.disable and list(bar) == [0, 1, 2]
+    assert gguf_utils.tqdm is original

@@ -6,7 +6,7 @@ check builds, compares the result with values worked out independently (plain te
 a hand-worked case, or the production library run *before* the learner's code), and runs the
 learner's function inside :func:`forbidden`: there, the functions that already do the job
 (``course_lib``'s and the library's) raise :class:`ShortcutError`. So calling them is caught,
-and the test suite proves it for every exercise (``tests/test_exercises.py``).
+and the test suite proves it for every exercise (``tests/test_exercises_*.py``).
 
 One module per chapter: ``lora`` (01), ``nf4`` (02), ``gradcache`` (03), ``matryoshka`` (04),
 ``memory`` (05), ``kv_cache`` (06), ``ia3`` (07).

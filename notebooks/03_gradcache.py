@@ -23,16 +23,17 @@
 
 # %%
 import copy
-import json
 import logging
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 from IPython.display import Markdown, display
 
 from course_lib import data, gradcache, lora, memory, models, retrieval
+from course_lib.tooling.results import benchmark_result
+from course_lib.tooling.source import show
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # imported below; notes a missing optional CPU kernel
 from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
@@ -71,6 +72,93 @@ print(f"{len(rows)} training pairs; trainable parameters {lora.count_parameters(
 
 
 # %% [markdown]
+# ## The step, in code
+#
+# Row $i$ of the batch pairs a query with its document; every other document of the batch is a
+# negative for that query. With $q_i$ and $d_j$ the embeddings and the cosine similarities scaled
+# by $s = 1/\tau$ ($s = 20$, a temperature $\tau = 0.05$, sentence-transformers' default), the
+# in-batch-negatives (InfoNCE, "multiple negatives ranking") loss of a batch of $n$ pairs is
+#
+# $$\mathcal L = -\frac1n\sum_{i=1}^{n} \log \frac{\exp\big(s\cos(q_i,d_i)\big)}{\sum_{j=1}^{n} \exp\big(s\cos(q_i,d_j)\big)}$$
+#
+# Each denominator holds every document of the batch, so the loss is not a sum of per-chunk
+# losses. But it depends on the parameters $\theta$ only through the $2n$ embeddings
+# $e_1, \dots, e_{2n}$ (the $q_i$, then the $d_j$), and the chain rule splits its gradient into one
+# term per embedding:
+#
+# $$\frac{\partial\mathcal L}{\partial\theta} = \sum_{k=1}^{2n} \left(\frac{\partial \mathcal L}{\partial e_k}\right)^{\top} \frac{\partial e_k}{\partial\theta}$$
+#
+# The first factor needs only the embeddings, not the network: GradCache computes it for the
+# whole batch at once and caches it ($2n \times 384$ numbers). The second factor is one chunk's
+# ordinary backward pass, so the sum can be accumulated chunk by chunk. Here is the step written
+# out for our two encoders; `gradcache.RandomState`, shown first, is how it replays a chunk's
+# random numbers.
+
+# %%
+show(gradcache.RandomState)
+
+# %%
+def gradcache_step_on_the_page(encode_q, encode_d, queries, documents, chunk_size, scale=20.0):
+    jobs = [(encode_q, queries[i:i + chunk_size]) for i in range(0, len(queries), chunk_size)] \
+         + [(encode_d, documents[i:i + chunk_size]) for i in range(0, len(documents), chunk_size)]
+    # 1. embed every chunk without a graph, remembering the random state it started from
+    states, embeddings = [], []
+    with torch.no_grad():
+        for encode, texts in jobs:
+            states.append(gradcache.RandomState())
+            embeddings.append(encode(texts))
+    emb = torch.cat(embeddings).requires_grad_()        # the queries' rows, then the documents'
+    q, d = emb[:len(queries)], emb[len(queries):]
+    # 2. the loss on the whole batch, and its gradient with respect to every embedding: the cache
+    logits = scale * F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T
+    loss = F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+    cache, = torch.autograd.grad(loss, emb)
+    # 3. embed each chunk again with a graph, from the same random state, and push its cached gradient through
+    start = 0
+    for (encode, texts), state in zip(jobs, states):
+        with state:
+            e = encode(texts)
+        e.backward(cache[start:start + len(e)])
+        start += len(e)
+    return loss.item()
+
+# %% [markdown]
+# **What just happened.** Step 1 keeps no graph: the embeddings are plain tensors, and before each
+# chunk `RandomState()` noted where the random-number stream stood. In step 2,
+# `requires_grad_()` makes the embeddings the leaves of a small graph (embeddings → cosine
+# logits → loss), and `torch.autograd.grad` returns $\partial\mathcal L/\partial e_k$ for every
+# row: the cache, one 384-vector per text. In step 3 each chunk is embedded again, this time with
+# a graph, and `e.backward(g)` adds $g^\top\,\partial e/\partial\theta$ into every parameter's
+# `.grad`: that chunk's terms of the chain-rule sum. The chunk's graph is freed right after, so
+# only one chunk's activations are ever alive. The second pass runs under `with state:` because
+# dropout is on: the cache is the derivative of the loss *at step 1's embeddings*, so step 3 must
+# draw the same dropout masks and recompute exactly those embeddings. Other masks give other
+# embeddings, which the loss never saw, and the gradient pushed through them belongs to no loss
+# (the next section measures how wrong it is). The price is that every text is embedded twice.
+#
+# The same step in `course_lib.gradcache.gradcache_step` adds input checks, bfloat16 autocast on
+# a GPU and a separate document encoder; from the same seed it gives the same loss and gradients:
+
+# %%
+def lora_grads():
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+def gap(a, b):   # largest relative difference over the parameter tensors
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+
+torch.manual_seed(SEED)
+page_loss = gradcache_step_on_the_page(encode_queries, encode_docs, queries[:8], docs[:8], chunk_size=4)
+g_page = lora_grads()
+torch.manual_seed(SEED)
+library = gradcache.gradcache_step(encode_queries, queries[:8], docs[:8], 4, doc_encoder=encode_docs, amp=False)
+g_library = lora_grads()
+print(f"loss on 8 pairs, chunks of 4: {page_loss:.4f} (on the page), {library.loss:.4f} (course_lib)")
+assert abs(page_loss - library.loss) < 1e-6 and gap(g_page, g_library) < 1e-5
+
+
+# %% [markdown]
 # <a id="claim-03-same-gradients"></a>
 #
 # ## Same gradients as the full batch, exactly
@@ -86,14 +174,6 @@ print(f"{len(rows)} training pairs; trainable parameters {lora.count_parameters(
 # through a network with other masks.
 
 # %% tags=["nbval-ignore-output"]
-def lora_grads():
-    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
-
-def gap(a, b):   # largest relative difference over the parameter tensors
-    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
-
 q, d = queries[:GRAD_BATCH], docs[:GRAD_BATCH]
 torch.manual_seed(SEED)
 naive = gradcache.naive_step(encode_queries, q, d, chunk_size=GRAD_CHUNK, doc_encoder=encode_docs)
@@ -200,7 +280,8 @@ print(f"total step memory saved by GradCache at batch {big}: {1 - total_gc / tot
 # about one extra forward pass: forward + backward is roughly three forwards, so about 4/3 of the
 # ordinary step. sentence-transformers implements the same method as
 # `CachedMultipleNegativesRankingLoss`; we time them on the same tokenized batch through the
-# sentence-transformers model (the tests check that its loss and gradients equal ours, dropout on).
+# sentence-transformers model (course_lib's test suite checks that its loss and gradients equal
+# ours, dropout on).
 #
 # One detail changes the comparison: a chunk of 16 texts is padded only to its own longest text
 # (both implementations drop the padding columns a chunk does not need), while the ordinary step
@@ -212,7 +293,8 @@ st = models.load_minilm_sentence_transformer(DEVICE)
 lora.inject_lora(st[0].auto_model, target_modules=["query", "value"], r=8, lora_alpha=16)
 st.train()
 st.max_seq_length = retrieval.DOC_MAX_TOKENS
-features = [st.tokenize(queries[:TIME_BATCH]), st.tokenize(docs[:TIME_BATCH])]
+prepare = st.preprocess if hasattr(st, "preprocess") else st.tokenize   # older sentence-transformers: tokenize
+features = [prepare(queries[:TIME_BATCH]), prepare(docs[:TIME_BATCH])]
 st_encode = lambda f: st(dict(f))["sentence_embedding"]
 st_loss = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=MEMORY_CHUNK)
 
@@ -299,7 +381,7 @@ assert gap(g_accumulated, g_large) > 0.05
 # code-search test split. Too long for this notebook; its committed results:
 
 # %%
-bench = json.loads(Path("../benchmarks/results/gradcache.json").read_text())
+bench = benchmark_result("gradcache")
 print(f"benchmark run: {bench['command']}  ({bench['date']}, {bench['seconds'] // 60} min on {bench['threads']} CPU threads)")
 fig, ax = plt.subplots(figsize=(6, 3.2))
 sweep = bench["sweep"]
@@ -324,13 +406,13 @@ print(f"seconds per step: naive {st_['seconds_naive']:.1f}, GradCache {st_['seco
 # was 0.852 at batch 16 (128 steps), 0.848 at 64 (32 steps) and 0.826 at 256 (8 steps), all above
 # the pretrained model's 0.7925. A batch of 256 gives each query 255 negatives but takes 16 times
 # fewer optimizer steps; the papers that profit from large batches train to convergence over many
-# epochs, which a CPU budget cannot show. The benchmark reports this as a missed target
-# (`largest_minus_smallest_batch_recall10`), not hidden. What GradCache does deliver at batch 256
-# is memory: 861 MiB of saved activations with chunk 32, less than an ordinary step at batch 32
-# (1,182 MiB) and a ninth of the ordinary batch-256 step (9,458 MiB). That ordinary step took
-# 54.5 s against GradCache's 25.4 s (sentence-transformers' cached loss: 25.8 s): at this size the
-# padding each chunk sheds and the 9 GB the ordinary step allocates cost more than the extra
-# forward pass.
+# epochs, which a CPU budget cannot show. The benchmark records this shortfall
+# (`largest_minus_smallest_batch_recall10` in its results) rather than hiding it. What GradCache
+# does deliver at batch 256 is memory: 861 MiB of saved activations with chunk 32, less than an
+# ordinary step at batch 32 (1,182 MiB) and a ninth of the ordinary batch-256 step (9,458 MiB).
+# That ordinary step took 54.5 s against GradCache's 25.4 s (sentence-transformers' cached loss:
+# 25.8 s): at this size the padding each chunk sheds and the 9 GB the ordinary step allocates
+# cost more than the extra forward pass.
 
 # %%
 sw = {s["batch"]: s for s in bench["sweep"]}
@@ -391,16 +473,68 @@ assert (round(gap(g_accumulated, g_large), 2), round(cosine, 3)) == (0.35, 0.963
 # %% [markdown]
 # ## Exercises
 #
-# Each exercise has a check cell a teacher's `pytest --nbval` runs; the solution sits between the
-# `BEGIN SOLUTION` / `END SOLUTION` markers.
+# Each exercise has a check cell right after it; the solution is in the cell between
+# `BEGIN SOLUTION` and `END SOLUTION` (on the site it is on the Solutions page).
 #
-# **Exercise 1: the cache by hand.** Write `embedding_gradients(qe, de)`: the gradient of
+# **Exercise 1 (build it): a GradCache step.** Write
+# `gradcache_step(encoder, queries, documents, chunk_size, scale)`, the step of this chapter for a
+# plain PyTorch encoder:
+#
+# * `encoder` is a `torch.nn.Module` that maps a float tensor `[b, k]` to embeddings `[b, e]`
+#   (the check gives it a small MLP with dropout, in training mode); `queries` and `documents`
+#   are float tensors `[n, k]`, row $i$ of each forming a pair; `scale` is the $s$ of the loss
+#   $\mathcal L$ above.
+# * It leaves in the encoder's parameters' `.grad` the gradient of $\mathcal L$ over the whole
+#   batch of $n$ pairs, and returns $\mathcal L$ as a Python float.
+# * It never runs the encoder with gradients on more than `chunk_size` rows, and frees each
+#   chunk's graph before embedding the next one (the check records the rows of every call made
+#   with gradients on, and the activations saved for backward: keeping every chunk's graph until
+#   one `backward` is the ordinary step's memory, and fails).
+# * Chunks are `x[i:i + chunk_size]`, embedded in order: the query chunks, then the document
+#   chunks. The check computes the whole batch's gradient with the dropout masks drawn in that
+#   order, so your second pass must replay them (`torch.get_rng_state` / `torch.set_rng_state`).
+# * Write the loss yourself (`F.normalize` and `F.cross_entropy` are fine). Inside the check,
+#   `gradcache.gradcache_step`, `gradcache.naive_step`, `gradcache.contrastive_loss`,
+#   `retrieval.in_batch_negatives_loss` and sentence-transformers'
+#   `CachedMultipleNegativesRankingLoss` and `MultipleNegativesRankingLoss` raise an error.
+
+# %% tags=["solution"]
+def gradcache_step(encoder, queries, documents, chunk_size, scale):
+    # BEGIN SOLUTION
+    parts = [x[i:i + chunk_size] for x in (queries, documents) for i in range(0, len(x), chunk_size)]
+    states, embeddings = [], []
+    with torch.no_grad():                                  # 1. embed every chunk without a graph
+        for part in parts:
+            states.append(torch.get_rng_state())
+            embeddings.append(encoder(part))
+    emb = torch.cat(embeddings).requires_grad_()
+    q, d = emb[:len(queries)], emb[len(queries):]
+    logits = scale * F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T
+    loss = F.cross_entropy(logits, torch.arange(len(q)))
+    cache, = torch.autograd.grad(loss, emb)                # 2. the gradient w.r.t. every embedding
+    start = 0
+    for part, state in zip(parts, states):                 # 3. again with a graph, the same dropout masks
+        torch.set_rng_state(state)
+        e = encoder(part)
+        e.backward(cache[start:start + len(e)])            # frees this chunk's graph
+        start += len(e)
+    return loss.item()
+    # END SOLUTION
+
+# %%
+from course_lib.tooling.exercises.gradcache import check_gradcache_step
+
+check_gradcache_step(gradcache_step)
+print("gradcache_step: the whole batch's gradient, one chunk at a time")
+
+# %% [markdown]
+# **Exercise 2: the cache by hand.** Write `embedding_gradients(qe, de)`: the gradient of
 # `retrieval.in_batch_negatives_loss(qe, de)` with respect to the query and the document
 # embeddings, the two matrices GradCache caches in step 2. The check pushes them through a linear
 # encoder by the chain rule ($\partial L / \partial W = G_q^\top X_q + G_d^\top X_d$) and compares
 # with the ordinary backward pass.
 
-# %%
+# %% tags=["solution"]
 def embedding_gradients(qe, de):
     # BEGIN SOLUTION
     qe, de = qe.detach().requires_grad_(True), de.detach().requires_grad_(True)
@@ -421,17 +555,17 @@ assert torch.allclose(q_cache.T @ qx + d_cache.T @ dx, layer.weight.grad, atol=1
 
 
 # %% [markdown]
-# **Exercise 2: a loss of your own.** GradCache accepts any loss over the two embedding matrices.
+# **Exercise 3: a loss of your own.** GradCache accepts any loss over the two embedding matrices.
 # Write the symmetric (CLIP) loss as a function `clip_loss(q, d)` and check that a GradCache step
 # with it gives the naive step's gradient on a small linear encoder.
 
-# %%
-# BEGIN SOLUTION
+# %% tags=["solution"]
 def clip_loss(q, d):
+    # BEGIN SOLUTION
     logits = 20.0 * torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(d, dim=-1).T
     labels = torch.arange(len(q))
     return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
-# END SOLUTION
+    # END SOLUTION
 print(clip_loss(torch.eye(4), torch.eye(4)).item() < 1e-3)
 
 # %%
@@ -445,6 +579,6 @@ assert torch.allclose(enc.weight.grad, expected, atol=1e-6)
 assert abs(clip_loss(x_q, x_d).item() - retrieval.in_batch_negatives_loss(x_q, x_d, symmetric=True).item()) < 1e-5
 
 # %% [markdown]
-# **Exercise 3 (open).** Re-run the memory measurement with `MEMORY_CHUNK = 4` and with 32. How
+# **Exercise 4 (open).** Re-run the memory measurement with `MEMORY_CHUNK = 4` and with 32. How
 # does the peak change, and what does the step time do? Where would you set the chunk on a GPU
 # with 8 GB?

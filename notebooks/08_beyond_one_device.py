@@ -33,7 +33,6 @@ import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -42,6 +41,7 @@ from IPython.display import Markdown, display
 
 from course_lib import budget, distributed
 from course_lib.tooling import fsdp_demo
+from course_lib.tooling.results import benchmark_result
 
 SEED = 0
 WORLD = 2                    # processes; with GPUs, at most torch.cuda.device_count()
@@ -222,7 +222,7 @@ assert ddp_saving > 50 and fsdp_saving < 1.5
 # three AdamW steps at batch 8 × 64 tokens, the same measurements as above:
 
 # %%
-bench = json.loads(Path("../benchmarks/results/fsdp_memory.json").read_text())
+bench = benchmark_result("fsdp_memory")
 print(bench["command"], "|", bench["date"][:10])
 lines = [("| method | processes | held by one process (MiB) | of one process's | seconds per step | "
           "largest weight difference from one process |"), "|---|---|---|---|---|---|"]

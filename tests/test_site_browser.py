@@ -223,6 +223,11 @@ def test_page(site_url, page, title, source):
         errors = page.eval_on_selector_all(OUTPUTS, ERRORS_JS)
         assert not errors, f"{source}: an error output is shown: {errors[0][:500]}"
         _assert_math_rendered(page, source)
+        shown = [t for t in page.locator(".jp-CodeCell").all_inner_texts() if "BEGIN SOLUTION" in t]
+        assert not shown, f"{source}: an exercise's solution is shown on the chapter's page: {shown[0][:200]}"
+    if source == "solutions.md":
+        code = "\n".join(page.locator("pre").all_inner_texts())
+        assert code.count("BEGIN SOLUTION") >= 2 * len(CHAPTERS), f"{source}: the solutions are not all there"
     assert not page.external_requests, f"{source}: the page asked the internet for {page.external_requests}"
     assert not page.js_errors, f"{source}: JavaScript errors: {page.js_errors}"
 

@@ -8,8 +8,8 @@ Nothing here is typed by hand, so nothing here goes stale:
   cell, ``shell.execute_reply`` when it answered); a chapter's time is its last reply minus its
   first input, the run as ``make notebooks`` did it (kernel start-up not included);
 * `chapter_times_table` turns those into the home page's table;
-* `solutions_page` gathers the exercises' solution cells for the Solutions page (on a chapter page
-  the solution's code is hidden, see ``remove_tag_config`` in mkdocs.yml);
+* `solutions_page` gathers the exercises' solution cells for the Solutions page (a chapter's page
+  leaves those cells out, see ``remove_tag_config`` in mkdocs.yml);
 * `benchmarks_page` renders every ``benchmarks/results/*.json``: the command and date of the
   run, the ``FIGURE`` lines it stores (read by `course_lib.tooling.figures`), and its numbers.
 
@@ -267,7 +267,7 @@ def figures_summary(paths: list[Path]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Solutions
 # ---------------------------------------------------------------------------------------------
-SOLUTION_TAG = "solution"   # the tag of an exercise's solution cell; the site hides its code under the exercise
+SOLUTION_TAG = "solution"   # the tag of an exercise's solution cell; a chapter's page on the site leaves it out
 _EXERCISE_TITLE = re.compile(r"\*\*(Exercise [^*]+?)\.?\*\*")
 
 

@@ -1,6 +1,11 @@
 """What every benchmark script shares: its command line, the fields that describe its run, the
-results JSON written atomically, the ``FIGURE`` lines it ends with, ``--figures-only``, and the
-median timing.
+results JSON written atomically, the ``FIGURE`` lines it ends with, ``--figures-only``, ``--save``,
+and the median timing.
+
+Running a benchmark never changes the course by accident: the chapters assert the committed
+``benchmarks/results/NAME.json`` exactly, so a run (``--figures-only`` too) writes its JSON to
+``benchmarks/runs/NAME.json`` (not committed) and leaves the committed file as it is; only
+``--save`` replaces the committed file.
 
 A script uses it in this order::
 
@@ -33,6 +38,10 @@ from pathlib import Path
 from course_lib.tooling.figures import format_figure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RUNS_DIR = Path(__file__).resolve().parent / "runs"     # a run's own JSON, not committed (.gitignore)
+SAVE_HELP = ("replace the committed benchmarks/results JSON (what the chapters and the site read) with this run's; "
+             "without --save the run writes benchmarks/runs/ and leaves the committed results as they are")
+_replace_committed = False   # set by the parser of the script's command line (--save)
 FIGURES_ONLY_HELP = ("measure nothing: read the results JSON this script wrote, recompute its FIGURE lines from "
                      "the recorded measurements, store them there under \"figures\" and print them")
 
@@ -57,12 +66,32 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # The command line and the run's own fields
 # ---------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Records ``--save`` when the script parses its command line, for `destination`."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        global _replace_committed
+        parsed, rest = super().parse_known_args(args, namespace)
+        _replace_committed = bool(getattr(parsed, "save", False))
+        return parsed, rest
+
+
 def argument_parser(name: str, doc: str) -> argparse.ArgumentParser:
     """The parser of ``python -m benchmarks.<name>``: that as its prog, the docstring's first
-    paragraph as its description, and ``--figures-only`` already added."""
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
+    paragraph as its description, and ``--figures-only`` and ``--save`` already added."""
+    parser = _Parser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
     parser.add_argument("--figures-only", action="store_true", help=FIGURES_ONLY_HELP)
+    parser.add_argument("--save", action="store_true", help=SAVE_HELP)
     return parser
+
+
+def destination(path: Path) -> Path:
+    """Where a results JSON meant for ``path`` is written: a committed one (in ``results/``) goes to
+    ``runs/`` unless the command line said ``--save``; any other path is used as it is."""
+    path = Path(path)
+    if path.resolve().parent == RESULTS_DIR.resolve() and not _replace_committed:
+        return RUNS_DIR / path.name
+    return path
 
 
 def command(name: str, args: argparse.Namespace | None = None, skip: tuple[str, ...] = ()) -> str:
@@ -71,7 +100,7 @@ def command(name: str, args: argparse.Namespace | None = None, skip: tuple[str, 
     options in ``skip`` (where files go, caches) are left out."""
     words = [f"python -m benchmarks.{name}"]
     for key, value in vars(args or argparse.Namespace()).items():
-        if key == "figures_only" or key in skip or value is None or value is False:
+        if key in ("figures_only", "save") or key in skip or value is None or value is False:
             continue
         words.append(f"--{key.replace('_', '-')}")
         if value is not True:
@@ -135,12 +164,27 @@ def save_result(path: Path, result: dict, figures: Callable[[dict], list[str]], 
     """``result`` with ``"figures"`` (``figures(result)``, the script's FIGURE lines) added, written
     to ``path`` (`write_json`); returns the lines, for the script to print last."""
     result["figures"] = figures(result)
-    write_json(path, result, indent)
+    _write_and_say(path, result, indent)
     return result["figures"]
 
 
+def _write_and_say(path: Path, data: dict, indent: int) -> None:
+    target = destination(path)
+    write_json(target, data, indent)
+    if target != Path(path):
+        print(f"results written to {_shown(target)}; the committed {_shown(path)} is unchanged (--save replaces it)")
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(RESULTS_DIR.resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
 def recompute_figures(path: Path, figures: Callable[[dict], list[str]], indent: int = 2) -> list[str]:
-    """``--figures-only``: ``figures(result)`` of the JSON at ``path``, stored back into it.
+    """``--figures-only``: ``figures(result)`` of the JSON at ``path``, stored back into it (into
+    its copy in ``runs/`` unless ``--save``: see `destination`).
 
     The lines go under ``"figures"`` (in its place if the file has one, else at the end), followed
     by ``"figures_recomputed"``, which says when and how; every other key keeps its value and its
@@ -161,5 +205,5 @@ def recompute_figures(path: Path, figures: Callable[[dict], list[str]], indent: 
             updated |= {"figures": lines, "figures_recomputed": note}
         else:
             updated[key] = value
-    write_json(path, updated, indent)
+    _write_and_say(path, updated, indent)
     return lines

@@ -165,3 +165,50 @@ def test_every_script_answers_help():
         assert code == 0, (name, text)
         assert text.startswith(f"usage: python -m benchmarks.{name} "), (name, text)
         assert "--figures-only" in text, name
+
+
+# ---------------------------------------------------------------------------------------------
+# A run leaves the committed results alone unless --save
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def committed(tmp_path, monkeypatch):
+    """A results/ folder holding one committed JSON, and the runs/ folder beside it."""
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    (results / "probe.json").write_text('{"command": "committed", "figures": []}\n')
+    monkeypatch.setattr(report, "RESULTS_DIR", results)
+    monkeypatch.setattr(report, "RUNS_DIR", runs)
+    monkeypatch.setattr(report, "_replace_committed", False)
+    return results / "probe.json"
+
+
+def _figures(result):
+    return [report.figure("probe_ratio", result["ratio"], ">=", 1.0)]
+
+
+def test_a_default_run_writes_beside_and_leaves_the_committed_json(committed, capsys):
+    before = committed.read_bytes()
+    report.argument_parser("probe", "Probe.").parse_args([])
+    report.save_result(committed, {"command": "new run", "ratio": 2.0}, _figures)
+    assert committed.read_bytes() == before
+    written = json.loads((report.RUNS_DIR / "probe.json").read_text())
+    assert written["command"] == "new run" and written["figures"] == ["FIGURE probe_ratio: 2 (target >= 1.0) met"]
+    assert "the committed" in capsys.readouterr().out
+
+
+def test_figures_only_writes_beside_too(committed):
+    report.argument_parser("probe", "Probe.").parse_args(["--figures-only"])
+    committed.write_text('{"command": "committed", "ratio": 0.5, "figures": []}\n')
+    before = committed.read_bytes()
+    lines = report.recompute_figures(committed, _figures)
+    assert lines == ["FIGURE probe_ratio: 0.5 (target >= 1.0) missed"]
+    assert committed.read_bytes() == before
+    assert json.loads((report.RUNS_DIR / "probe.json").read_text())["figures"] == lines
+
+
+def test_save_replaces_the_committed_json(committed):
+    args = report.argument_parser("probe", "Probe.").parse_args(["--save"])
+    assert "--save" not in report.command("probe", args)     # the stored command repeats the run, not the saving
+    report.save_result(committed, {"command": "saved run", "ratio": 2.0}, _figures)
+    assert json.loads(committed.read_text())["command"] == "saved run"
+    assert not (report.RUNS_DIR / "probe.json").exists()

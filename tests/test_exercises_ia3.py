@@ -38,7 +38,9 @@ def test_the_hand_worked_case_is_right():
         assert torch.equal(lin(l * x), torch.tensor(ia3.HAND_EXPECTED[True]))
 
 
-def _peft_shortcut(x, W, b, l, feedforward):
+def _peft_layer(W, b, l, feedforward):
+    """peft's IA3 Linear around an nn.Linear holding W and b, with l as its vector (what a learner
+    taking the shortcut would build)."""
     from peft import IA3Config
     from peft.tuners.ia3.layer import Linear
 
@@ -49,22 +51,19 @@ def _peft_shortcut(x, W, b, l, feedforward):
             base.bias.copy_(b)
         layer = Linear(base, "default", IA3Config(), is_feedforward=feedforward)
         layer.ia3_l["default"].copy_(l.reshape(layer.ia3_l["default"].shape))
-        return layer(x)
+    return layer
+
+
+def _peft_shortcut(x, W, b, l, feedforward):
+    with torch.no_grad():
+        return _peft_layer(W, b, l, feedforward)(x)
 
 
 def _peft_merge_shortcut(x, W, b, l, feedforward):
-    from peft import IA3Config
-    from peft.tuners.ia3.layer import Linear
-
-    base = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, dtype=W.dtype)
+    layer = _peft_layer(W, b, l, feedforward)
     with torch.no_grad():
-        base.weight.copy_(W)
-        if b is not None:
-            base.bias.copy_(b)
-        layer = Linear(base, "default", IA3Config(), is_feedforward=feedforward)
-        layer.ia3_l["default"].copy_(l.reshape(layer.ia3_l["default"].shape))
         layer.merge()
-        return base(x)
+        return layer.base_layer(x)
 
 
 def _course_lib_shortcut(x, W, b, l, feedforward):

@@ -106,9 +106,12 @@ def answer_loss(model, tokenizer, rows: Sequence[dict]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, instructions: Sequence[str], answers: Sequence[str],
-               batch_size: int = 16) -> float:
-    """exp(mean negative log-likelihood per answer token), prompt tokens excluded.
+def answer_nll(model, tokenizer, instructions: Sequence[str], answers: Sequence[str],
+               batch_size: int = 16) -> torch.Tensor:
+    """Per answer: ``[summed negative log-likelihood of its tokens, number of its tokens]``, shape
+    ``(len(answers), 2)`` float64, prompt tokens excluded. `perplexity` is
+    ``exp(Σ nll / Σ tokens)`` over these rows; a paired comparison of two models resamples them
+    (`course_lib.stats.paired_bootstrap` with ``stats.corpus_perplexity``).
 
     A prompt-tuned peft model returns logits for its virtual tokens too, in front of the input's
     (``logits.shape[1] > input_ids.shape[1]``); those leading positions are dropped, so the
@@ -116,8 +119,10 @@ def perplexity(model, tokenizer, instructions: Sequence[str], answers: Sequence[
     """
     if not answers:
         raise ValueError("perplexity of zero examples is undefined")
+    if len(instructions) != len(answers):
+        raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers: give one answer per instruction")
     device = model_device(model)
-    total_nll, total_tokens = 0.0, 0
+    rows = []
     for start in range(0, len(answers), batch_size):
         batch = answer_batch(tokenizer, instructions[start:start + batch_size],
                              answers[start:start + batch_size])
@@ -125,11 +130,17 @@ def perplexity(model, tokenizer, instructions: Sequence[str], answers: Sequence[
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]   # drop virtual tokens
         shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                              shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += (shift_labels != -100).sum().item()
-    return math.exp(total_nll / total_tokens)
+        nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+        rows.append(torch.stack([nll.sum(1).double(), (shift_labels != -100).sum(1).double()], dim=1).cpu())
+    return torch.cat(rows)
+
+
+def perplexity(model, tokenizer, instructions: Sequence[str], answers: Sequence[str],
+               batch_size: int = 16) -> float:
+    """exp(mean negative log-likelihood per answer token), prompt tokens excluded (over all
+    answers together; `answer_nll` gives the per-answer parts)."""
+    rows = answer_nll(model, tokenizer, instructions, answers, batch_size)
+    return math.exp(rows[:, 0].sum().item() / rows[:, 1].sum().item())
 
 
 @torch.no_grad()

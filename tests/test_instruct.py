@@ -99,3 +99,22 @@ def test_perplexity_of_virtual_tokens_equals_peft_loss(method):
         math.exp(out.loss.item()), rel=1e-5)
     plain = instruct.perplexity(tiny_llama(), tokenizer, instructions, answers)
     assert instruct.perplexity(model, tokenizer, instructions, answers) != pytest.approx(plain, rel=1e-6)
+
+
+def test_answer_nll_rows_give_the_perplexity_and_transformers_loss():
+    """Per answer, [nll, tokens]: nll / tokens is transformers' loss on that example alone, and
+    exp(Σ nll / Σ tokens) over the batch is instruct.perplexity (padding in the batch changes nothing)."""
+    tokenizer, model = _chat_tokenizer(), tiny_llama()
+    instructions, answers = ["find the name", "a", "split the text here"], ["parse", "ab", "x"]
+    rows = instruct.answer_nll(model, tokenizer, instructions, answers, batch_size=3)
+    assert rows.shape == (3, 2) and rows.dtype == torch.float64
+    for i in range(3):
+        batch = instruct.answer_batch(tokenizer, instructions[i:i + 1], answers[i:i + 1])
+        with torch.no_grad():
+            loss = model(**batch).loss.item()
+        assert rows[i, 1].item() == len(answers[i]) + 1          # answer characters + end of turn
+        assert rows[i, 0].item() / rows[i, 1].item() == pytest.approx(loss, rel=1e-5)
+    ppl = instruct.perplexity(model, tokenizer, instructions, answers, batch_size=2)
+    assert ppl == pytest.approx(math.exp(rows[:, 0].sum().item() / rows[:, 1].sum().item()), rel=1e-6)
+    with pytest.raises(ValueError, match="one answer per instruction"):
+        instruct.answer_nll(model, tokenizer, instructions, answers[:2])

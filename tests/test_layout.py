@@ -106,7 +106,8 @@ def test_techniques_never_import_the_course_tooling():
 
 # DESIGN.md's grouping: the infrastructure every chapter shares never imports a technique.
 INFRASTRUCTURE = {f"course_lib.{m}" for m in ("models", "data", "train", "retrieval", "instruct", "memory",
-                                              "generation", "surgery", "checks", "atomic_files", "cli", "progress")}
+                                              "generation", "surgery", "checks", "atomic_files", "cli", "progress",
+                                              "stats")}
 
 
 def test_infrastructure_never_imports_a_technique():

@@ -42,13 +42,20 @@ def normalize_answer(text: str) -> str:
     return line.split(".")[-1].strip()
 
 
-def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
-    """Fraction of predictions whose normalised form equals the answer exactly (case-sensitive)."""
+def exact_matches(predictions: Sequence[str], answers: Sequence[str]) -> list[bool]:
+    """Per answer: does the normalised prediction equal it exactly (case-sensitive)? The right/wrong
+    list that `course_lib.stats.mcnemar` compares between two models."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers")
     if not answers:
         raise ValueError("exact_match of zero examples is undefined")
-    return sum(normalize_answer(p) == a for p, a in zip(predictions, answers)) / len(answers)
+    return [normalize_answer(p) == a for p, a in zip(predictions, answers)]
+
+
+def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    """Fraction of predictions whose normalised form equals the answer exactly (case-sensitive)."""
+    matches = exact_matches(predictions, answers)
+    return sum(matches) / len(matches)
 
 
 def chat_prompt(tokenizer, instruction: str) -> str:

@@ -16,6 +16,7 @@ def test_exact_match_normalisation():
     answers = ["dumps", "loads", "parse", "parse", "split", "abspath", "abspath"]
     # case matters (Parse != parse) and a sentence without a quoted name is not parsed for one
     assert instruct.exact_match(preds, answers) == pytest.approx(5 / 7)
+    assert instruct.exact_matches(preds, answers) == [True, True, True, False, True, True, False]
     with pytest.raises(ValueError):
         instruct.exact_match(["a"], ["a", "b"])
 

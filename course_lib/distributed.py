@@ -27,9 +27,12 @@ instead would need ``loss / N``.)
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
+import re
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -119,6 +122,12 @@ def _to_cpu(value):
     return value
 
 
+def _save_record(folder, index: int, record: dict) -> None:
+    out = Path(folder) / f"rank{index}"
+    torch.save(record, f"{out}.tmp")
+    os.replace(f"{out}.tmp", out)
+
+
 def _worker(index, fn, args, world_size, port, backend, folder, timeout) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
@@ -129,34 +138,61 @@ def _worker(index, fn, args, world_size, port, backend, folder, timeout) -> None
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         # a collective times out a minute after launch's own deadline, so that the clearer TimeoutError comes first
         dist.init_process_group(backend, rank=index, world_size=world_size, timeout=timedelta(seconds=timeout + 60))
-        record = {"result": _to_cpu(fn(index, world_size, *args))}
+        result = _to_cpu(fn(index, world_size, *args))
+        dist.barrier()                   # no rank tears its connections down while a peer still uses them
         dist.destroy_process_group()     # only on success: after a failure the peers may be stuck mid-collective
+        _save_record(folder, index, {"result": result})
     except BaseException as error:
-        try:
-            pickle.dumps(error)
-        except (pickle.PicklingError, TypeError, AttributeError):
-            error = RuntimeError(f"{type(error).__name__}: {error}")
-        record = {"error": error, "traceback": traceback.format_exc()}
+        # plain strings, so that launch reads the record back with weights_only=True
+        _save_record(folder, index, {"error_type": f"{type(error).__module__}:{type(error).__qualname__}",
+                                     "message": str(error), "traceback": traceback.format_exc()})
         raise
-    finally:
-        out = Path(folder) / f"rank{index}"
-        torch.save(record, f"{out}.tmp")
-        os.replace(f"{out}.tmp", out)
+    # The result is saved and the process group is gone: leave now, without the interpreter's shutdown.
+    # There the libraries' C++ destructors run (gloo's connection threads, OpenMP's pool), and one of them
+    # once aborted a rank (SIGABRT) after it had saved a correct result; nothing is left to clean up.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _exception_type(name: str) -> type:
+    module, _, qualname = name.partition(":")
+    try:
+        found = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError, ValueError):
+        return RuntimeError
+    return found if isinstance(found, type) and issubclass(found, BaseException) else RuntimeError
 
 
 def _child_error(folder: Path, rank: int, world: int, failure: Exception) -> Exception:
     """The child's own exception, its message prefixed with the rank, its traceback as a note."""
     try:
-        record = torch.load(folder / f"rank{rank}", weights_only=False)
+        record = torch.load(folder / f"rank{rank}", weights_only=True)
     except (OSError, pickle.UnpicklingError, EOFError, RuntimeError):
         return RuntimeError(f"rank {rank} of {world} died without a Python exception: {failure}")
-    error, text = record["error"], f"rank {rank} of {world} raised {type(record['error']).__name__}: {record['error']}"
+    if "result" in record:
+        return RuntimeError(f"rank {rank} of {world} returned its result, then its process died while exiting "
+                            f"({failure}): a crash in a library's clean-up; run again, and report it if it repeats")
+    kind = _exception_type(record["error_type"])
+    text = f"rank {rank} of {world} raised {record['error_type'].rpartition(':')[2]}: {record['message']}"
     try:
-        raised = type(error)(text)
+        raised = kind(text)
     except TypeError:     # an exception class that wants other arguments than a message
         raised = RuntimeError(text)
     raised.add_note("traceback in the child process:\n" + record["traceback"])
     return raised
+
+
+def _load_result(folder: Path, rank: int):
+    try:
+        return torch.load(folder / f"rank{rank}", weights_only=True)["result"]
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"a {found.group(1)}" if found else "an object of another kind"
+        raise TypeError(f"rank {rank} returned something launch cannot bring back safely ({what}): return "
+                        "tensors, numbers, strings, dtypes, and lists, tuples or dicts of them") from None
 
 
 def launch(fn, nprocs: int, *args, timeout: float = 300.0, backend: str | None = None,
@@ -166,8 +202,8 @@ def launch(fn, nprocs: int, *args, timeout: float = 300.0, backend: str | None =
     The processes (``torch.multiprocessing``, spawn) join one process group on 127.0.0.1:``port``
     (default: a free one) with ``backend`` (default: NCCL, one GPU per process, when CUDA is
     available, else gloo, the CPU cores shared out). ``fn`` must be importable (defined at the top
-    of a module, not in a notebook cell) and return something picklable; tensors come back on the
-    CPU. If a process raises, the others are stopped and its exception is raised here, naming its
+    of a module, not in a notebook cell) and return tensors, numbers, strings, dtypes, or lists,
+    tuples and dicts of them (read back with ``weights_only=True``); tensors come back on the CPU. If a process raises, the others are stopped and its exception is raised here, naming its
     rank (its traceback attached as a note). If they have not all finished after ``timeout``
     seconds they are killed and ``TimeoutError`` is raised: a hang fails instead of blocking.
     """
@@ -192,7 +228,7 @@ def launch(fn, nprocs: int, *args, timeout: float = 300.0, backend: str | None =
                                        "that another never reaches (e.g. ranks given different numbers of batches)")
         except ProcessException as failure:
             raise _child_error(folder, failure.error_index, nprocs, failure) from None
-        return [torch.load(folder / f"rank{r}", weights_only=False)["result"] for r in range(nprocs)]
+        return [_load_result(folder, r) for r in range(nprocs)]
 
 
 # ---------------------------------------------------------------------------------------------

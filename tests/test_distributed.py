@@ -7,9 +7,11 @@ references are computed without any process group: the full batch in one process
 ``MultipleNegativesRankingLoss(gather_across_devices=True)`` for the gathered loss.
 """
 
+import atexit
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -327,6 +329,42 @@ def test_an_exception_in_a_child_comes_back_with_its_rank():
     with pytest.raises(KeyError, match="rank 1 of 2 raised KeyError.*no such column"):
         distributed.launch(failing_worker, 2, timeout=120)
     assert time.monotonic() - start < 60               # rank 0 was stopped, not waited for
+
+
+def aborting_at_exit_worker(rank, world):
+    """Returns its result, and has a clean-up that aborts the process at interpreter shutdown, as a
+    library's C++ destructor did once in CI (SIGABRT after a successful FSDP2 run)."""
+    atexit.register(os.kill, os.getpid(), signal.SIGABRT)
+    return {"rank": rank, "value": torch.full((2,), float(rank))}
+
+
+def test_a_crash_in_clean_up_at_exit_cannot_fail_a_finished_rank():
+    """A rank leaves as soon as its result is saved and its process group destroyed (os._exit),
+    so the interpreter's shutdown, where the abort is registered, never runs."""
+    results = distributed.launch(aborting_at_exit_worker, 2, timeout=120)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert torch.equal(results[1]["value"], torch.ones(2))
+
+
+def test_a_rank_that_died_after_saving_its_result_is_named(tmp_path):
+    torch.save({"result": 3}, tmp_path / "rank1")
+    error = distributed._child_error(tmp_path, 1, 2, RuntimeError("process 1 terminated with signal SIGABRT"))
+    assert isinstance(error, RuntimeError)
+    assert "rank 1 of 2 returned its result, then its process died while exiting" in str(error)
+    assert "SIGABRT" in str(error)
+
+
+class Opaque:
+    pass
+
+
+def opaque_worker(rank, world):
+    return Opaque()
+
+
+def test_a_result_that_cannot_come_back_safely_is_refused_with_what_to_return():
+    with pytest.raises(TypeError, match=r"rank 0 returned something launch cannot bring back safely \(a test_distributed\.Opaque\): return tensors"):
+        distributed.launch(opaque_worker, 2, timeout=120)
 
 
 def hanging_worker(rank, world):

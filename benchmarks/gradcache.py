@@ -31,6 +31,11 @@ from course_lib.memory import SavedActivations
 RESULTS = RESULTS_DIR / "gradcache.json"
 
 
+def _preprocess(model, texts):
+    """sentence-transformers' tokenization: ``preprocess`` (``tokenize`` before 6.0, deprecated since)."""
+    return (model.preprocess if hasattr(model, "preprocess") else model.tokenize)(texts)
+
+
 def with_lora(base):
     model = copy.deepcopy(base)
     lora.inject_lora(model, target_modules=["query", "value"], r=8, lora_alpha=16)
@@ -63,7 +68,7 @@ def memory_and_time(base, tokenizer, st_model, batch: int, chunk: int, repeats: 
     lora.inject_lora(st_model[0].auto_model, target_modules=["query", "value"], r=8, lora_alpha=16)
     st_model.train()
     st_model.max_seq_length = retrieval.DOC_MAX_TOKENS
-    features = [st_model.tokenize(queries), st_model.tokenize(docs)]
+    features = [_preprocess(st_model, queries), _preprocess(st_model, docs)]
     encode = lambda f: st_model(dict(f))["sentence_embedding"]
     cached = CachedMultipleNegativesRankingLoss(st_model, scale=20.0, mini_batch_size=chunk)
 

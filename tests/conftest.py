@@ -72,3 +72,8 @@ def assert_one_line_error(status, out, err, *words):
     assert "internal error" not in err and "Traceback" not in err, err
     for word in words:
         assert word in err, err
+
+
+def st_preprocess(model, texts):
+    """sentence-transformers' tokenization: ``preprocess`` (``tokenize`` before 6.0, deprecated since)."""
+    return (model.preprocess if hasattr(model, "preprocess") else model.tokenize)(texts)

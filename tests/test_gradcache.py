@@ -9,10 +9,12 @@ import copy
 
 import pytest
 import torch
+from conftest import st_preprocess
 
 from course_lib import data, gradcache, lora, retrieval
 
 MAX_TOKENS = 32  # short sequences keep a batch-64 step of the real MiniLM to a few seconds
+
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +161,7 @@ def test_equals_sentence_transformers_cached_mnrl(pairs, train_mode):
     st.max_seq_length = MAX_TOKENS
     st.train(train_mode)
     queries, docs = pairs[0][:32], pairs[1][:32]
-    features = [st.tokenize(queries), st.tokenize(docs)]
+    features = [st_preprocess(st, queries), st_preprocess(st, docs)]
     loss_fn = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=8)
     torch.manual_seed(5)
     theirs = loss_fn([dict(f) for f in features], None)

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import st_preprocess
 
 from course_lib import data, gradcache, matryoshka, retrieval
 from course_lib.matryoshka import MatryoshkaLoss
 
 MAX_TOKENS = 32
 N_PAIRS = 16
+
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def test_equals_sentence_transformers_matryoshka_loss(st, pairs, dims, weights):
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as STMatryoshkaLoss
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    features = [st.tokenize(pairs[0]), st.tokenize(pairs[1])]
+    features = [st_preprocess(st, pairs[0]), st_preprocess(st, pairs[1])]
     reference = STMatryoshkaLoss(st, MultipleNegativesRankingLoss(st, scale=20.0),
                                  matryoshka_dims=dims, matryoshka_weights=weights)
     theirs = reference([dict(f) for f in features], None)
@@ -98,7 +100,7 @@ def test_gradcache_equals_sentence_transformers_cached_matryoshka(st, pairs):
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss as STMatryoshkaLoss
 
     dims, weights = [384, 64], [1.0, 2.0]
-    features = [st.tokenize(pairs[0]), st.tokenize(pairs[1])]
+    features = [st_preprocess(st, pairs[0]), st_preprocess(st, pairs[1])]
     reference = STMatryoshkaLoss(st, CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=4),
                                  matryoshka_dims=dims, matryoshka_weights=weights)
     theirs = reference([dict(f) for f in features], None)

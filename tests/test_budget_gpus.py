@@ -34,6 +34,39 @@ def test_master_weights_make_the_16_bytes_of_mixed_precision_adam():
             estimate("llama-3-8b", master_weights=True, **kwargs)
 
 
+def test_the_two_conventions_for_16_bit_full_fine_tuning_of_llama_3_8b():
+    """torch's AdamW on bfloat16 parameters (bf16 moments): 2 + 2 + 4 = 8 bytes per parameter; classic
+    mixed precision (float32 master copy and moments): 2 + 2 + 4 + 4 + 4 = 16. LLaMA-3-8B has
+    8,030,261,248 parameters: 128,256 x 4,096 embedding and as many in the untied output layer, 32
+    layers of 4,096 x (4,096 + 1,024 + 1,024 + 4,096) + 3 x 4,096 x 14,336 + 2 x 4,096, a final norm."""
+    n = 2 * 128_256 * 4_096 + 32 * (4_096 * 10_240 + 3 * 4_096 * 14_336 + 2 * 4_096) + 4_096
+    assert n == 8_030_261_248
+    torch_bf16 = estimate("llama-3-8b", "full", optimizer="adamw16bit")
+    mixed = estimate("llama-3-8b", "full", master_weights=True)
+    assert (torch_bf16.weights, torch_bf16.gradients, torch_bf16.optimizer_state) == (
+        16_060_522_496, 16_060_522_496, 32_121_044_992)
+    assert torch_bf16.model_states == 64_242_089_984  # 8 bytes x n
+    assert (mixed.weights, mixed.gradients, mixed.optimizer_state) == (16_060_522_496, 16_060_522_496, 96_363_134_976)
+    assert mixed.model_states == 128_484_179_968  # 16 bytes x n
+    assert torch_bf16.activations == mixed.activations
+    # a LoRA adapter in bfloat16 (SmolLM2, r=8 on q and v: 460,800 parameters): 2 + 2 + 4 bytes each
+    lora = estimate("smollm2-135m", "lora", lora_dtype="bfloat16", optimizer="adamw16bit")
+    assert (lora.lora_parameters, lora.gradients, lora.optimizer_state) == (921_600, 921_600, 1_843_200)
+
+
+def test_torch_adamw_keeps_its_moments_in_the_parameters_dtype():
+    """What "adamw16bit" models: torch.optim.AdamW on a bfloat16 parameter keeps bfloat16 moments."""
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(6, dtype=torch.bfloat16))
+    optimizer = torch.optim.AdamW([p])
+    p.grad = torch.ones_like(p)
+    optimizer.step()
+    moments = [optimizer.state[p][k] for k in ("exp_avg", "exp_avg_sq")]
+    assert all(m.dtype == torch.bfloat16 for m in moments)
+    assert sum(m.numel() * m.element_size() for m in moments) == budget.OPTIMIZERS["adamw16bit"] * p.numel()
+
+
 # ---------------------------------------------------------------------------------------------
 # The ZeRO paper's Figure 1
 # ---------------------------------------------------------------------------------------------

@@ -211,11 +211,13 @@ def estimate(config, method: str = "lora", *, r: int | None = None, target_modul
     * ``r``, ``target_modules`` (peft's names: ``["q_proj", "v_proj"]``, ``"all-linear"``...): LoRA
       and QLoRA only; defaults r=8 on the query and value projections.
     * ``weight_dtype``: the dtype of every weight that is not quantized, and of the activations
-      (float32, bfloat16 or float16). Full fine-tuning in bfloat16 keeps no float32 master copy.
+      (float32, bfloat16 or float16). Full fine-tuning in bfloat16 keeps no float32 master copy
+      unless ``master_weights``.
     * ``lora_dtype``: the adapters' dtype; float32 by default, as peft and `course_lib.lora` keep them
       beside a half-precision or quantized base (each adapted layer then saves a float32 copy of its input).
     * ``quant_type`` ("nf4" or "fp4") and ``double_quant`` (default True): QLoRA only.
-    * ``optimizer``: "adamw" (32-bit moments), "adamw8bit" (bitsandbytes) or "sgd" (no momentum).
+    * ``optimizer``: "adamw" (32-bit moments), "adamw16bit" (16-bit moments: torch's AdamW on bfloat16
+      parameters), "adamw8bit" (bitsandbytes) or "sgd" (no momentum).
     * ``batch_size``, ``seq_len``: sequences per forward pass and tokens per sequence.
       ``gradient_accumulation_steps`` multiplies the effective batch at no memory cost (the
       gradients are held in full anyway). ``chunk_size``: GradCache for contrastive encoders,

@@ -31,11 +31,13 @@ from .configs import ModelConfig, get_config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 METHODS = ("full", "lora", "qlora")
-OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2 + 2 * 4 / 2048, "sgd": 0.0}
-"""Optimizer state in bytes per trainable parameter: AdamW keeps two float32 moments; bitsandbytes'
-8-bit AdamW two uint8 moments plus one float32 absmax per block of 2048 values for each (tensors
-under 4096 values stay 32-bit there, which is not modelled); SGD without momentum keeps nothing.
-torch's AdamW on bfloat16 parameters keeps bfloat16 moments (4 bytes): that is not "adamw" here."""
+OPTIMIZERS = {"adamw": 8.0, "adamw16bit": 4.0, "adamw8bit": 2 + 2 * 4 / 2048, "sgd": 0.0}
+"""Optimizer state in bytes per trainable parameter: AdamW keeps two float32 moments; "adamw16bit"
+two 16-bit moments, which is what ``torch.optim.AdamW`` keeps for bfloat16 or float16 parameters (its
+moments take the parameter's dtype), so full fine-tuning in bfloat16 with it holds 2 + 2 + 4 bytes per
+parameter; bitsandbytes' 8-bit AdamW two uint8 moments plus one float32 absmax per block of 2048
+values for each (tensors under 4096 values stay 32-bit there, which is not modelled); SGD without
+momentum keeps nothing. ``master_weights`` adds the float32 copy on top of any of them."""
 ATTENTION = ("sdpa", "eager")
 SHARDING = ("none", "optimizer", "optimizer+gradients", "full")
 """ZeRO's stages 0, 1, 2, 3, cheapest first: DDP, ZeRO-1, ZeRO-2 (FSDP SHARD_GRAD_OP), ZeRO-3 (FSDP FULL_SHARD)."""

@@ -137,8 +137,11 @@ def answer_nll(model, tokenizer, instructions: Sequence[str], answers: Sequence[
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]   # drop virtual tokens
         shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-        rows.append(torch.stack([nll.sum(1).double(), (shift_labels != -100).sum(1).double()], dim=1).cpu())
+        # per token over the flattened (tokens, vocabulary) logits: the softmax runs along contiguous
+        # rows (the (batch, vocabulary, tokens) layout rounds differently, by up to 2e-4 per token)
+        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                              ignore_index=-100, reduction="none").view(shift_labels.shape)
+        rows.append(torch.stack([nll.double().sum(1), (shift_labels != -100).sum(1).double()], dim=1).cpu())
     return torch.cat(rows)
 
 

@@ -28,13 +28,14 @@
 # The parameters below are sized for a 2-core CPU; raise them on a GPU.
 
 # %%
+import json
 import time
 
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from course_lib import data, instruct, models, retrieval
+from course_lib import data, instruct, models, retrieval, stats
 
 SEED = 0
 DEVICE = models.default_device()
@@ -56,6 +57,12 @@ print(f"torch {torch.__version__} on {DEVICE}, {torch.get_num_threads()} threads
 #   transformers reads GGUF through the `gguf` package and dequantizes it to float32. That takes
 #   ~20 s, so the first load writes a safetensors copy to `~/.cache/course_lib` and later loads
 #   read the copy (`benchmarks/model_loading.py` measures the speed-up side by side).
+#
+# One caveat holds for the whole course: the only SmolLM2 file we have is a **4-bit** GGUF
+# (`Q4_1`, below). Its float32 weights in memory are dequantized 4-bit values, not the original
+# bfloat16 weights the model was released with. Every SmolLM2 number in this course (baselines,
+# fine-tuning, and the 4-bit quantization of chapter 02, which re-quantizes weights that were
+# already 4-bit) is measured on that slightly degraded model.
 
 # %% tags=["nbval-ignore-output"]
 start = time.perf_counter()
@@ -96,7 +103,8 @@ print(f"whole file: {gguf_bits:.2f} bits per weight on average")
 # float16 scale and a float16 minimum, i.e. (16 + 2 + 2) × 8 / 32 = 5 bits per weight. The token
 # embedding (shared with the output layer) is **Q8_0**: 32 int8 codes plus a float16 scale,
 # 8.5 bits per weight. Norm weights stay float32. Chapter 02 builds 4-bit quantization (NF4) from
-# scratch; here we only check that the stored sizes follow from those formats.
+# scratch; here we check that the stored sizes follow from those formats, and that the float32
+# weights in memory still sit on the Q4_1 grid.
 
 # %%
 assert gguf["Q4_1"]["bits_per_element"] == (16 + 2 + 2) * 8 / 32        # 5.0
@@ -107,6 +115,39 @@ for name, info in facts.items():
     assert info["parameter_bytes"] == 4 * info["parameters"], name       # float32 in memory
 # MiniLM's safetensors file: the float32 tensors plus a header of a few kB (it also stores the unused position ids)
 assert 0 < facts["all-MiniLM-L6-v2"]["file_bytes"] - facts["all-MiniLM-L6-v2"]["parameter_bytes"] < 100_000
+
+# %% [markdown]
+# Dequantizing a Q4_1 block gives each of its 32 weights the value $d\,c + m$, with the block's
+# scale $d$, its minimum $m$ and a 4-bit code $c \in \{0, \dots, 15\}$. So a block of SmolLM2's
+# float32 weights holds **at most 16 distinct values**, evenly spaced by $d$. We count the distinct
+# values in every 32-weight block of the seven linear layers of SmolLM2's first transformer layer,
+# and, for contrast, of MiniLM's, whose weights were never quantized:
+
+# %%
+def distinct_per_block(weight, block=32):
+    """Number of distinct values in each run of `block` consecutive weights (GGUF's blocks run along a row)."""
+    ordered = weight.detach().reshape(-1, block).sort(dim=1).values
+    return 1 + (ordered.diff(dim=1) != 0).sum(dim=1)
+
+def linear_weights(layer):
+    return [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+
+smollm_counts = torch.cat([distinct_per_block(w) for w in linear_weights(smollm.model.layers[0])])
+minilm_counts = torch.cat([distinct_per_block(w) for w in linear_weights(minilm.encoder.layer[0])])
+print(f"SmolLM2, layer 0: {len(smollm_counts):,d} blocks of 32 weights, distinct values per block: "
+      f"at most {smollm_counts.max().item()}, mean {smollm_counts.float().mean():.1f}")
+print(f"MiniLM,  layer 0: {len(minilm_counts):,d} blocks of 32 weights, distinct values per block: "
+      f"at most {minilm_counts.max().item()}, mean {minilm_counts.float().mean():.1f}")
+block = smollm.model.layers[0].mlp.down_proj.weight[0, :32].detach()
+levels = block.unique()
+codes = (block - levels[0]) / levels.diff().min()     # (value - m) / d: the 4-bit codes
+print(f"one block (mlp.down_proj, row 0, weights 0-31): {len(levels)} distinct values, "
+      f"codes {codes.round().int().tolist()}")
+
+# %%
+assert smollm_counts.max() <= 16                       # every block on a 16-level grid: 4-bit weights
+assert minilm_counts.float().mean() > 31               # unquantized float32: nearly all 32 values differ
+assert (codes - codes.round()).abs().max() < 1e-3 and codes.round().max() <= 15   # evenly spaced, codes 0..15
 
 # %% [markdown]
 # ## The datasets
@@ -172,8 +213,28 @@ print(f"median query: {sorted(query_words)[len(query_words) // 2]} words; "
 #
 # We search twice: among the test documents only, and among the test
 # documents plus a seeded sample of `N_DISTRACTORS` distractors (the full corpus is for GPU runs
-# and benchmarks). MiniLM was trained on natural-language pairs, not on code, so this is the bar a
-# fine-tuned encoder must clear.
+# and benchmarks). This is the bar a fine-tuned encoder must clear.
+#
+# **MiniLM has seen code before.** Its model card (the `README.md` and `data_config.json` shipped
+# next to the weights, printed below) lists the pairs it was trained on: mostly natural language
+# (Reddit, S2ORC, WikiAnswers, PAQ, Stack Exchange, ...), but also 1,151,414 pairs from
+# **CodeSearchNet**, which pairs a function's documentation with its code, the same kind of pair as
+# ours. So "zero-shot" here means "not trained on our training split", not "never saw code".
+# Whether any of our test functions are among CodeSearchNet's pairs we cannot check offline:
+# ours come from CPython 3.11's standard library (`data/README.md`), CodeSearchNet from public
+# GitHub repositories, where copies of standard-library modules are not rare. If some are, the
+# baseline has seen those very pairs, which flatters it and leaves fine-tuning less room to gain.
+
+# %%
+minilm_card = (models.minilm_path() / "README.md").read_text(encoding="utf-8")
+code_rows = [line for line in minilm_card.splitlines() if "code_search_net" in line and line.startswith("| [")]
+training_sets = json.loads((models.minilm_path() / "data_config.json").read_text(encoding="utf-8"))
+codesearchnet = next(d for d in training_sets if d["name"].startswith("codesearchnet"))
+total_pairs = sum(d["lines"] for d in training_sets)
+print(code_rows[0])
+print(f"CodeSearchNet: {codesearchnet['lines']:,d} of {total_pairs:,d} training pairs "
+      f"({codesearchnet['lines'] / total_pairs:.2%}), in {len(training_sets)} training files")
+assert codesearchnet["lines"] == 1_151_414 and "code_search_net" in minilm_card
 
 # %% tags=["nbval-ignore-output"]
 distractors = data.load_distractors(n=N_DISTRACTORS, seed=SEED)
@@ -205,6 +266,32 @@ assert alone["recall@10"] > 5 * 10 / len(test_pairs)
 assert mixed["recall@10"] > 5 * 10 / len(documents)
 
 # %% [markdown]
+# How precise are these baselines? They are measured on 506 test queries, a sample of the
+# functions one might search for. Resampling the queries with replacement (a seeded bootstrap,
+# `course_lib.stats`) gives a 95% interval for each figure: chapters 01-04 compare against it.
+# Adding the distractors is a paired comparison (the same queries, two corpora), so its effect gets
+# a paired interval: `stats.paired_bootstrap(a, b)` resamples the queries and recomputes
+# mean(b) − mean(a) on each resample. With an all-zero `a` the same call gives the interval of
+# mean(b) alone.
+
+# %%
+def hits(ranks, k):
+    return (ranks <= k).float()     # 1 where the query's own function is in the top k
+
+no_score = torch.zeros(len(test_pairs))
+baseline_ci = {}
+for label, ranks in [("test documents", rank_alone), ("+ distractors", rank_mixed)]:
+    r10 = stats.paired_bootstrap(no_score, hits(ranks, 10))
+    mrr_ci = stats.paired_bootstrap(no_score, 1 / ranks.float())
+    baseline_ci[label] = (r10, mrr_ci)
+    print(f"{label:15s} recall@10 {r10.b:.3f} [95% CI {r10.low:.3f}, {r10.high:.3f}]   "
+          f"MRR {mrr_ci.b:.3f} [95% CI {mrr_ci.low:.3f}, {mrr_ci.high:.3f}]")
+distractor_r10 = stats.paired_bootstrap(hits(rank_alone, 10), hits(rank_mixed, 10))
+distractor_mrr = stats.paired_bootstrap(1 / rank_alone.float(), 1 / rank_mixed.float())
+print(f"adding {N_DISTRACTORS} distractors: recall@10 {distractor_r10} ({distractor_r10.verdict()}), "
+      f"MRR {distractor_mrr} ({distractor_mrr.verdict()})")
+
+# %% [markdown]
 # ## Baseline 2: SmolLM2 names the function, zero-shot
 #
 # The instruction gives the docstring summary and asks for the function's name; the answer is
@@ -225,7 +312,9 @@ print(f"scored {len(sample)} instructions in {time.perf_counter() - start:.0f} s
 
 # %%
 em = instruct.exact_match(predictions, answers)
-print(f"exact match {em:.3f} ({round(em * len(sample))}/{len(sample)}), perplexity of the answer {ppl:.2f}\n")
+em_ci = stats.paired_bootstrap(torch.zeros(len(sample)), torch.tensor(instruct.exact_matches(predictions, answers)).float())
+print(f"exact match {em:.3f} ({round(em * len(sample))}/{len(sample)}) [95% CI {em_ci.low:.3f}, {em_ci.high:.3f}], "
+      f"perplexity of the answer {ppl:.2f}\n")
 print("instruction:", instructions[0], "\n")
 for pred, gold in list(zip(predictions, answers))[:6]:
     print(f"{'OK  ' if instruct.normalize_answer(pred) == gold else 'MISS'} gold {gold!r:28s} model {pred!r}")
@@ -246,24 +335,31 @@ table = f'''
 | SmolLM2 GGUF file | {facts["SmolLM2-135M-Instruct"]["file_bytes"] / 2**20:.1f} MiB, {gguf_bits:.2f} bits per weight |
 | code-search pairs train / val / test | {len(splits["train"])} / {len(splits["val"])} / {len(splits["test"])} |
 | MiniLM recall@1, test documents ({len(test_pairs)}) | {alone["recall@1"]:.3f} |
-| MiniLM recall@10, test documents | {alone["recall@10"]:.3f} |
-| MiniLM MRR, test documents | {alone["mrr"]:.3f} |
+| MiniLM recall@10, test documents | {alone["recall@10"]:.3f} [95% CI {baseline_ci["test documents"][0].low:.3f}, {baseline_ci["test documents"][0].high:.3f}] |
+| MiniLM MRR, test documents | {alone["mrr"]:.3f} [95% CI {baseline_ci["test documents"][1].low:.3f}, {baseline_ci["test documents"][1].high:.3f}] |
 | MiniLM recall@1, + {N_DISTRACTORS} distractors ({len(documents)}) | {mixed["recall@1"]:.3f} |
-| MiniLM recall@10, + distractors | {mixed["recall@10"]:.3f} |
-| MiniLM MRR, + distractors | {mixed["mrr"]:.3f} |
-| SmolLM2 exact match ({len(sample)} test instructions) | {em:.3f} |
+| MiniLM recall@10, + distractors | {mixed["recall@10"]:.3f} [95% CI {baseline_ci["+ distractors"][0].low:.3f}, {baseline_ci["+ distractors"][0].high:.3f}] |
+| MiniLM MRR, + distractors | {mixed["mrr"]:.3f} [95% CI {baseline_ci["+ distractors"][1].low:.3f}, {baseline_ci["+ distractors"][1].high:.3f}] |
+| recall@10 change from the distractors (paired) | {distractor_r10} |
+| SmolLM2 weights, distinct values per 32-weight block (layer 0) | at most {smollm_counts.max().item()} (Q4_1 grid); MiniLM: mean {minilm_counts.float().mean():.1f} |
+| SmolLM2 exact match ({len(sample)} test instructions) | {em:.3f} [95% CI {em_ci.low:.3f}, {em_ci.high:.3f}] |
 | SmolLM2 answer perplexity | {ppl:.2f} |
 '''
 display(Markdown(table))
 
 # %% [markdown]
-# **What the baselines say.** Zero-shot, MiniLM already finds a function from its docstring
-# summary fairly often: among the 506 test documents, recall@1 is 0.389, recall@10 0.792 and MRR
-# 0.526. With 2,000 distractors added (2,506 documents), recall@10 falls to 0.727 and MRR to 0.469:
-# a larger corpus holds more near-misses. SmolLM2 names the exact function in only 4 of 200 test
-# instructions (exact match 0.020): it answers in sentences and invents descriptive names, and the
-# right name has a perplexity of 287.51. These are the numbers chapters 01-04 try to beat, on the
-# same test split.
+# **What the baselines say.** Without training on our split, MiniLM already finds a function from
+# its docstring summary fairly often (it has seen CodeSearchNet's documentation-code pairs, see
+# above): among the 506 test documents, recall@1 is 0.389, recall@10 0.792 (95% interval 0.757 to
+# 0.826) and MRR 0.526 (0.491 to 0.562). With 2,000 distractors added (2,506 documents), recall@10
+# falls to 0.727 and MRR to 0.469: a change of −0.065 in recall@10 (95% paired interval −0.087 to
+# −0.045) and −0.057 in MRR (−0.070 to −0.045), a loss well beyond noise, as a larger corpus holds
+# more near-misses. The interval of recall@10 reaches about 0.035 either side of it: setting a
+# fine-tuned model's interval beside this one would miss real gains smaller than that, so the
+# later chapters compare the two models paired, query by query, which sees smaller differences.
+# SmolLM2 names the exact function in only 4 of 200 test instructions (exact match 0.020): it
+# answers in sentences and invents descriptive names, and the right name has a perplexity of
+# 287.51. These are the numbers chapters 01-04 try to beat, on the same test split.
 
 # %%
 # The figures quoted in the paragraph above, checked against what this run computed.
@@ -274,6 +370,11 @@ computed = {"alone recall@1": round(alone["recall@1"], 3), "alone recall@10": ro
             "mixed mrr": round(mixed["mrr"], 3), "exact match": round(em, 3), "perplexity": round(ppl, 2)}
 assert computed == quoted, {k: (quoted[k], computed[k]) for k in quoted if quoted[k] != computed[k]}
 assert (len(test_pairs), len(documents), len(sample), round(em * len(sample))) == (506, 2506, 200, 4)
+r10_alone, mrr_alone = baseline_ci["test documents"]
+assert (round(r10_alone.low, 3), round(r10_alone.high, 3), round(mrr_alone.low, 3), round(mrr_alone.high, 3)) == (0.757, 0.826, 0.491, 0.562)
+assert (round(distractor_r10.difference, 3), round(distractor_r10.low, 3), round(distractor_r10.high, 3)) == (-0.065, -0.087, -0.045)
+assert (round(distractor_mrr.difference, 3), round(distractor_mrr.low, 3), round(distractor_mrr.high, 3)) == (-0.057, -0.070, -0.045)
+assert distractor_r10.verdict() == distractor_mrr.verdict() == "loss"
 
 # %% [markdown]
 # ## Exercises

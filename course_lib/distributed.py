@@ -37,7 +37,7 @@ import tempfile
 import time
 import traceback
 from datetime import timedelta
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
 
 import torch
@@ -113,19 +113,16 @@ def init_from_env(backend: str | None = None, timeout: float = 600.0) -> tuple[i
 
 
 def _to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
-    return value
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def _save_record(folder, index: int, record: dict) -> None:
-    out = Path(folder) / f"rank{index}"
-    torch.save(record, f"{out}.tmp")
-    os.replace(f"{out}.tmp", out)
+    torch.save(record, Path(folder) / f"rank{index}.tmp")
+    os.replace(Path(folder) / f"rank{index}.tmp", Path(folder) / f"rank{index}")
 
 
 def _worker(index, fn, args, world_size, port, backend, folder, timeout) -> None:
@@ -147,20 +144,16 @@ def _worker(index, fn, args, world_size, port, backend, folder, timeout) -> None
         _save_record(folder, index, {"error_type": f"{type(error).__module__}:{type(error).__qualname__}",
                                      "message": str(error), "traceback": traceback.format_exc()})
         raise
-    # The result is saved and the process group is gone: leave now, without the interpreter's shutdown.
-    # There the libraries' C++ destructors run (gloo's connection threads, OpenMP's pool), and one of them
-    # once aborted a rank (SIGABRT) after it had saved a correct result; nothing is left to clean up.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # Saved, group gone: leave without the interpreter's shutdown, whose C++ destructors (gloo's threads,
+    # OpenMP's pool) once aborted a rank (SIGABRT) after it had saved a correct result.
+    sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)
 
 
 def _exception_type(name: str) -> type:
     module, _, qualname = name.partition(":")
     try:
-        found = importlib.import_module(module)
-        for part in qualname.split("."):
-            found = getattr(found, part)
+        found = reduce(getattr, qualname.split("."), importlib.import_module(module))
     except (ImportError, AttributeError, ValueError):
         return RuntimeError
     return found if isinstance(found, type) and issubclass(found, BaseException) else RuntimeError

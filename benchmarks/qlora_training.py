@@ -9,7 +9,10 @@ the same batches of the instruction task, AdamW at 2e-3) on three bases:
    peft's ``prepare_model_for_kbit_training`` and ``get_peft_model``.
 
 Each is scored on the test instructions by exact match of greedy answers and by answer
-perplexity. All three run on this machine's CPU in float32 compute, in this one run.
+perplexity. All three run on this machine's CPU in float32 compute, in this one run. Every
+model's per-instruction scores are kept (the untrained model's too), and the JSON records the
+paired comparisons (95% bootstrap intervals, McNemar's p): each training against the untrained
+model, QLoRA against 32-bit LoRA, and bitsandbytes + peft against course_lib.
 
 Run:  .venv/bin/python -m benchmarks.qlora_training [--steps 40] [--n-instruct 100]
 (about 25 minutes on 2 CPU cores). Writes benchmarks/results/qlora_training.json and ends with
@@ -21,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import warnings
 
@@ -28,7 +32,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
+from benchmarks.report import (
+    RESULTS_DIR,
+    Run,
+    answer_items,
+    argument_parser,
+    compare_answers,
+    figure,
+    paired_line,
+    recompute_figures,
+    save_result,
+)
 from course_lib import data, instruct, lora, models, qlora, train
 from course_lib.memory import optimizer_state_bytes
 
@@ -49,12 +63,21 @@ def run(label: str, model, tokenizer, steps: int, batch: int, test: list) -> dic
     instructions = [r["instruction"] for r in test]
     answers = [r["answer"] for r in test]
     predictions = instruct.generate_answers(model, tokenizer, instructions)
+    nll = instruct.answer_nll(model, tokenizer, instructions, answers)
     return {"method": label, "trainable": lora.count_parameters(model)[0],
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "seconds_per_step": round(history.seconds_per_step, 3),
             "loss": [round(x, 5) for x in history.loss],
             "exact_match": round(instruct.exact_match(predictions, answers), 4),
-            "perplexity": round(instruct.perplexity(model, tokenizer, instructions, answers), 3)}
+            "perplexity": round(math.exp(nll[:, 0].sum().item() / nll[:, 1].sum().item()), 3),
+            "items": answer_items(nll, instruct.exact_matches(predictions, answers))}
+
+
+def zero_shot(model, tokenizer, test: list) -> dict:
+    """The untrained model's per-instruction record, the reference each training is compared with."""
+    instructions, answers = [r["instruction"] for r in test], [r["answer"] for r in test]
+    return answer_items(instruct.answer_nll(model, tokenizer, instructions, answers),
+                        instruct.exact_matches(instruct.generate_answers(model, tokenizer, instructions), answers))
 
 
 def figures(result: dict) -> list[str]:
@@ -111,9 +134,15 @@ def main() -> None:
             run("qlora_bnb_peft", theirs, tokenizer, args.steps, args.batch, test)]
     import peft
 
-    result = {**run.fields(peft=peft.__version__), "runs": runs}
+    items = {"base": zero_shot(base, tokenizer, test)} | {r["method"]: r.pop("items") for r in runs}
+    comparisons = [compare_answers("base", items["base"], m, items[m]) for m in ("lora_fp32", "qlora_course_lib")]
+    comparisons += [compare_answers("lora_fp32", items["lora_fp32"], "qlora_course_lib", items["qlora_course_lib"]),
+                    compare_answers("qlora_course_lib", items["qlora_course_lib"], "qlora_bnb_peft", items["qlora_bnb_peft"])]
+    result = {**run.fields(peft=peft.__version__), "runs": runs, "comparisons": comparisons, "items": items}
     lines = save_result(RESULTS, result, figures)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "items"}, indent=2))
+    for c in comparisons:
+        print(paired_line(c, "perplexity", "+.2f"), "|", paired_line(c, "exact_match"))
     print("\n".join(lines))
 
 

@@ -121,6 +121,7 @@ class Run:
         self.device = device
         self.date = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.started = time.perf_counter()
+        self.load_at_start = os.getloadavg()[0]   # other work on the machine skews timings: recorded
 
     def seconds(self) -> float:
         """Wall seconds since the run started, to a tenth."""
@@ -129,10 +130,11 @@ class Run:
     def fields(self, **machine) -> dict:
         """The run's fields, first in its results JSON: ``command``, ``date`` (UTC, at the start),
         ``seconds`` (wall time so far), ``device``, ``threads`` (torch's), and ``machine`` (CPU
-        count, platform, Python and torch versions, then the ``machine`` keywords: other libraries'
-        versions, load averages)."""
+        count, platform, the 1-minute load average at the start and now, Python and torch versions,
+        then the ``machine`` keywords: other libraries' versions)."""
         fields = {"command": self.command, "date": self.date, "seconds": self.seconds()}
-        info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]}
+        info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                "load_average_1min_at_start_and_end": [round(self.load_at_start, 2), round(os.getloadavg()[0], 2)]}
         if self.device is not None:
             import torch
 
@@ -207,3 +209,53 @@ def recompute_figures(path: Path, figures: Callable[[dict], list[str]], indent: 
             updated[key] = value
     _write_and_say(path, updated, indent)
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-item scores and paired comparisons, recorded so a chapter prints each difference with its
+# interval (course_lib.stats) without re-running anything
+# ---------------------------------------------------------------------------------------------
+def answer_items(answer_nll, correct) -> dict:
+    """One model's per-test-instruction record: ``answer_nll`` rows ``[nll, tokens]``
+    (`instruct.answer_nll`, nll to 1e-6) and ``correct`` as 0/1 (`instruct.exact_matches`)."""
+    rows = answer_nll.tolist() if hasattr(answer_nll, "tolist") else list(answer_nll)
+    return {"answer_nll": [[round(float(nll), 6), int(tokens)] for nll, tokens in rows],
+            "correct": [int(bool(c)) for c in correct]}
+
+
+def _interval(d, higher_is_better: bool) -> dict:
+    return {"a": d.a, "b": d.b, "difference": d.difference, "low": d.low, "high": d.high,
+            "verdict": d.verdict(higher_is_better=higher_is_better)}
+
+
+def compare_answers(a_name: str, a: dict, b_name: str, b: dict) -> dict:
+    """B minus A on the same test instructions (records of `answer_items`): answer perplexity and
+    exact match, each with its seeded 95% paired bootstrap interval and verdict, and McNemar's
+    exact p-value on the right/wrong answers."""
+    from course_lib import stats
+
+    perplexity = stats.paired_bootstrap(a["answer_nll"], b["answer_nll"], stats.corpus_perplexity)
+    exact = stats.paired_bootstrap(a["correct"], b["correct"])
+    return {"a": a_name, "b": b_name, "perplexity": _interval(perplexity, higher_is_better=False),
+            "exact_match": _interval(exact, higher_is_better=True) | {
+                "mcnemar_p": stats.mcnemar(a["correct"], b["correct"]).p_value}}
+
+
+def compare_rankings(a_name: str, a_ranks, b_name: str, b_ranks, k: int = 10) -> dict:
+    """B minus A on the same queries, from each query's 1-based rank of its relevant document:
+    recall@k and MRR, each with its seeded 95% paired bootstrap interval and verdict."""
+    from course_lib import stats
+
+    a_ranks, b_ranks = [int(r) for r in a_ranks], [int(r) for r in b_ranks]
+    recall = stats.paired_bootstrap([r <= k for r in a_ranks], [r <= k for r in b_ranks])
+    mrr = stats.paired_bootstrap([1 / r for r in a_ranks], [1 / r for r in b_ranks])
+    return {"a": a_name, "b": b_name, f"recall@{k}": _interval(recall, higher_is_better=True),
+            "mrr": _interval(mrr, higher_is_better=True)}
+
+
+def paired_line(comparison: dict, metric: str, fmt: str = "+.3f") -> str:
+    """``b minus a: +x [95% CI lo, hi] (verdict)`` for one metric of a recorded comparison."""
+    m = comparison[metric]
+    line = (f"{comparison['b']} minus {comparison['a']}, {metric}: {m['difference']:{fmt}} "
+            f"[95% CI {m['low']:{fmt}}, {m['high']:{fmt}}] ({m['verdict']})")
+    return line + (f", McNemar p = {m['mcnemar_p']:.3g}" if "mcnemar_p" in m else "")

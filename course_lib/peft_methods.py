@@ -194,7 +194,9 @@ def run_method(base: nn.Module, tokenizer, method: str, train_rows: Sequence[dic
     (`instruct.answer_loss`) and report, in one dict: ``trainable`` / ``total`` parameters,
     ``optimizer_state_bytes`` (AdamW after training), ``step_memory`` (`measure_training_step`,
     measured before training; its ``total`` is the peak to compare), ``seconds_per_step``, the
-    first and last loss, the test ``exact_match`` (greedy answers) and answer ``perplexity``.
+    first and last loss, the test ``exact_match`` (greedy answers) and answer ``perplexity``, and
+    per test item ``correct`` (`instruct.exact_matches`) and ``answer_nll`` (`instruct.answer_nll`),
+    what a paired comparison of two methods needs (`course_lib.stats`).
     ``base`` is not changed. ``lr`` defaults to `LEARNING_RATES`, ``warmup_steps`` to a tenth;
     with ``keep_model`` the trained model is returned too (``"model"``). Prompt and prefix tuning
     start from ``init_text`` (`init_virtual_tokens` with its tokens, repeated or cut to length;
@@ -224,13 +226,15 @@ def run_method(base: nn.Module, tokenizer, method: str, train_rows: Sequence[dic
     instructions = [r["instruction"] for r in test_rows]
     answers = [r["answer"] for r in test_rows]
     predictions = instruct.generate_answers(model, tokenizer, instructions)
+    nll = instruct.answer_nll(model, tokenizer, instructions, answers)   # per answer: [nll, tokens]
     result = {"method": method, "trainable": trainable, "total": total, "lr": lr,
               "optimizer_state_bytes": memory.optimizer_state_bytes(optimizer), "step_memory": step_memory,
               "seconds_per_step": history.seconds_per_step, "train_seconds": train_seconds,
               "loss_first": history.loss[0], "loss_last": history.loss[-1], "history": history,
               "exact_match": instruct.exact_match(predictions, answers),
-              "perplexity": instruct.perplexity(model, tokenizer, instructions, answers),
-              "predictions": predictions}
+              "perplexity": math.exp(nll[:, 0].sum().item() / nll[:, 1].sum().item()),   # = instruct.perplexity
+              "predictions": predictions, "correct": instruct.exact_matches(predictions, answers),
+              "answer_nll": nll}
     if keep_model:
         result["model"] = model
     return result

@@ -3,12 +3,14 @@
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import report
 from course_lib.tooling.figures import parse_figure_line
@@ -66,6 +68,8 @@ def test_the_run_fields():
     assert fields["command"] == "python -m benchmarks.probe --steps 4"
     assert fields["device"] == "cpu" and fields["threads"] >= 1 and fields["seconds"] >= 0
     assert {"cpu_count", "platform", "python", "torch", "peft"} <= set(fields["machine"])
+    start, end = fields["machine"]["load_average_1min_at_start_and_end"]
+    assert start >= 0 and end >= 0
     plain = report.Run("probe", device=None).fields()
     assert "device" not in plain and "threads" not in plain and "torch" not in plain["machine"]
 
@@ -212,3 +216,32 @@ def test_save_replaces_the_committed_json(committed):
     report.save_result(committed, {"command": "saved run", "ratio": 2.0}, _figures)
     assert json.loads(committed.read_text())["command"] == "saved run"
     assert not (report.RUNS_DIR / "probe.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-item records and the paired comparisons a results JSON keeps
+# ---------------------------------------------------------------------------------------------
+def test_compare_answers_is_course_lib_stats_on_the_recorded_items():
+    from course_lib import stats
+
+    a = report.answer_items(torch.tensor([[3.0, 2], [1.0, 1], [6.0, 3], [2.0, 2]], dtype=torch.float64),
+                            [True, False, False, True])
+    b = report.answer_items([[1.0, 2], [1.0, 1], [3.0, 3], [1.0, 2]], [True, True, True, True])
+    assert a == {"answer_nll": [[3.0, 2], [1.0, 1], [6.0, 3], [2.0, 2]], "correct": [1, 0, 0, 1]}
+    c = report.compare_answers("base", a, "tuned", b)
+    # hand-worked point values: perplexity exp(12/8) -> exp(6/8), exact match 2/4 -> 4/4
+    assert c["perplexity"]["a"] == pytest.approx(math.exp(1.5)) and c["perplexity"]["b"] == pytest.approx(math.exp(0.75))
+    assert c["exact_match"]["difference"] == pytest.approx(0.5)
+    assert c["exact_match"]["mcnemar_p"] == 0.5                      # 0 against 2 discordant: 2 * (1/2)^2
+    direct = stats.paired_bootstrap(a["answer_nll"], b["answer_nll"], stats.corpus_perplexity)
+    assert (c["perplexity"]["low"], c["perplexity"]["high"]) == (direct.low, direct.high)
+    assert c["perplexity"]["verdict"] == direct.verdict(higher_is_better=False)
+    line = report.paired_line(c, "exact_match")
+    assert line.startswith("tuned minus base, exact_match: +0.500 [95% CI ") and line.endswith("McNemar p = 0.5")
+
+
+def test_compare_rankings_recall_and_mrr():
+    c = report.compare_rankings("a", [1, 20, 3, 11], "b", [1, 2, 3, 4], k=10)
+    assert c["recall@10"]["a"] == 0.5 and c["recall@10"]["b"] == 1.0
+    assert c["mrr"]["difference"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4 - 1 - 1 / 20 - 1 / 3 - 1 / 11) / 4)
+    assert c["recall@10"]["low"] >= 0 and c["recall@10"]["verdict"] in ("gain", "within noise")

@@ -231,3 +231,23 @@ def test_prefix_tuning_and_scoring_on_smollm2(smollm2):
     with torch.no_grad():
         prompted_loss = instruct.answer_loss(prompted, tok, rows).item()
     assert instruct.perplexity(prompted, tok, instructions, answers) == pytest.approx(math.exp(prompted_loss), rel=1e-4)
+
+
+def test_run_method_reports_per_item_scores_that_add_up_to_its_totals(smollm2):
+    """The per-answer records a paired comparison needs agree with the method's own totals and with
+    scoring the returned model again; the base model is left as it was."""
+    from course_lib import data, instruct
+
+    model, tok = smollm2
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    rows = data.load_instruct("test")[:3]
+    instructions, answers = [r["instruction"] for r in rows], [r["answer"] for r in rows]
+    r = peft_methods.run_method(model, tok, "lora", data.load_instruct("train"), rows, steps=1, batch_size=2,
+                                measure_memory=False, progress=False, keep_model=True)
+    assert r["answer_nll"].shape == (3, 2) and r["answer_nll"].dtype == torch.float64
+    assert r["answer_nll"][:, 1].tolist() == [len(tok(a + tok.eos_token, add_special_tokens=False)["input_ids"])
+                                           for a in answers]     # the answer and its end-of-text token
+    assert r["perplexity"] == pytest.approx(instruct.perplexity(r["model"], tok, instructions, answers), rel=1e-12)
+    assert r["correct"] == instruct.exact_matches(r["predictions"], answers)
+    assert sum(r["correct"]) / 3 == r["exact_match"]
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)

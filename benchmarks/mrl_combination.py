@@ -10,9 +10,19 @@ training step by exact accounting (`course_lib.memory.measure_step`: parameters,
 state, peak saved activations); seconds per step and the time of one epoch of the training split
 (seconds per step × steps per epoch).
 
+Every model's per-query ranks are kept (the pretrained model's too): ``items[model][dim]`` is
+each test query's 1-based rank of its own document at that many numbers
+(`retrieval.relevant_ranks`), from which its recall@k and MRR follow. ``comparisons`` records, at
+every dimension, each method with MRL minus the same method without it, LoRA minus full
+fine-tuning, LoRA + GradCache minus LoRA, and each trained model minus the pretrained one:
+recall@10, recall@1 and MRR with seeded 95% paired bootstrap intervals (`report.compare_rankings`),
+each with its ``dim``.
+
 Run:  .venv/bin/python -m benchmarks.mrl_combination [--pairs 2048] [--batch 64] [--distractors 2000]
-(about 20 minutes on 2 CPU cores). Writes benchmarks/results/mrl_combination.json and ends with
-its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
+(about 20 minutes on 2 CPU cores). ``--n-test N`` scores only the first N test queries (a quick
+check; the default is all of them). Writes benchmarks/results/mrl_combination.json and ends with
+its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing (a JSON
+written before the ranks were kept, without ``items`` and ``comparisons``, works too).
 """
 
 from __future__ import annotations
@@ -25,7 +35,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
+from benchmarks.report import (
+    RESULTS_DIR,
+    Run,
+    argument_parser,
+    compare_rankings,
+    figure,
+    paired_line,
+    recompute_figures,
+    save_result,
+)
 from course_lib import data, gradcache, lora, matryoshka, memory, models, retrieval, train
 
 RESULTS = RESULTS_DIR / "mrl_combination.json"
@@ -37,6 +56,10 @@ METHODS = {  # name: (LoRA?, GradCache?, MRL?)
     "LoRA + MRL": (True, False, True),
     "LoRA + GradCache + MRL": (True, True, True),
 }
+PRETRAINED = "pretrained"   # the name of the untrained model in "items" and "comparisons"
+# the chapter's other paired comparisons, (A, B) for B minus A; MRL against no MRL and every
+# method against the pretrained model are added to these (`comparison_pairs`)
+COMPARED = [("full fine-tuning", "LoRA"), ("LoRA", "LoRA + GradCache")]
 # The seeds' table (Flickr30k, CLIP, 3 epochs on a GPU): recall@1, memory, training time.
 SEEDS = {
     "full fine-tuning": {"recall@1": 0.712, "memory_gb": 24, "hours": 3.5},
@@ -66,10 +89,30 @@ def step_memory(model, step, rows, lr: float) -> dict:
     return memory.measure_step(one_step, probe, optimizer)
 
 
-def scores(model, tokenizer, test, distractors) -> dict:
+def scores(model, tokenizer, test, distractors) -> tuple[dict, dict]:
+    """recall@1/@10 and MRR at every dimension, and each query's rank of its own document there."""
     q, d = retrieval.embed_code_search(model, tokenizer, test, distractors)
-    by_dim = matryoshka.metrics_by_dim(q, d, list(range(len(test))), DIMS)
-    return {str(dim): {k: round(v, 4) for k, v in m.items()} for dim, m in by_dim.items()}
+    relevant = list(range(len(test)))
+    by_dim = matryoshka.metrics_by_dim(q, d, relevant, DIMS)
+    ranks = {str(dim): retrieval.relevant_ranks(matryoshka.truncate(q, dim), matryoshka.truncate(d, dim),
+                                                relevant).tolist() for dim in DIMS}
+    return {str(dim): {k: round(v, 4) for k, v in m.items()} for dim, m in by_dim.items()}, ranks
+
+
+def comparison_pairs(names) -> list[tuple[str, str]]:
+    """(A, B) for B minus A: each method with MRL against the same without, the chapter's other
+    comparisons (`COMPARED`), then each trained model against the pretrained one."""
+    flags = {flag: name for name, flag in METHODS.items() if name in names}
+    pairs = [(flags[(lo, gc, False)], name) for name, (lo, gc, mrl) in METHODS.items()
+             if mrl and name in names and (lo, gc, False) in flags]
+    pairs += [(a, b) for a, b in COMPARED if a in names and b in names]
+    return pairs + [(PRETRAINED, name) for name in METHODS if name in names]
+
+
+def compare(a_name: str, a_ranks, b_name: str, b_ranks, dim: int) -> dict:
+    """`report.compare_rankings` (recall@10, MRR) with recall@1 and the dimension added."""
+    at1 = compare_rankings(a_name, a_ranks, b_name, b_ranks, k=1)["recall@1"]
+    return compare_rankings(a_name, a_ranks, b_name, b_ranks, k=10) | {"recall@1": at1, "dim": dim}
 
 
 def figures(result: dict) -> list[str]:
@@ -99,6 +142,8 @@ def main() -> None:
     parser.add_argument("--lr-lora", type=float, default=1e-3)
     parser.add_argument("--lr-full", type=float, default=2e-5)
     parser.add_argument("--distractors", type=int, default=2000)
+    parser.add_argument("--n-test", type=int, default=None,
+                        help="score only the first N test queries (default: all of them)")
     args = parser.parse_args()
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
@@ -107,16 +152,18 @@ def main() -> None:
 
     base, tokenizer = models.load_minilm("cpu")
     train_rows = data.load_code_search("train")
-    test = data.load_code_search("test")
+    test = data.load_code_search("test")[:args.n_test]
     distractors = data.load_distractors(n=args.distractors, seed=0)
     steps = args.pairs // args.batch
     first_batch = next(train.batches(train_rows, args.batch, seed=0))
+    untrained, pretrained_ranks = scores(base, tokenizer, test, distractors)
+    items = {PRETRAINED: pretrained_ranks}
     result = {
         **run.fields(),
         "steps": steps, "steps_per_epoch": len(train_rows) // args.batch, "train_pairs": len(train_rows),
         "n_queries": len(test), "n_docs": len(test) + len(distractors), "dims": list(DIMS),
         "seeds_flickr30k": SEEDS,
-        "untrained": scores(base, tokenizer, test, distractors),
+        "untrained": untrained,
         "methods": {},
     }
     for name, (use_lora, use_gc, use_mrl) in METHODS.items():
@@ -128,19 +175,28 @@ def main() -> None:
         mem = step_memory(model, step, first_batch, lr)
         history = train.train(model, step, train.batches(train_rows, args.batch, seed=0), steps=steps, lr=lr,
                               warmup_steps=max(1, steps // 10), desc=name, loss_fn_does_backward=True)
+        method_scores, items[name] = scores(model, tokenizer, test, distractors)
         result["methods"][name] = {
             "trainable": lora.count_parameters(model)[0],
             "memory": mem,
             "seconds_per_step": round(history.seconds_per_step, 3),
             "epoch_seconds": round(history.seconds_per_step * result["steps_per_epoch"]),
             "loss_first": round(history.loss[0], 4), "loss_last": round(history.loss[-1], 4),
-            "scores": scores(model, tokenizer, test, distractors),
+            "scores": method_scores,
         }
         print(name, json.dumps(result["methods"][name]["scores"]["384"]), json.dumps(result["methods"][name]["scores"]["64"]))
         del model
+    comparisons = [compare(a, items[a][str(dim)], b, items[b][str(dim)], dim)
+                   for a, b in comparison_pairs(list(result["methods"])) for dim in DIMS]
+    result["comparisons"] = comparisons
+    result["items"] = items
     result["seconds"] = run.seconds()
     lines = save_result(RESULTS, result, figures)
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("comparisons", "items")}, indent=2))
+    print("paired over the same queries, 95% intervals:")
+    for c in comparisons:
+        print(f"{c['dim']:3d} numbers: {paired_line(c, 'recall@10')} | mrr {c['mrr']['difference']:+.3f} "
+              f"[{c['mrr']['low']:+.3f}, {c['mrr']['high']:+.3f}] ({c['mrr']['verdict']})")
     print("\n".join(lines))
 
 

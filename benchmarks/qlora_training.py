@@ -55,7 +55,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def run(label: str, model, tokenizer, steps: int, batch: int, test: list) -> dict:
+def train_and_score(label: str, model, tokenizer, steps: int, batch: int, test: list) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     history = train.train(model, lambda m, b: instruct.answer_loss(m, tokenizer, b),
                           train.batches(data.load_instruct("train"), batch, seed=0), steps=steps,
@@ -129,9 +129,9 @@ def main() -> None:
                 v.copy_(initial[k])
         return model
 
-    runs = [run("lora_fp32", ours(False), tokenizer, args.steps, args.batch, test),
-            run("qlora_course_lib", ours(True), tokenizer, args.steps, args.batch, test),
-            run("qlora_bnb_peft", theirs, tokenizer, args.steps, args.batch, test)]
+    runs = [train_and_score("lora_fp32", ours(False), tokenizer, args.steps, args.batch, test),
+            train_and_score("qlora_course_lib", ours(True), tokenizer, args.steps, args.batch, test),
+            train_and_score("qlora_bnb_peft", theirs, tokenizer, args.steps, args.batch, test)]
     import peft
 
     items = {"base": zero_shot(base, tokenizer, test)} | {r["method"]: r.pop("items") for r in runs}

@@ -9,9 +9,18 @@
    (half an epoch) with batch 16, 64 and 256 (GradCache, chunk 16), LoRA r=8, the same
    learning rate: fewer, larger steps for larger batches.
 
+Each test query's 1-based rank of its relevant document is kept under ``"items"``, for the
+pretrained model (``"pretrained"``) and each batch size of the sweep (``"batch_16"``, ...), and
+``"comparisons"`` records each batch size minus the pretrained model and each larger batch minus
+the smallest: recall@10 and MRR with seeded 95% paired bootstrap intervals
+(`report.compare_rankings`), printed after the results, before the FIGURE lines.
+
 Run:  .venv/bin/python -m benchmarks.gradcache [--batch 256] [--chunk 32] [--repeats 3]
-(about 25 minutes on 2 CPU cores). Writes benchmarks/results/gradcache.json and ends with its
-FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
+(about 25 minutes on 2 CPU cores; ``--n-test`` scores only the first test queries, for a quick
+try). Writes benchmarks/runs/gradcache.json (``--save``: the committed
+benchmarks/results/gradcache.json) and ends with its FIGURE lines; ``--figures-only``
+recomputes them from that JSON, measuring nothing (a JSON written before the per-query ranks
+were kept has neither "items" nor "comparisons", and needs neither).
 """
 
 from __future__ import annotations
@@ -24,7 +33,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result, timed
+from benchmarks.report import (
+    RESULTS_DIR,
+    Run,
+    argument_parser,
+    compare_rankings,
+    figure,
+    paired_line,
+    recompute_figures,
+    save_result,
+    timed,
+)
 from course_lib import data, gradcache, lora, models, retrieval, train
 from course_lib.memory import SavedActivations
 
@@ -41,6 +60,15 @@ def with_lora(base):
     lora.inject_lora(model, target_modules=["query", "value"], r=8, lora_alpha=16)
     return model.train()
 
+
+def scored(model, tokenizer, test: list[dict]) -> tuple[dict, list[int]]:
+    """`retrieval.evaluate_code_search`'s metrics of ``model`` on ``test`` (floats only), and each
+    query's 1-based rank of its relevant document, both from the same embeddings."""
+    q, d = retrieval.embed_code_search(model, tokenizer, test)
+    relevant = list(range(len(test)))
+    metrics = retrieval.retrieval_metrics(q, d, relevant)
+    ranks = [int(r) for r in retrieval.relevant_ranks(q, d, relevant)]
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}, ranks
 
 
 def memory_and_time(base, tokenizer, st_model, batch: int, chunk: int, repeats: int) -> dict:
@@ -89,21 +117,32 @@ def memory_and_time(base, tokenizer, st_model, batch: int, chunk: int, repeats: 
     return result
 
 
-def batch_sweep(base, tokenizer, batches: list[int], chunk: int, lr: float, pairs: int) -> list[dict]:
+def batch_sweep(base, tokenizer, batches: list[int], chunk: int, lr: float, pairs: int,
+                test: list[dict]) -> tuple[list[dict], dict[str, list[int]]]:
+    """One row per batch size, and each batch size's per-query ranks (``"batch_<size>"``)."""
     train_rows = data.load_code_search("train")
-    test = data.load_code_search("test")
-    out = []
+    out, ranks = [], {}
     for batch in batches:
         model = with_lora(base)
         steps = pairs // batch
         step = gradcache.code_search_step(tokenizer, chunk)     # GradCache, queries and documents at their lengths
         history = train.train(model, step, train.batches(train_rows, batch, seed=0), steps=steps, lr=lr,
                               warmup_steps=max(1, steps // 10), desc=f"batch {batch}", loss_fn_does_backward=True)
-        metrics = retrieval.evaluate_code_search(model, tokenizer, test)
+        metrics, ranks[f"batch_{batch}"] = scored(model, tokenizer, test)
         out.append({"batch": batch, "steps": steps, "pairs_seen": steps * batch,
                     "seconds_per_step": round(history.seconds_per_step, 3),
                     "loss_first": round(history.loss[0], 4), "loss_last": round(history.loss[-1], 4),
-                    **{k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}})
+                    **{k: round(v, 4) for k, v in metrics.items()}})
+    return out, ranks
+
+
+def comparisons(items: dict[str, list[int]], batches: list[int]) -> list[dict]:
+    """Each batch size minus the pretrained model, then each larger batch minus the smallest."""
+    out = [compare_rankings("pretrained", items["pretrained"], f"batch_{b}", items[f"batch_{b}"]) for b in batches]
+    if batches:
+        smallest = f"batch_{min(batches)}"
+        out += [compare_rankings(smallest, items[smallest], f"batch_{b}", items[f"batch_{b}"])
+                for b in sorted(batches) if b != min(batches)]
     return out
 
 
@@ -132,7 +171,11 @@ def main() -> None:
     parser.add_argument("--sweep-chunk", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--pairs", type=int, default=2048, help="training pairs seen by every batch size")
+    parser.add_argument("--n-test", type=int, default=None,
+                        help="score only the first N test queries (default: the whole test split)")
     args = parser.parse_args()
+    if len(set(args.sweep)) != len(args.sweep):
+        parser.error(f"--sweep lists a batch size twice: {args.sweep}")
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return
@@ -141,18 +184,25 @@ def main() -> None:
 
     base, tokenizer = models.load_minilm("cpu")
     st_model = models.load_minilm_sentence_transformer("cpu")
-    baseline = retrieval.evaluate_code_search(base, tokenizer, data.load_code_search("test"))
+    test = data.load_code_search("test")[:args.n_test]
+    baseline, pretrained_ranks = scored(base, tokenizer, test)
     step = memory_and_time(base, tokenizer, st_model, args.batch, args.chunk, args.repeats)
-    sweep = batch_sweep(base, tokenizer, args.sweep, args.sweep_chunk, args.lr, args.pairs) if args.sweep else []
+    sweep, sweep_ranks = batch_sweep(base, tokenizer, args.sweep, args.sweep_chunk, args.lr, args.pairs, test)
+    items = {"pretrained": pretrained_ranks, **sweep_ranks}
 
     result = {
         **run.fields(),
         "step": {"batch": args.batch, "chunk": args.chunk, **step},
         "baseline": {k: round(v, 4) for k, v in baseline.items() if isinstance(v, float)},
         "sweep": sweep,
+        "comparisons": comparisons(items, args.sweep),
+        "items": items,
     }
     lines = save_result(RESULTS, result, figures)
-    print(json.dumps(result, indent=2))
+    # the ranks and the intervals are in the file; the intervals are printed below as lines
+    print(json.dumps({k: v for k, v in result.items() if k not in ("items", "comparisons")}, indent=2))
+    for c in result["comparisons"]:
+        print(paired_line(c, "recall@10"), "|", paired_line(c, "mrr"))
     print("\n".join(lines))
 
 

@@ -230,15 +230,19 @@ def _interval(d, higher_is_better: bool) -> dict:
 
 def compare_answers(a_name: str, a: dict, b_name: str, b: dict) -> dict:
     """B minus A on the same test instructions (records of `answer_items`): answer perplexity and
-    exact match, each with its seeded 95% paired bootstrap interval and verdict, and McNemar's
-    exact p-value on the right/wrong answers."""
+    exact match, each with its seeded 95% paired bootstrap interval, and McNemar's exact p-value on
+    the right/wrong answers. The perplexity's verdict is the interval's; exact match's is McNemar's
+    (gain or loss at p < 0.05, else within noise), the exact test for paired right/wrong data."""
     from course_lib import stats
 
     perplexity = stats.paired_bootstrap(a["answer_nll"], b["answer_nll"], stats.corpus_perplexity)
-    exact = stats.paired_bootstrap(a["correct"], b["correct"])
+    exact = _interval(stats.paired_bootstrap(a["correct"], b["correct"]), higher_is_better=True)
+    p_value = stats.mcnemar(a["correct"], b["correct"]).p_value
+    # right/wrong answers: the verdict is the exact test's (p < 0.05); with few answers that differ,
+    # the percentile interval can exclude zero where McNemar's exact p does not reach 0.05
+    exact["verdict"] = "within noise" if p_value >= 0.05 else ("gain" if exact["difference"] > 0 else "loss")
     return {"a": a_name, "b": b_name, "perplexity": _interval(perplexity, higher_is_better=False),
-            "exact_match": _interval(exact, higher_is_better=True) | {
-                "mcnemar_p": stats.mcnemar(a["correct"], b["correct"]).p_value}}
+            "exact_match": exact | {"mcnemar_p": p_value}}
 
 
 def compare_rankings(a_name: str, a_ranks, b_name: str, b_ranks, k: int = 10) -> dict:

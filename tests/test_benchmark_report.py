@@ -236,6 +236,12 @@ def test_compare_answers_is_course_lib_stats_on_the_recorded_items():
     direct = stats.paired_bootstrap(a["answer_nll"], b["answer_nll"], stats.corpus_perplexity)
     assert (c["perplexity"]["low"], c["perplexity"]["high"]) == (direct.low, direct.high)
     assert c["perplexity"]["verdict"] == direct.verdict(higher_is_better=False)
+    # 2 of 4 answers differ, all for B: the percentile interval excludes zero, McNemar's p = 0.5 does not
+    assert c["exact_match"]["low"] > 0 and c["exact_match"]["verdict"] == "within noise"
+    many_a = report.answer_items([[1.0, 1]] * 12, [False] * 12)
+    many_b = report.answer_items([[1.0, 1]] * 12, [True] * 6 + [False] * 6)   # 6 against 0: p = 2/64
+    assert report.compare_answers("a", many_a, "b", many_b)["exact_match"]["verdict"] == "gain"
+    assert report.compare_answers("b", many_b, "a", many_a)["exact_match"]["verdict"] == "loss"
     line = report.paired_line(c, "exact_match")
     assert line.startswith("tuned minus base, exact_match: +0.500 [95% CI ") and line.endswith("McNemar p = 0.5")
 

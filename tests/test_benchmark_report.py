@@ -236,8 +236,13 @@ def test_compare_answers_is_course_lib_stats_on_the_recorded_items():
     direct = stats.paired_bootstrap(a["answer_nll"], b["answer_nll"], stats.corpus_perplexity)
     assert (c["perplexity"]["low"], c["perplexity"]["high"]) == (direct.low, direct.high)
     assert c["perplexity"]["verdict"] == direct.verdict(higher_is_better=False)
-    # 2 of 4 answers differ, all for B: the percentile interval excludes zero, McNemar's p = 0.5 does not
-    assert c["exact_match"]["low"] > 0 and c["exact_match"]["verdict"] == "within noise"
+    assert c["exact_match"]["verdict"] == "within noise"
+    # 4 of 20 answers differ, all for B: a resample misses all four with probability 0.8^20 = 1.2%,
+    # so the percentile interval excludes zero, while McNemar's exact p = 2 / 2^4 = 0.125 does not
+    few_a = report.answer_items([[1.0, 1]] * 20, [False] * 20)
+    few_b = report.answer_items([[1.0, 1]] * 20, [True] * 4 + [False] * 16)
+    few = report.compare_answers("a", few_a, "b", few_b)["exact_match"]
+    assert few["low"] > 0 and few["mcnemar_p"] == 0.125 and few["verdict"] == "within noise"
     many_a = report.answer_items([[1.0, 1]] * 12, [False] * 12)
     many_b = report.answer_items([[1.0, 1]] * 12, [True] * 6 + [False] * 6)   # 6 against 0: p = 2/64
     assert report.compare_answers("a", many_a, "b", many_b)["exact_match"]["verdict"] == "gain"

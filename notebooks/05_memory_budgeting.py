@@ -352,11 +352,11 @@ plt.show()
 
 # %% [markdown]
 # Accumulation divides the activations by the number of micro-batches exactly (1,118 MiB for the
-# whole batch of 8, 560 for micro-batches of 4, 140 for single sequences) and on this CPU costs
-# little time: a matrix product over 2 sequences is nearly as efficient per token as over 8, and only
-# single sequences were clearly slower. The times printed above are this run's: they vary from run to
-# run and with the machine's load, so no check below relies on them (on the idle 2-core CPU these
-# pages were written on, single sequences took 1.2x the time of the whole batch). On a GPU small
+# whole batch of 8, 560 for micro-batches of 4, 140 for single sequences) and costs time, how much
+# depending on the machine: a matrix product over fewer sequences keeps the CPU's vector units less
+# busy. The times printed above are this run's: they vary from run to run and with the machine's
+# load, so no check below relies on them (in the idle runs made for these pages on 2-core CPUs,
+# single sequences took between 1.1x and 1.9x the time of the whole batch). On a GPU small
 # micro-batches leave the device idle, so there the time cost is larger. Checkpointing pays one extra
 # forward pass (the count above: every layer runs twice per micro-batch) to keep 23% of the
 # activations (262 MiB). In arithmetic that pass is 2PT multiply-adds on top of LoRA's 4PT (forward,

@@ -26,7 +26,6 @@
 
 # %%
 import copy
-import math
 import time
 
 import matplotlib.pyplot as plt
@@ -419,7 +418,7 @@ assert at[128, 20]["recall@10"] > at[128, 50]["recall@10"]        # a larger sho
 
 # %%
 combo = benchmark_result("mrl_combination")
-print(f"benchmark run: {combo['command']}\n  ({combo['date']}, {combo['seconds'] // 60} min on {combo['threads']} CPU threads)")
+print(f"benchmark run: {combo['command']}\n  ({combo['date']}, {combo['seconds'] / 60:.0f} min on {combo['threads']} CPU threads)")
 mib = lambda b: b / 2**20
 rows_md = []
 for name, m in combo["methods"].items():
@@ -439,69 +438,74 @@ display(Markdown(
 
 # %% [markdown]
 # How far apart must two numbers be to differ? With 506 test queries, one query is 0.2 points
-# of recall, and the standard error of a recall near 0.4 is about 2 points
+# of recall, and the standard error of a single recall near 0.4 is about 2 points
 # ($\sqrt{0.4 \cdot 0.6 / 506}$); the seeds' accuracy differences (0.1 to 1.8 points) are of that
-# size too. The benchmark stored each method's recalls, not each query's rank, so the paired
-# interval of the live run above cannot be computed for this table. What can be computed is the
-# unpaired interval, which treats the two methods' recalls as independent: the standard error of
-# the difference is $\sqrt{p_A(1-p_A)/n + p_B(1-p_B)/n}$, about 3 points here, so the interval is
-# about ±6 points. It is wider than the paired one would be (the methods answer mostly the same
-# queries right), so it errs on the side of "within noise":
+# size too. The benchmark keeps each test query's rank for every model at every dimension, so
+# each difference below is *paired* over the same queries, with its seeded 95% bootstrap interval,
+# as for the live run above. Two methods answer mostly the same queries right, so the paired
+# interval is much narrower than the two standard errors would suggest:
 
 # %%
-def unpaired(a, b, n=combo["n_queries"]):
-    """b - a for two recalls over n queries, with a normal-approximation 95% interval that ignores pairing."""
-    half = 1.96 * math.sqrt(a * (1 - a) / n + b * (1 - b) / n)
-    return b - a, b - a - half, b - a + half
-
-rec = lambda name, dim, k: combo["methods"][name]["scores"][str(dim)][f"recall@{k}"]
-compared = [("full fine-tuning", "LoRA", 384, 10), ("full fine-tuning", "LoRA", 384, 1),
+# the benchmark kept each test query's rank at every dimension for every model (the pretrained one
+# too) and recorded the paired differences: b minus a over the same queries, with a seeded 95%
+# bootstrap interval and its verdict
+paired = {(c["a"], c["b"], c["dim"]): c for c in combo["comparisons"]}
+compared = [("pretrained", "LoRA", 384, 10), ("pretrained", "full fine-tuning", 384, 10),
+            ("full fine-tuning", "LoRA", 384, 10), ("full fine-tuning", "LoRA", 384, 1),
             ("LoRA", "LoRA + GradCache", 384, 1), ("LoRA", "LoRA + MRL", 384, 1), ("LoRA", "LoRA + MRL", 384, 10),
             ("LoRA", "LoRA + MRL", 128, 10), ("LoRA", "LoRA + MRL", 64, 10), ("LoRA", "LoRA + MRL", 32, 10),
+            ("LoRA + GradCache", "LoRA + GradCache + MRL", 384, 10),
+            ("LoRA + GradCache", "LoRA + GradCache + MRL", 64, 10),
             ("LoRA + GradCache", "LoRA + GradCache + MRL", 32, 10)]
+score = lambda name, dim, k: (combo["untrained"] if name == "pretrained" else combo["methods"][name]["scores"])[
+    str(dim)][f"recall@{k}"]                       # as the table above shows them
 diffs = {}
-print("benchmark: B minus A, with an unpaired 95% interval (wider than a paired one)")
+print(f"benchmark: B minus A over the same {combo['n_queries']} queries, with its paired 95% interval")
 for a, b, dim, k in compared:
-    diffs[a, b, dim, k] = d, low, high = unpaired(rec(a, dim, k), rec(b, dim, k))
-    print(f"{b:>22s} - {a:<16s} R@{k:<2d} at {dim:3d}: {rec(a, dim, k):.3f} -> {rec(b, dim, k):.3f}  "
-          f"{d:+.3f} [95% CI {low:+.3f}, {high:+.3f}]  {'within noise' if low <= 0 <= high else 'differs'}")
+    d = paired[a, b, dim][f"recall@{k}"]
+    diffs[a, b, dim, k] = d["difference"], d["low"], d["high"], d["verdict"]
+    print(f"{b:>22s} - {a:<16s} R@{k:<2d} at {dim:3d}: {score(a, dim, k):.3f} -> {score(b, dim, k):.3f}  "
+          f"{d['difference']:+.3f} [95% CI {d['low']:+.3f}, {d['high']:+.3f}]  {d['verdict']}")
 
 # %% [markdown]
-# Every difference in accuracy between the methods lies within that noise. Their conclusions,
-# one by one, against this table:
+# Every trained model is a gain over the pretrained one at 384 numbers (LoRA: recall@10 0.727 →
+# 0.790, +0.063 [+0.038, +0.091]). Between the methods most differences lie within noise; the
+# ones that do not are MRL's. Their conclusions, one by one, against this table:
 #
-# * **LoRA matches full fine-tuning** (71.0% vs 71.2%): *holds*. R@10 0.790 against 0.796, R@1
-#   0.399 against 0.389: within noise, with 147,456 trainable parameters instead of 22.7 million.
+# * **LoRA matches full fine-tuning** (71.0% vs 71.2%): *holds*. R@10 0.790 against 0.796
+#   (−0.006 [−0.022, +0.010]), R@1 0.399 against 0.389 (+0.010 [−0.012, +0.032]): within noise,
+#   with 147,456 trainable parameters instead of 22.7 million.
 # * **LoRA cuts memory threefold** (8 GB vs 24 GB): *not here*: 2,458 MiB against 3,425 MiB, a
 #   factor 1.4. For a 22.7M-parameter encoder, the weights, gradients and AdamW state of full
 #   fine-tuning are only 87 + 86 + 172 MiB; the activations saved at batch 64 dominate both (3,080
 #   MiB for full fine-tuning, 2,369 MiB for LoRA, which needs no saved inputs for the frozen
 #   weights' gradients). LoRA's saving grows with the model's size relative to its activations.
 # * **GradCache costs almost no accuracy** (70.9% vs 71.0%): *holds*, and must: it computes the same
-#   gradient (chapter 03). The 0.4-point R@1 difference comes from dropout masks drawn in another
-#   order (chunk by chunk), well within noise.
+#   gradient (chapter 03). R@1 0.395 against 0.399 (−0.004 [−0.020, +0.010]): the dropout masks
+#   are drawn in another order (chunk by chunk), and the difference is within noise.
 # * **GradCache saves memory** (5 GB vs 8 GB, −37%): *holds, and more*: 520 MiB against 2,458 MiB
 #   (−79%) with chunk 16 of a batch of 64; the saving is set by the batch-to-chunk ratio, not a
-#   fixed percentage. It costs 16% more time per epoch (one extra forward pass; the seeds: +10%).
-# * **MRL adds accuracy at full dimension** (72.8% vs 71.0%): *not here*. At 384 numbers LoRA + MRL
-#   has R@1 0.371 against 0.399 (−0.028, interval [−0.088, +0.032]) and R@10 0.785 against 0.790:
-#   no gain, both differences within noise.
-# * **MRL adds accuracy at low dimension**: *not shown by this table; shown by the live run at 32
-#   numbers*. Here R@10 at 32 numbers is 0.547 against 0.514 (+0.034, interval [−0.028, +0.095]),
-#   0.555 against 0.514 with GradCache (+0.041 [−0.020, +0.103]), and at 64 numbers 0.672 against
-#   0.656 (+0.016 [−0.042, +0.074]): all within noise by this table's unpaired interval, at 32
-#   and at 64 alike (at 128 there is no difference at all). The live run above, which keeps each
-#   query's rank, gives the paired interval, and there MRL's gain at 32 numbers excludes zero.
-#   At this training budget (32 steps) MRL has only begun to reorganise the prefixes.
+#   fixed percentage. It cost 38% more time per epoch in this run (one extra forward pass; the
+#   seeds: +10%).
+# * **MRL adds accuracy at full dimension** (72.8% vs 71.0%): *wrong here*. At 384 numbers LoRA +
+#   MRL has R@1 0.371 against 0.399, −0.028 [−0.051, −0.004], a loss; R@10 0.785 against 0.790,
+#   within noise. With GradCache, MRL's R@10 at 384 numbers is lower too: 0.771 against 0.792,
+#   −0.022 [−0.042, −0.004]. At this budget the losses on the prefixes cost the full vector a
+#   little.
+# * **MRL adds accuracy at low dimension**: *holds at 32 numbers, within noise from 64 up*. At 32
+#   numbers R@10 is 0.547 against 0.514 (+0.034 [+0.008, +0.057]), and 0.555 against 0.514 with
+#   GradCache (+0.042 [+0.016, +0.067]); at 64 numbers 0.672 against 0.656 (+0.016 [−0.008,
+#   +0.040]), and at 128 no difference. The live run above agrees: a gain at 32 numbers. At this
+#   training budget (32 steps) MRL has only begun to reorganise the prefixes.
 # * **MRL costs memory** (10 GB vs 8 GB): *wrong*. 2,459 MiB against 2,458 MiB: the extra losses
 #   are computed on slices of embeddings already in memory.
-# * **MRL costs time** (2.5 h vs 2.0 h): *not here*, and our table's reverse (5.0 minutes per epoch
-#   for LoRA + MRL against 5.5 for LoRA) is no gain either: the methods were timed one after the
+# * **MRL costs time** (2.5 h vs 2.0 h): *not here*, and our table's reverse (9.4 minutes per epoch
+#   for LoRA + MRL against 10.1 for LoRA) is no gain either: the methods were timed one after the
 #   other on a shared machine, and timings vary that much from run to run. MRL adds only five
 #   cheap losses on prefixes of the same embeddings, so it cannot be faster for a reason; timed
 #   side by side (the live training above), the two take the same time per step up to noise.
 # * **All three together: 6 GB and the fastest of the MRL runs** (2.1 h vs 2.5 h): the memory
-#   *holds* (520 MiB, GradCache's), the time *does not*: 6.3 minutes per epoch against 5.0 for
+#   *holds* (520 MiB, GradCache's), the time *does not*: 13.5 minutes per epoch against 9.4 for
 #   LoRA + MRL; GradCache's extra forward pass cannot make a run faster than the same run without
 #   it.
 
@@ -512,25 +516,34 @@ mem = lambda name: round(m[name]["memory"]["total"] / 2**20)
 # the figures quoted above, from the committed benchmark results
 f3 = lambda *xs: [f"{x:.3f}" for x in xs]          # as the table prints them
 assert f3(r("LoRA", 384, 10), r("full fine-tuning", 384, 10), r("LoRA", 384, 1), r("full fine-tuning", 384, 1)) == ["0.790", "0.796", "0.399", "0.389"]
+assert f3(combo["untrained"]["384"]["recall@10"]) == ["0.727"]
 assert [round(m[n]["memory"]["activations_peak"] / 2**20) for n in ("full fine-tuning", "LoRA")] == [3080, 2369]
 assert (mem("full fine-tuning"), mem("LoRA"), mem("LoRA + GradCache"), mem("LoRA + MRL"), mem("LoRA + GradCache + MRL")) == (3425, 2458, 520, 2459, 520)
-assert round(m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1, 2) == 0.16
-assert f3(r("LoRA + MRL", 384, 1), r("LoRA + MRL", 384, 10)) == ["0.371", "0.785"]
+assert round(m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1, 2) == 0.38
+assert f3(r("LoRA + GradCache", 384, 1), r("LoRA + MRL", 384, 1), r("LoRA + MRL", 384, 10)) == ["0.395", "0.371", "0.785"]
+assert f3(r("LoRA + GradCache", 384, 10), r("LoRA + GradCache + MRL", 384, 10)) == ["0.792", "0.771"]
 assert f3(*(r(n, 32, 10) for n in ("LoRA", "LoRA + MRL", "LoRA + GradCache", "LoRA + GradCache + MRL"))) == ["0.514", "0.547", "0.514", "0.555"]
 assert f3(r("LoRA + MRL", 64, 10), r("LoRA", 64, 10)) == ["0.672", "0.656"]
-assert [f'{m[n]["epoch_seconds"] / 60:.1f}' for n in ("LoRA", "LoRA + MRL")] == ["5.5", "5.0"]
-f3s = lambda d: [f"{x:+.3f}" for x in d]           # a difference and its interval, as printed
-assert f3s(diffs["LoRA", "LoRA + MRL", 384, 1]) == ["-0.028", "-0.088", "+0.032"]
-assert f3s(diffs["LoRA", "LoRA + MRL", 32, 10]) == ["+0.034", "-0.028", "+0.095"]
-assert f3s(diffs["LoRA + GradCache", "LoRA + GradCache + MRL", 32, 10]) == ["+0.041", "-0.020", "+0.103"]
-assert f3s(diffs["LoRA", "LoRA + MRL", 64, 10]) == ["+0.016", "-0.042", "+0.074"]
-assert all(low <= 0 <= high for _, low, high in diffs.values())  # no accuracy difference beyond noise in this table
-assert [f'{m[n]["epoch_seconds"] / 60:.1f}' for n in ("LoRA + MRL", "LoRA + GradCache + MRL")] == ["5.0", "6.3"]
-# the verdicts
-assert abs(r("LoRA", 384, 10) - r("full fine-tuning", 384, 10)) < 0.02                  # LoRA ~ full fine-tuning
-assert abs(r("LoRA + GradCache", 384, 1) - r("LoRA", 384, 1)) < 0.01                     # GradCache ~ no accuracy cost
-assert m["LoRA + GradCache"]["memory"]["total"] < 0.25 * m["LoRA"]["memory"]["total"]      # ... and a fraction of the memory
-assert r("LoRA + MRL", 384, 1) <= r("LoRA", 384, 1)                                      # no MRL gain at full size
+assert [f'{m[n]["epoch_seconds"] / 60:.1f}' for n in ("LoRA", "LoRA + MRL", "LoRA + GradCache + MRL")] == ["10.1", "9.4", "13.5"]
+f3s = lambda key: [f"{x:+.3f}" for x in diffs[key][:3]]   # a difference and its interval, as printed
+assert f3s(("pretrained", "LoRA", 384, 10)) == ["+0.063", "+0.038", "+0.091"]
+assert f3s(("full fine-tuning", "LoRA", 384, 10)) == ["-0.006", "-0.022", "+0.010"]
+assert f3s(("full fine-tuning", "LoRA", 384, 1)) == ["+0.010", "-0.012", "+0.032"]
+assert f3s(("LoRA", "LoRA + GradCache", 384, 1)) == ["-0.004", "-0.020", "+0.010"]
+assert f3s(("LoRA", "LoRA + MRL", 384, 1)) == ["-0.028", "-0.051", "-0.004"]
+assert f3s(("LoRA + GradCache", "LoRA + GradCache + MRL", 384, 10)) == ["-0.022", "-0.042", "-0.004"]
+assert f3s(("LoRA", "LoRA + MRL", 32, 10)) == ["+0.034", "+0.008", "+0.057"]
+assert f3s(("LoRA + GradCache", "LoRA + GradCache + MRL", 32, 10)) == ["+0.042", "+0.016", "+0.067"]
+assert f3s(("LoRA", "LoRA + MRL", 64, 10)) == ["+0.016", "-0.008", "+0.040"]
+# the verdicts: gains over the pretrained model; between methods, only MRL's differences go beyond noise
+verdict = lambda key: diffs[key][3]
+assert verdict(("pretrained", "LoRA", 384, 10)) == verdict(("pretrained", "full fine-tuning", 384, 10)) == "gain"
+assert all(verdict(key) == "within noise" for key in diffs if "MRL" not in key[1] and key[0] != "pretrained")
+assert [verdict(("LoRA", "LoRA + MRL", dim, 10)) for dim in (384, 128, 64, 32)] == ["within noise"] * 3 + ["gain"]
+assert verdict(("LoRA", "LoRA + MRL", 384, 1)) == verdict(("LoRA + GradCache", "LoRA + GradCache + MRL", 384, 10)) == "loss"
+assert verdict(("LoRA + GradCache", "LoRA + GradCache + MRL", 64, 10)) == "within noise"
+assert verdict(("LoRA + GradCache", "LoRA + GradCache + MRL", 32, 10)) == "gain"
+assert m["LoRA + GradCache"]["memory"]["total"] < 0.25 * m["LoRA"]["memory"]["total"]      # GradCache: a fraction of the memory
 assert abs(m["LoRA + MRL"]["memory"]["total"] / m["LoRA"]["memory"]["total"] - 1) < 0.01  # MRL costs no memory
 assert m["LoRA + GradCache + MRL"]["epoch_seconds"] > m["LoRA + MRL"]["epoch_seconds"]      # all three is not faster
 

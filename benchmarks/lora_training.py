@@ -208,7 +208,7 @@ def main() -> None:
         if c["model"] == "minilm":
             print("MiniLM:", paired_line(c, "recall@10"), "|", paired_line(c, "mrr"))
         else:
-            print("SmolLM2:", paired_line(c, "perplexity", "+.2f"), "|", paired_line(c, "exact_match"))
+            print("SmolLM2:", paired_line(c, "perplexity"), "|", paired_line(c, "exact_match"))
     print("\n".join(lines))
 
 

@@ -123,7 +123,7 @@ def main() -> int:
         comparisons.append(compare_answers("lora_attention", items["lora_attention"],
                                            "lora_all_linear", items["lora_all_linear"]))
     for c in comparisons:
-        print(paired_line(c, "perplexity", "+.2f"), "|", paired_line(c, "exact_match"), flush=True)
+        print(paired_line(c, "perplexity"), "|", paired_line(c, "exact_match"), flush=True)
     result = {**run.fields(), "steps": args.steps, "batch": args.batch, "n_test": len(test_rows)}
     if "bottleneck_adapter" in args.methods:
         bottleneck = peft_methods.DEFAULTS["bottleneck_adapter"]

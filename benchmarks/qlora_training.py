@@ -142,7 +142,7 @@ def main() -> None:
     lines = save_result(RESULTS, result, figures)
     print(json.dumps({k: v for k, v in result.items() if k != "items"}, indent=2))
     for c in comparisons:
-        print(paired_line(c, "perplexity", "+.2f"), "|", paired_line(c, "exact_match"))
+        print(paired_line(c, "perplexity"), "|", paired_line(c, "exact_match"))
     print("\n".join(lines))
 
 

@@ -257,9 +257,12 @@ def compare_rankings(a_name: str, a_ranks, b_name: str, b_ranks, k: int = 10) ->
             "mrr": _interval(mrr, higher_is_better=True)}
 
 
-def paired_line(comparison: dict, metric: str, fmt: str = "+.3f") -> str:
-    """``b minus a: +x [95% CI lo, hi] (verdict)`` for one metric of a recorded comparison."""
+def paired_line(comparison: dict, metric: str) -> str:
+    """``b minus a: +x [95% CI lo, hi] (verdict)`` for one metric of a recorded comparison, the
+    numbers to two significant digits of the interval's half-width (`stats.format_difference`)."""
+    from course_lib import stats
+
     m = comparison[metric]
-    line = (f"{comparison['b']} minus {comparison['a']}, {metric}: {m['difference']:{fmt}} "
-            f"[95% CI {m['low']:{fmt}}, {m['high']:{fmt}}] ({m['verdict']})")
+    line = (f"{comparison['b']} minus {comparison['a']}, {metric}: "
+            f"{stats.format_difference(m['difference'], m['low'], m['high'])} ({m['verdict']})")
     return line + (f", McNemar p = {m['mcnemar_p']:.3g}" if "mcnemar_p" in m else "")

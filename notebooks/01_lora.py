@@ -396,14 +396,14 @@ assert sum(right_after) == 0 and exact.p_value == 1.0  # no name right yet: see 
 assert (SMOLLM_STEPS, SMOLLM_BATCH, N_GENERATED) == (6, 8, 6)   # the prose below quotes them
 near = lambda got, want, tol: all(abs(g - w) <= tol for g, w in zip(got, want, strict=True))
 assert near((ppl.a, ppl.b), (455.0, 21.40), 0.06)     # the last digit may move with float rounding on another CPU
-assert near((ppl.difference, ppl.low, ppl.high), (-434, -639, -303), 1.0)
+assert str(ppl) == "-430 [95% CI -640, -300]"        # printed to two digits of its half-width
 
 # %% [markdown]
 # <a id="claim-01-benchmark"></a>
 #
 # In six steps (`SMOLLM_STEPS`) of 8 examples the perplexity of the right answers on 128 test
 # instructions falls from 455.0 to 21.40, and the paired 95% interval of the change,
-# −434 [−639, −303], lies entirely below zero: a real gain, not noise. (Scoring all 506 test
+# −430 [−640, −300], lies entirely below zero: a real gain, not noise. (Scoring all 506 test
 # instructions would take this notebook past its time budget; the interval is already far from
 # zero.) Look at what the tuned model *answers*,
 # though: `_threading_local`, `cgit`, the name of the **module** the instruction quotes, not the
@@ -432,17 +432,17 @@ full = next(row for row in bench["minilm"] if row["method"] == "full")
 # same queries (MiniLM) or instructions (SmolLM2), each with its 95% bootstrap interval and verdict
 paired = {(c["model"], c["a"], c["b"]): c for c in bench["comparisons"]}
 
-def change(model, a, b, metric, fmt="+.3f"):
+def change(model, a, b, metric):
     m = paired[model, a, b][metric]
     p = f" (McNemar p = {m['mcnemar_p']:.2g})" if "mcnemar_p" in m else ""
-    return f"{m['difference']:{fmt}} [{m['low']:{fmt}}, {m['high']:{fmt}}] {m['verdict']}{p}"
+    return f"{stats.format_difference(m['difference'], m['low'], m['high'], label='')} {m['verdict']}{p}"
 
 def minilm_changes(a, b):
     return f"recall@10 {change('minilm', a, b, 'recall@10')}, MRR {change('minilm', a, b, 'mrr')}"
 
 def smollm_changes(a, b):
     return (f"exact match {change('smollm2', a, b, 'exact_match')}, "
-            f"perplexity {change('smollm2', a, b, 'perplexity', '+.2f')}")
+            f"perplexity {change('smollm2', a, b, 'perplexity')}")
 
 n_queries = len(bench["items"]["minilm"]["pretrained"])
 n_instructions = len(bench["items"]["smollm2"]["base"]["correct"])

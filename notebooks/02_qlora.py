@@ -665,7 +665,7 @@ display(Markdown(table))
 #   tensors, as the paper computes; SmolLM2's linear layers go from 405 MiB to 52.2 MiB.
 # * **The paper's ordering of data types:** perplexity 14.17 in float32, 17.47 NF4, 17.49 NF4 + DQ,
 #   17.80 FP4, 18.90 INT4. On these 8 texts only the step from float32 to NF4 is beyond noise
-#   (+3.30, 95% interval +1.80 to +6.05); NF4 + DQ, FP4 and INT4 against NF4 are within noise, so
+#   (+3.3, 95% interval +1.8 to +6.1); NF4 + DQ, FP4 and INT4 against NF4 are within noise, so
 #   the ordering among the 4-bit types is the paper's but not established here. Double
 #   quantization costs 0.1%, well within noise. The +23% of
 #   NF4 over "float32" is not the paper's 16-to-4-bit cost: our float32 SmolLM2 is a Q4_1 model,
@@ -673,7 +673,7 @@ display(Markdown(table))
 # * **"A 4-bit base matches 16-bit LoRA":** not shown either way on this model at these budgets.
 #   After 5 identical steps, answer perplexity 54.19 with the NF4 base against 48.13 with the
 #   float32 base, from 1744 and 1372 zero-shot; on these 16 instructions the difference,
-#   +6.1 (95% interval −15.8 to +29.1), is within noise, while both trainings are clear gains over
+#   +6 (95% interval −16 to +29), is within noise, while both trainings are clear gains over
 #   their zero-shot models. After the benchmark's 40 steps, paired over 100 instructions: exact
 #   match 0.08 against 0.11, within noise (McNemar p = 0.38), and answer perplexity 12.39 against
 #   10.62, +1.77 [95% CI +0.88, +2.90], a loss for the 4-bit base at this budget. The
@@ -689,8 +689,8 @@ display(Markdown(table))
 #   tensors under 4096 values. Paged AdamW holds exactly AdamW's bytes.
 # * **Merging into a 4-bit base:** re-quantizing after the merge kept under 1% of the adapter's
 #   update and changed under 0.005% of the 4-bit codes; the perplexity went back to 1607 (the untuned
-#   NF4 model: 1744; the loss against the unmerged adapter's 54.19 has a 95% interval of +545
-#   to +5351), while dequantize-then-merge reproduced the adapter's 54.19 exactly.
+#   NF4 model: 1744; the loss against the unmerged adapter's 54.19 has a 95% interval of +500
+#   to +5400), while dequantize-then-merge reproduced the adapter's 54.19 exactly.
 
 # %%
 # The figures quoted in the paragraph above, checked against what this run computed.
@@ -706,11 +706,11 @@ assert [f"{minilm_entropy[t]:.2f}" for t in ("nf4", "fp4", "int4")] == ["3.84", 
 assert all(f"{sum(e[t]) / len(e[t]):.1e}" == want for e in model_errors.values()
            for t, want in (("nf4", "8.8e-03"), ("fp4", "1.6e-02"), ("int4", "1.3e-02")))
 assert [ppl_diff[k].verdict(higher_is_better=False) for k in ppl_diff] == ["loss"] + ["within noise"] * 4
-assert (round(ppl_diff["float32", "NF4"].difference, 2), round(ppl_diff["float32", "NF4"].low, 2),
-        round(ppl_diff["float32", "NF4"].high, 2)) == (3.30, 1.80, 6.05)
+# a paired difference prints to two significant digits of its interval's half-width (stats.PairedDifference)
+assert str(ppl_diff["float32", "NF4"]) == "+3.3 [95% CI +1.8, +6.1]"
 lo_ql = answer_diff["trained: LoRA float32 -> QLoRA NF4"]
-assert close((lo_ql.difference, lo_ql.low, lo_ql.high), (6.1, -15.8, 29.1), 0.1)
-assert close((requant_diff.low, requant_diff.high), (545, 5351), 1.0)
+assert str(lo_ql) == "+6 [95% CI -16, +29]"
+assert str(requant_diff) == "+1600 [95% CI +500, +5400]"
 assert round(full["AdamW8bit"] / full["n"], 2) == 2.04 and round(full["AdamW8bit"] / 2**20) == 261
 assert round(optim_bytes["QLoRA adapters"]["AdamW8bit"] / optim_bytes["QLoRA adapters"]["n"], 2) == 3.03
 assert report["update_kept"] < 0.01 and report["codes_changed"] < 0.00005

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-from course_lib import data, gradcache, lora, memory, models, retrieval
+from course_lib import data, gradcache, lora, memory, models, retrieval, stats
 from course_lib.tooling.results import benchmark_result
 from course_lib.tooling.source import show
 
@@ -426,7 +426,7 @@ for s in sweep:
 paired = {(c["a"], c["b"]): c for c in bench["comparisons"]}
 
 def change(a, b):
-    return "; ".join(f"{metric} {m['difference']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] {m['verdict']}"
+    return "; ".join(f"{metric} {stats.format_difference(m['difference'], m['low'], m['high'], label='')} {m['verdict']}"
                      for metric, m in ((k, paired[a, b][k]) for k in ("recall@10", "mrr")))
 
 print(f"\npaired over the same {len(bench['items']['pretrained'])} test queries (95% intervals):")

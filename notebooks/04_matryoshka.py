@@ -465,7 +465,7 @@ for a, b, dim, k in compared:
     d = paired[a, b, dim][f"recall@{k}"]
     diffs[a, b, dim, k] = d["difference"], d["low"], d["high"], d["verdict"]
     print(f"{b:>22s} - {a:<16s} R@{k:<2d} at {dim:3d}: {score(a, dim, k):.3f} -> {score(b, dim, k):.3f}  "
-          f"{d['difference']:+.3f} [95% CI {d['low']:+.3f}, {d['high']:+.3f}]  {d['verdict']}")
+          f"{stats.format_difference(d['difference'], d['low'], d['high'])}  {d['verdict']}")
 
 # %% [markdown]
 # Every trained model is a gain over the pretrained one at 384 numbers (LoRA: recall@10 0.727 →

@@ -115,3 +115,44 @@ def test_bad_input_is_refused_with_a_message(call, message):
     with pytest.raises(ValueError, match=message):
         call()
 
+
+
+def _difference(difference, low, high):
+    return stats.PairedDifference(a=0.0, b=difference, difference=difference, low=low, high=high,
+                                  confidence=0.95, n=100, n_resamples=1000)
+
+
+@pytest.mark.parametrize("difference, low, high, printed", [
+    # half-width 0.0225: two significant digits are thousandths
+    (0.0593, 0.0378, 0.0828, "+0.059 [95% CI +0.038, +0.083]"),
+    # half-width 168.0: tens
+    (-433.583, -638.646, -302.691, "-430 [95% CI -640, -300]"),
+    # half-width 2.264: tenths
+    (-0.968, -4.011, 0.517, "-1.0 [95% CI -4.0, +0.5]"),
+    # half-width 2626: hundreds
+    (-1689.493, -5844.963, -592.043, "-1700 [95% CI -5800, -600]"),
+    # a zero-width interval keeps three places
+    (0.25, 0.25, 0.25, "+0.250 [95% CI +0.250, +0.250]"),
+])
+def test_printed_to_two_significant_digits_of_the_half_width(difference, low, high, printed):
+    assert str(_difference(difference, low, high)) == printed
+
+
+@pytest.mark.parametrize("avx512, avx2", [
+    # the same comparisons computed on an AVX-512 and on an AVX2 CPU (chapters 01, 02, 06): they differ
+    # below the interval's second significant digit, so they print the same
+    ((-433.583, -638.646, -302.691), (-433.587, -638.653, -302.694)),
+    ((-1689.493, -5844.963, -592.043), (-1689.512, -5845.010, -592.048)),
+    ((1552.497, 545.189, 5351.164), (1552.588, 545.221, 5351.449)),
+    ((-0.968, -4.011, 0.517), (-0.966, -4.009, 0.520)),
+    ((1050.195, 360.500, 3558.778), (1050.210, 360.497, 3558.844)),
+])
+def test_digits_that_differ_between_cpus_are_not_printed(avx512, avx2):
+    assert str(_difference(*avx512)) == str(_difference(*avx2))
+
+
+def test_a_recorded_difference_prints_by_the_same_rule():
+    # a benchmark's JSON keeps difference, low and high; half-width 0.0195 -> thousandths
+    assert stats.format_difference(0.0356, 0.016, 0.055, label="") == "+0.036 [+0.016, +0.055]"
+    assert stats.interval_decimals(-0.79, 0.62) == 2 and stats.interval_decimals(545, 5351) == -2
+    assert stats.interval_decimals(0.1, 0.1) == 3

@@ -116,7 +116,6 @@ def test_bad_input_is_refused_with_a_message(call, message):
         call()
 
 
-
 def _difference(difference, low, high):
     return stats.PairedDifference(a=0.0, b=difference, difference=difference, low=low, high=high,
                                   confidence=0.95, n=100, n_resamples=1000)
@@ -138,8 +137,8 @@ def test_printed_to_two_significant_digits_of_the_half_width(difference, low, hi
     assert str(_difference(difference, low, high)) == printed
 
 
-@pytest.mark.parametrize("avx512, avx2", [
-    # the same comparisons computed on an AVX-512 and on an AVX2 CPU (chapters 01, 02, 06): they differ
+@pytest.mark.parametrize("avx2, avx512", [
+    # the same comparisons computed on an AVX2 and on an AVX-512 CPU (chapters 01, 02, 06): they differ
     # below the interval's second significant digit, so they print the same
     ((-433.583, -638.646, -302.691), (-433.587, -638.653, -302.694)),
     ((-1689.493, -5844.963, -592.043), (-1689.512, -5845.010, -592.048)),
@@ -147,8 +146,8 @@ def test_printed_to_two_significant_digits_of_the_half_width(difference, low, hi
     ((-0.968, -4.011, 0.517), (-0.966, -4.009, 0.520)),
     ((1050.195, 360.500, 3558.778), (1050.210, 360.497, 3558.844)),
 ])
-def test_digits_that_differ_between_cpus_are_not_printed(avx512, avx2):
-    assert str(_difference(*avx512)) == str(_difference(*avx2))
+def test_digits_that_differ_between_cpus_are_not_printed(avx2, avx512):
+    assert str(_difference(*avx2)) == str(_difference(*avx512))
 
 
 def test_a_recorded_difference_prints_by_the_same_rule():

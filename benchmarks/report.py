@@ -131,7 +131,8 @@ class Run:
         """The run's fields, first in its results JSON: ``command``, ``date`` (UTC, at the start),
         ``seconds`` (wall time so far), ``device``, ``threads`` (torch's), and ``machine`` (CPU
         count, platform, the 1-minute load average at the start and now, Python and torch versions,
-        then the ``machine`` keywords: other libraries' versions)."""
+        the CPU's vector instructions torch uses, then the ``machine`` keywords: other libraries'
+        versions)."""
         fields = {"command": self.command, "date": self.date, "seconds": self.seconds()}
         info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                 "load_average_1min_at_start_and_end": [round(self.load_at_start, 2), round(os.getloadavg()[0], 2)]}
@@ -140,6 +141,7 @@ class Run:
 
             fields |= {"device": self.device, "threads": torch.get_num_threads()}
             info["torch"] = torch.__version__
+            info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # AVX2 or AVX512: ratios differ
         return fields | {"machine": info | machine}
 
 

@@ -229,6 +229,12 @@ class TwoStageIndex:
     def n_docs(self) -> int:
         return self.full.shape[0]
 
+    def first_stage(self, query_emb: torch.Tensor, k: int) -> torch.Tensor:
+        """Stage 1 alone: the ``k`` best documents of each query in the shortlist index (unordered
+        by full-dimension score). Its cost, a (queries, documents) score matrix at ``shortlist_dim``
+        and a top-k over each row, bounds how much faster than brute force the search can be."""
+        return self.shortlist.scores(query_emb).topk(k, dim=1).indices
+
     def search(self, query_emb: torch.Tensor, k: int, top: int = 10, query_batch: int = 64) -> TwoStageResult:
         """The ``top`` documents of each query (and the whole re-ranked shortlist of ``k``).
         Queries go through both stages ``query_batch`` at a time to bound memory."""
@@ -241,7 +247,7 @@ class TwoStageIndex:
         rankings, all_scores = [], []
         for start in range(0, len(query_emb), query_batch):
             q = query_emb[start:start + query_batch]
-            shortlist = self.shortlist.scores(q).topk(k, dim=1).indices            # stage 1: small index
+            shortlist = self.first_stage(q, k)
             fine = torch.einsum("qd,qkd->qk", F.normalize(q.float(), dim=-1), self.full[shortlist])  # stage 2
             scores, order = fine.sort(dim=1, descending=True)
             rankings.append(shortlist.gather(1, order))

@@ -334,13 +334,16 @@ assert quantised_recall["int8"] >= quantised_recall["float32"] - 0.01
 #
 # `benchmarks/mrl_search.py` trains the same kind of LoRA + MRL model on 2,048 pairs, embeds the
 # 506 test queries against all 20,506 documents, and times brute force against two-stage search
-# for shortlist dimensions 32, 64, 128 and shortlists of 10 to 1,000; then it times the chosen
+# for shortlist dimensions 32, 64, 96, 128 and shortlists of 10 to 1,000; then it times the chosen
 # setting on a million synthetic unit vectors (timing only: random vectors have no Matryoshka
-# structure, so their recall means nothing). Its committed results:
+# structure, so their recall means nothing). It also times the first stage alone (the shortlist
+# scores and their top-k, no re-rank), the least work any two-stage search does. Its committed
+# results:
 
 # %%
 search = benchmark_result("mrl_search")
-print(f"benchmark run: {search['command']}\n  ({search['date']}, {search['seconds'] // 60} min on {search['threads']} CPU threads)")
+print(f"benchmark run: {search['command']}\n  ({search['date'][:10]}, {search['threads']} CPU threads, "
+      f"{search['machine']['cpu_capability']} instructions)")
 bf = search["brute_force"]
 print(f"brute force, {search['n_queries']} queries x {search['n_docs']} documents at 384: recall@10 {bf['recall@10']:.3f}; "
       f"{bf['seconds_batched'] * 1e3:.0f} ms for all queries at once, {bf['seconds_per_query'] * 1e3:.2f} ms per query one at a time")
@@ -348,7 +351,9 @@ fig, axes = plt.subplots(1, 2, figsize=(10, 3.9), sharey=True, layout="constrain
 for ax, mode, title in [(axes[0], "per_query", "one query at a time"), (axes[1], "batched", "all queries at once")]:
     for dim in sorted({s["dim"] for s in search["two_stage"]}):
         rows = [s for s in search["two_stage"] if s["dim"] == dim]
-        ax.plot([s[f"speedup_{mode}"] for s in rows], [s["recall@10"] for s in rows], "o-", label=f"shortlist at {dim}")
+        line, = ax.plot([s[f"speedup_{mode}"] for s in rows], [s["recall@10"] for s in rows], "o-", label=f"shortlist at {dim}")
+        if mode == "batched":    # the first stage alone: the most any re-rank could leave
+            ax.plot([s["limit_batched"] for s in rows], [s["recall@10"] for s in rows], "x:", color=line.get_color())
     ax.axhline(0.99 * bf["recall@10"], color="gray", ls=":", label="99% of brute force")
     ax.axvline(1, color="black", lw=0.8)
     ax.set_xscale("log")
@@ -360,33 +365,52 @@ for ax, mode, title in [(axes[0], "per_query", "one query at a time"), (axes[1],
 axes[0].set_ylabel("recall@10 (fraction of queries)")
 fig.suptitle(f"Two-stage search against brute force, {search['n_docs']:,d} documents: recall@10 and speed-up")
 axes[0].legend(fontsize=8)
+axes[1].legend(handles=[plt.Line2D([], [], color="gray", marker="o", label="two-stage search"),
+                        plt.Line2D([], [], color="gray", marker="x", ls=":", label="its first stage alone")], fontsize=8)
 plt.show()
 for mode, label in [("per_query", "one at a time"), ("batched", "all at once")]:
     b = search["best_at_99pct"][mode]
     print(f"fastest setting within 1% of brute force, {label}: shortlist at {b['dim']}, k = {b['k']}: "
           f"recall@10 {b['recall@10']:.3f}, {b[f'speedup_{mode}']:.1f}x faster")
+good = [s for s in search["two_stage"] if s["recall@10"] >= 0.99 * bf["recall@10"]]
+limit = max(good, key=lambda s: s["limit_batched"])
+print(f"the first stage alone, all at once, within 1% of brute force's recall: at most {limit['limit_batched']:.1f}x faster "
+      f"(shortlist at {limit['dim']}, k = {limit['k']}), whatever the re-rank costs")
 syn = search["synthetic_timing_only"]
 print(f"on {syn['n_docs']:,d} synthetic vectors (timing only), shortlist at {syn['dim']}, k = {syn['k']}: "
       f"one at a time {syn['seconds_per_query_brute_force'] * 1e3:.0f} ms -> {syn['seconds_per_query_two_stage'] * 1e3:.0f} ms "
       f"per query ({syn['speedup_per_query']:.1f}x); {syn['n_queries']} at once {syn['seconds_batched_brute_force']:.2f} s -> "
-      f"{syn['seconds_batched_two_stage']:.2f} s ({syn['speedup_batched']:.1f}x)")
+      f"{syn['seconds_batched_two_stage']:.2f} s ({syn['speedup_batched']:.1f}x; first stage alone {syn['limit_batched']:.1f}x)")
 
 # %% [markdown]
 # How the queries arrive decides the answer. **One at a time**, as a search service receives
-# them, brute force reads the whole corpus for every query (20,506 × 1,536 bytes, 1.82 ms);
-# a shortlist at 64 numbers with k = 200 reads a sixth of that plus 200 full vectors, keeps
-# recall@10 within 1% (0.619 against 0.623) and is **6.7× faster**, past the target we set (at
-# least 4×). On a million synthetic vectors the same setting goes from 104 ms to 13 ms per query
-# (8.0×). **All 506 queries at once**, brute force is one matrix product that reads the corpus once
-# for all of them, while the re-rank still gathers k full vectors per query: the best setting
-# within 1% (shortlist at 128, k = 20) is only 2.2× faster, and 3.99× on a million vectors:
-# short of the target both times.
+# them, brute force reads the whole corpus for every query (20,506 × 1,536 bytes, 4.24 ms on the
+# benchmark's CPU); a shortlist at 96 numbers with k = 50 reads a quarter of that plus 50 full
+# vectors, keeps recall@10 within 1% (0.621 against 0.623) and is **5.3× faster**, past the
+# target we set (at least 4×). (96 is not one of the sizes the loss trained, but a prefix between
+# two trained sizes works nearly as well; at 64 numbers recall needs k = 500.) On a million
+# synthetic vectors the same setting goes from 172 ms to 58 ms per query (3.0×): a quarter of the
+# bytes bounds it at 4×. **All 506 queries at once**, brute force is one matrix product that
+# reads the corpus once for all of them: the best setting within 1% (again 96 numbers, k = 50)
+# is only 2.4× faster, and 2.6× on a million vectors: short of the target both times.
+#
+# The limit is the first stage, not the re-rank. Timed alone, without any re-rank, the first
+# stage is at most **3.0× faster** than brute force at 99% of its recall (2.7× on a million
+# vectors), so no re-rank, however fast, could reach 4× here. It still scores every (query,
+# document) pair: at 96 numbers each score takes a quarter of the multiplications, and the matrix
+# product alone is 4.3× faster than brute force, but the top-k of every row costs the same at
+# every size. The shortlists that would leave room need long lists to keep recall (k = 500 at 64
+# numbers; at 32 not even 1,000 is enough), and ranking and re-ranking that many costs more than
+# the smaller product saves. A batched search faster than a matrix product needs a first stage that does not score every
+# document (an inverted-file or graph index), beyond this chapter. These timings come from a
+# shared 2-core AVX2 machine and move between runs, the one-at-a-time ones most: read them as
+# "several-fold", not to the decimal.
 #
 # A binary shortlist index at 64 numbers (8 bytes per vector) loses far more than it saves here
-# (recall@10 0.506 at k = 200); int8 (68 bytes) stays within two queries of float32 at every
+# (recall@10 0.516 at k = 200); int8 (68 bytes) stays within two queries of float32 at every
 # setting. Note also that recall@10 need not grow with k: a larger shortlist admits documents that
-# the full-size score ranks above the right one (at 128 numbers, k = 20 found 0.623 and k = 50
-# 0.617). Only k = the whole corpus is guaranteed to equal brute force.
+# the full-size score ranks above the right one (at 96 numbers, k = 100 found 0.623 and k = 200
+# 0.621). Only k = the whole corpus is guaranteed to equal brute force.
 #
 # The seeds' own two-stage figures (1,000 candidates shortlisted in 20 ms and re-ranked in 50 ms:
 # 70 ms against 100 ms without MRL) come without a corpus size or hardware and cannot be
@@ -395,15 +419,17 @@ print(f"on {syn['n_docs']:,d} synthetic vectors (timing only), shortlist at {syn
 
 # %%
 b_pq, b_b = search["best_at_99pct"]["per_query"], search["best_at_99pct"]["batched"]
-assert (b_pq["dim"], b_pq["k"], b_pq["speedup_per_query"], round(b_pq["recall@10"], 3)) == (64, 200, 6.67, 0.619)
-assert (b_b["dim"], b_b["k"], b_b["speedup_batched"]) == (128, 20, 2.17)
-assert round(bf["recall@10"], 3) == 0.623 and round(bf["seconds_per_query"] * 1e3, 2) == 1.82
-assert (syn["speedup_per_query"], syn["speedup_batched"]) == (8.0, 3.99)
-assert (round(syn["seconds_per_query_brute_force"] * 1e3), round(syn["seconds_per_query_two_stage"] * 1e3)) == (104, 13)
+assert (b_pq["dim"], b_pq["k"], b_pq["speedup_per_query"], round(b_pq["recall@10"], 3)) == (96, 50, 5.29, 0.621)
+assert (b_b["dim"], b_b["k"], b_b["speedup_batched"], b_b["limit_batched"]) == (96, 50, 2.39, 3.02)
+assert (limit["dim"], limit["k"]) == (b_b["dim"], b_b["k"]) and round(bf["seconds_batched"] / b_b["seconds_batched_scores_only"], 1) == 4.3
+assert round(bf["recall@10"], 3) == 0.623 and round(bf["seconds_per_query"] * 1e3, 2) == 4.24
+assert (syn["dim"], syn["k"], syn["speedup_per_query"], syn["speedup_batched"], syn["limit_batched"]) == (96, 50, 2.97, 2.58, 2.7)
+assert (round(syn["seconds_per_query_brute_force"] * 1e3), round(syn["seconds_per_query_two_stage"] * 1e3)) == (172, 58)
 at = {(s["dim"], s["k"]): s for s in search["two_stage"]}
-assert round(at[64, 200]["recall@10_binary"], 3) == 0.506
+assert round(at[64, 200]["recall@10_binary"], 3) == 0.516
 assert all(round(abs(s["recall@10_int8"] - s["recall@10"]) * search["n_queries"]) <= 2 for s in search["two_stage"])   # queries
-assert at[128, 20]["recall@10"] > at[128, 50]["recall@10"]        # a larger shortlist can lose a hit
+assert at[96, 100]["recall@10"] > at[96, 200]["recall@10"]          # a larger shortlist can lose a hit
+assert at[64, 500]["recall@10"] >= 0.99 * bf["recall@10"] > max(at[64, 200]["recall@10"], at[32, 1000]["recall@10"])
 
 # %% [markdown]
 # <a id="claim-04-combination"></a>

@@ -67,7 +67,9 @@ def test_the_run_fields():
     assert list(fields) == ["command", "date", "seconds", "device", "threads", "machine"]
     assert fields["command"] == "python -m benchmarks.probe --steps 4"
     assert fields["device"] == "cpu" and fields["threads"] >= 1 and fields["seconds"] >= 0
-    assert {"cpu_count", "platform", "python", "torch", "peft"} <= set(fields["machine"])
+    assert {"cpu_count", "platform", "python", "torch", "cpu_capability", "peft"} <= set(fields["machine"])
+    capabilities = {"DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512", "SVE256"}   # torch.backends.cpu's values
+    assert fields["machine"]["cpu_capability"] in capabilities
     start, end = fields["machine"]["load_average_1min_at_start_and_end"]
     assert start >= 0 and end >= 0
     plain = report.Run("probe", device=None).fields()

@@ -38,9 +38,9 @@ def test_every_known_model_has_a_published_count():
     assert set(budget.MODELS) == set(PUBLISHED) | {"llama-33b"}
 
 
-@pytest.mark.parametrize("name, load", [("smollm2-135m", models.load_smollm2), ("minilm", models.load_minilm)])
-def test_weight_bytes_equal_the_loaded_models_parameter_bytes(name, load):
-    model, _ = load("cpu")
+@pytest.mark.parametrize("name, loaded", [("smollm2-135m", "smollm2"), ("minilm", "minilm")])
+def test_weight_bytes_equal_the_loaded_models_parameter_bytes(name, loaded, request):
+    model, _ = request.getfixturevalue(loaded)  # the session's models.load_smollm2("cpu") / load_minilm("cpu"), read only
     config = budget.get_config(model.config)  # from the transformers config too
     assert estimate(name, "full", weight_dtype="float32").weights == memory.parameter_bytes(model)
     assert estimate(config, "full", weight_dtype="float32").weights == memory.parameter_bytes(model)

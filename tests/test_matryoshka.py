@@ -191,6 +191,21 @@ def test_shortlist_at_a_short_prefix_can_miss_the_best_document():
     assert full.indices.tolist() == [[1]]
 
 
+def test_first_stage_is_the_prefix_top_k_that_search_reorders():
+    """Stage 1 is a top-k by cosine at the prefix (computed here from the definition); stage 2
+    only reorders those k documents (the whole-corpus case above fixes the order), so timing
+    `first_stage` alone times the least work a search does."""
+    g = torch.Generator().manual_seed(4)
+    q, docs = torch.randn(9, 48, generator=g), torch.randn(200, 48, generator=g)
+    index = matryoshka.TwoStageIndex(docs, shortlist_dim=12)
+    prefix = F.normalize(q[:, :12], dim=-1) @ F.normalize(docs[:, :12], dim=-1).T
+    expected = prefix.topk(15, dim=1).indices.sort(dim=1).values
+    assert torch.equal(index.first_stage(q, 15).sort(dim=1).values, expected)
+    result = index.search(q, k=15, top=15, query_batch=4)     # batches of 4: the same shortlists
+    assert torch.equal(result.ranking.sort(dim=1).values, expected)
+    assert torch.all(result.scores[:, :-1] >= result.scores[:, 1:])
+
+
 def test_two_stage_recall_at_full_shortlist_equals_retrieval_metrics():
     docs = torch.randn(40, 32, generator=torch.Generator().manual_seed(2))
     relevant = list(range(0, 40, 2))

@@ -1,13 +1,18 @@
 """Student copies and grading: `course-lib student` and `pytest --nbval-lax` on its copies.
 
-The end-to-end test grades chapter 05 twice with ``pytest --nbval-lax`` (the cheapest chapter
-to run, about 1.5 minutes each time): the unsolved copy must fail at exactly the exercise cells
-(the stubs and their checks) and the solved notebook must pass. Every other chapter's copy is
-checked without running it: only its solution regions differ from the original.
+The end-to-end test grades chapter 05 (the cheapest chapter to run, about 1.5 minutes) with
+``pytest --nbval-lax``: the unsolved copy must fail at exactly the exercise cells (the stubs and
+their checks) and the solved notebook must pass. Both are graded in one kernel, since the two
+notebooks are the same cells up to the first solution: the student copy is run as written, then
+the kernel's names are put back as they were before that cell and the original's cells from there
+on are run (see `test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved`). Every
+other chapter's copy is checked without running it: only its solution regions differ from the
+original.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -19,6 +24,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from nbformat.corpus.words import generate_corpus_id
 
 from course_lib import cli
 from course_lib.tooling import student
@@ -247,27 +253,69 @@ def _nbval_lax(folder: Path) -> tuple[int, set[str], int]:
 
 
 @pytest.fixture
-def grading_folders():
+def grading_folder():
     # beside notebooks/, as a teacher's out/ folder would be: the chapters read ../benchmarks/results
-    folders = [Path(tempfile.mkdtemp(prefix=f".grading-{kind}-", dir=ROOT)) for kind in ("student", "solved")]
-    yield folders
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=".grading-", dir=ROOT))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved(grading_folders):
-    unsolved, solved = grading_folders
-    copies = student.write_student_copies(GRADED, unsolved, overwrite=True)
-    (result,) = copies.values()
-    shutil.copy(GRADED, solved / GRADED.name)
+SNAPSHOT = "_grading_globals_before_the_exercises"  # a name no chapter uses (checked below)
 
-    code_cells = sum(cell.cell_type == "code" for cell in result.notebook.cells)
-    expected = set(result.nbval_names(result.exercise_cells))
 
-    status, failed, total = _nbval_lax(unsolved)
+def _unsolved_then_solved(result: student.StudentCopy, original: nbformat.NotebookNode) -> tuple[
+        nbformat.NotebookNode, list[int], int]:
+    """One notebook that grades both copies: the student copy as written, with one cell before its
+    first solution cell that keeps the kernel's names (``dict(globals())``); then a cell that puts
+    the names back as they were there (those added since removed, the rest rebound); then the
+    original's cells from its first solution cell on. The solved run is the same cells as the
+    original in the same order: the first part is the original's up to that cell, run from a fresh
+    kernel, and the rest starts from the names that part left. Returns the notebook, the indices in
+    it of the student copy's exercise cells, and the index of the first original cell after the
+    restore."""
+    first = result.solution_cells[0]
+    keep = nbformat.v4.new_code_cell(f"{SNAPSHOT} = dict(globals())")
+    restore = nbformat.v4.new_code_cell(
+        f"def _restore(names=globals(), kept={SNAPSHOT}):\n"
+        "    for name in set(names) - set(kept):\n"
+        "        del names[name]\n"
+        "    names.update(kept)\n"
+        "\n"
+        "_restore()")
+    solved = copy.deepcopy(original.cells[first:])
+    for cell in solved:  # the student copy has the same cell ids; each must be unique
+        cell.id = generate_corpus_id()
+    nb = copy.deepcopy(result.notebook)
+    nb.cells = [*nb.cells[:first], keep, *nb.cells[first:], restore, *solved]
+    solved_from = len(result.notebook.cells) + 2
+    return nb, [i + 1 for i in result.exercise_cells], solved_from
+
+
+def test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved(grading_folder):
+    """Graded once: the cells before the first solution are the same in both copies (checked here),
+    so the kernel runs them once; the unsolved copy's cells then run as a student's would, and the
+    original's from its first solution on run after the names are put back as that shared part
+    left them. nbval must report exactly the unsolved exercise cells failing, no other cell."""
+    original = nbformat.read(GRADED, as_version=4)
+    unsolved = grading_folder / "unsolved"
+    (result,) = student.write_student_copies(GRADED, unsolved, overwrite=True).values()
+    result.notebook = nbformat.read(unsolved / GRADED.name, as_version=4)   # the copy as written
+    shutil.rmtree(unsolved)
+    first = result.solution_cells[0]
+    assert result.exercise_cells[0] == first
+    assert result.notebook.cells[:first] == original.cells[:first]      # the shared part: the same cells
+    assert all(SNAPSHOT not in cell.source and "_restore" not in cell.source for cell in original.cells)
+
+    nb, unsolved_exercises, solved_from = _unsolved_then_solved(result, original)
+    nbformat.write(nb, grading_folder / GRADED.name)
+    graded = student.StudentCopy(notebook=nb)
+    code_cells = sum(cell.cell_type == "code" for cell in nb.cells)
+    expected = set(graded.nbval_names(unsolved_exercises))
+    assert len(expected) == len(result.exercise_cells)
+    solved = set(graded.nbval_names([i for i in range(solved_from, len(nb.cells)) if nb.cells[i].cell_type == "code"]))
+    assert len(solved) == sum(cell.cell_type == "code" for cell in original.cells[first:])
+
+    status, failed, total = _nbval_lax(grading_folder)
     assert total == code_cells
     assert status == 1 and failed == expected, f"failed {sorted(failed)}, expected {sorted(expected)}"
-
-    status, failed, total = _nbval_lax(solved)
-    assert total == code_cells
-    assert status == 0 and not failed
+    assert not failed & solved

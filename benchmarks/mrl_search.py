@@ -11,16 +11,18 @@
    latency: every query reads the whole corpus, which is where a small index pays). For each mode
    the fastest setting whose recall@10 is at least 99% of brute force's, and its speed-up. The
    first stage alone is timed too (batched), with and without its top-k: brute force's time over
-   it is the most any re-rank could leave, the measured limit printed beside the batched figures. Recall of the same shortlists from int8 and binary indexes, with
-   their bytes per vector (their time is not measured: PyTorch has no int8 or popcount search
-   kernel on CPU, so it would measure the emulation, not the index).
+   it is the most any re-rank could leave, the measured limit printed beside the batched figures.
+   Recall of the same shortlists from int8 and binary indexes, with their bytes per vector
+   (their time is not measured: PyTorch has no int8 or popcount search kernel on CPU, so it
+   would measure the emulation, not the index).
 3. The same timing on 1,000,000 synthetic random unit vectors (timing only: random vectors have
    no Matryoshka structure, so recall there means nothing) with the ``d`` and ``k`` chosen for
    one-at-a-time search.
 
 Run:  .venv/bin/python -m benchmarks.mrl_search [--pairs 2048] [--repeats 5]
 (about 10 minutes on 2 CPU cores). Writes its JSON under benchmarks/runs/ (``--save``: replaces
-benchmarks/results/mrl_search.json) and ends with its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
+benchmarks/results/mrl_search.json) and ends with its FIGURE lines; ``--figures-only``
+recomputes them from that JSON, measuring nothing.
 """
 
 from __future__ import annotations

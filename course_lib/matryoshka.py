@@ -233,21 +233,26 @@ class TwoStageIndex:
         """Stage 1 alone: the ``k`` best documents of each query in the shortlist index (unordered
         by full-dimension score). Its cost, a (queries, documents) score matrix at ``shortlist_dim``
         and a top-k over each row, bounds how much faster than brute force the search can be."""
+        self._check_query(query_emb)
+        _check_k(k, self.n_docs)
         return self.shortlist.scores(query_emb).topk(k, dim=1).indices
+
+    def _check_query(self, query_emb: torch.Tensor) -> None:
+        if query_emb.shape[-1] != self.full.shape[-1]:
+            raise ValueError(f"query dim {query_emb.shape[-1]} != document dim {self.full.shape[-1]}: "
+                             "embed both with the same model")
 
     def search(self, query_emb: torch.Tensor, k: int, top: int = 10, query_batch: int = 64) -> TwoStageResult:
         """The ``top`` documents of each query (and the whole re-ranked shortlist of ``k``).
         Queries go through both stages ``query_batch`` at a time to bound memory."""
-        if query_emb.shape[-1] != self.full.shape[-1]:
-            raise ValueError(f"query dim {query_emb.shape[-1]} != document dim {self.full.shape[-1]}: "
-                             "embed both with the same model")
+        self._check_query(query_emb)
         _check_k(k, self.n_docs)
         if positive_int("top", top) > k:
             raise ValueError(f"top={top!r} results cannot come from a shortlist of k={k}: use 1 <= top <= k")
         rankings, all_scores = [], []
         for start in range(0, len(query_emb), query_batch):
             q = query_emb[start:start + query_batch]
-            shortlist = self.first_stage(q, k)
+            shortlist = self.first_stage(q, k)                                      # stage 1: small index
             fine = torch.einsum("qd,qkd->qk", F.normalize(q.float(), dim=-1), self.full[shortlist])  # stage 2
             scores, order = fine.sort(dim=1, descending=True)
             rankings.append(shortlist.gather(1, order))

@@ -282,6 +282,8 @@ def test_bad_shortlist_size(k, message):
     q, docs = random_unit(2, 16, 0), random_unit(10, 16, 1)
     with pytest.raises(ValueError, match=message):
         matryoshka.two_stage_search(q, docs, k=k, shortlist_dim=8, top=1)
+    with pytest.raises(ValueError, match=message):
+        matryoshka.TwoStageIndex(docs, 8).first_stage(q, k)
 
 
 def test_bad_top_index_type_and_recall_ks():
@@ -294,6 +296,8 @@ def test_bad_top_index_type_and_recall_ks():
         matryoshka.build_index(docs, 8, "fp16")
     with pytest.raises(ValueError, match="query dim 8 != document dim 16"):
         matryoshka.two_stage_search(q[:, :8], docs, k=5, shortlist_dim=8, top=1)
+    with pytest.raises(ValueError, match="query dim 8 != document dim 16"):
+        matryoshka.TwoStageIndex(docs, 8).first_stage(q[:, :8], 5)
     result = matryoshka.two_stage_search(q, docs, k=5, shortlist_dim=8, top=1)
     with pytest.raises(ValueError, match="recall@10 needs ranks beyond the shortlist of 5"):
         matryoshka.two_stage_recall(result, [0, 1], ks=(1, 10))

@@ -44,15 +44,16 @@ from course_lib import data, gradcache, lora, matryoshka, models, retrieval, tra
 RESULTS = RESULTS_DIR / "mrl_search.json"
 DIMS = (384, 256, 128, 64, 32)
 TOP = 10
+QUERY_BATCH = 64   # queries per matrix product, as TwoStageIndex.search's default
 
 
 
-def brute_force(q: torch.Tensor, full: torch.Tensor, top: int = TOP, query_batch: int = 64) -> torch.Tensor:
+def brute_force(q: torch.Tensor, full: torch.Tensor, top: int = TOP, query_batch: int = QUERY_BATCH) -> torch.Tensor:
     """Top ``top`` documents of each query by cosine similarity at full dimension (unit vectors)."""
     return torch.cat([(q[s:s + query_batch] @ full.T).topk(top, dim=1).indices for s in range(0, len(q), query_batch)])
 
 
-def first_stage(index: matryoshka.TwoStageIndex, q: torch.Tensor, k: int, query_batch: int = 64) -> list:
+def first_stage(index: matryoshka.TwoStageIndex, q: torch.Tensor, k: int, query_batch: int = QUERY_BATCH) -> list:
     """Stage 1 alone, in the query batches `TwoStageIndex.search` uses: its time is the least a
     two-stage search can take, so brute force's time over it bounds the speed-up."""
     return [index.first_stage(q[s:s + query_batch], k) for s in range(0, len(q), query_batch)]
@@ -126,14 +127,14 @@ def main() -> None:
     # 2. brute force vs two-stage on the real corpus, all queries at once and one at a time
     brute = {"recall@10": round(recall(brute_force(q, full), relevant), 4),
              "seconds_batched": timed(lambda: brute_force(q, full), args.repeats),
-             "seconds_batched_scores_only": timed(lambda: [q[s:s + 64] @ full.T for s in range(0, len(q), 64)], args.repeats),
+             "seconds_batched_scores_only": timed(lambda: [q[s:s + QUERY_BATCH] @ full.T for s in range(0, len(q), QUERY_BATCH)], args.repeats),
              "seconds_per_query": latency(lambda x: brute_force(x, full)), "bytes_per_vector": 4 * d.shape[1]}
     target = 0.99 * brute["recall@10"]
     settings = []
     for dim in args.shortlist_dims:
         index = matryoshka.TwoStageIndex(d, dim)
         # the first stage's matrix product alone (no top-k): what the ratio of dimensions buys
-        scores_only = timed(lambda index=index: [index.shortlist.scores(q[s:s + 64]) for s in range(0, len(q), 64)],
+        scores_only = timed(lambda index=index: [index.shortlist.scores(q[s:s + QUERY_BATCH]) for s in range(0, len(q), QUERY_BATCH)],
                             args.repeats)
         for k in args.ks:
             row = {"dim": dim, "k": k, "recall@10": round(recall(index.search(q, k, TOP).indices, relevant), 4),

@@ -401,10 +401,10 @@ print(f"on {syn['n_docs']:,d} synthetic vectors (timing only), shortlist at {syn
 # product alone is 4.3× faster than brute force, but the top-k of every row costs the same at
 # every size. The shortlists that would leave room need long lists to keep recall (k = 500 at 64
 # numbers; at 32 not even 1,000 is enough), and ranking and re-ranking that many costs more than
-# the smaller product saves. A batched search faster than a matrix product needs a first stage that does not score every
-# document (an inverted-file or graph index), beyond this chapter. These timings come from a
-# shared 2-core AVX2 machine and move between runs, the one-at-a-time ones most: read them as
-# "several-fold", not to the decimal.
+# the smaller product saves. A batched search faster than a matrix product needs a first stage
+# that does not score every document (an inverted-file or graph index), beyond this chapter.
+# These timings come from a shared 2-core AVX2 machine and move between runs, the one-at-a-time
+# ones most: read them as "several-fold", not to the decimal.
 #
 # A binary shortlist index at 64 numbers (8 bytes per vector) loses far more than it saves here
 # (recall@10 0.516 at k = 200); int8 (68 bytes) stays within two queries of float32 at every

@@ -1,8 +1,12 @@
 """course_lib.tooling.source shows the code that runs; course_lib.tooling.exercises.forbidden refuses
 shortcuts and puts everything back."""
 
+import ast
+import importlib
 import inspect
+from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 from torch import nn
@@ -65,3 +69,60 @@ def test_close_explains_a_mismatch():
         exercises.close("y", torch.zeros(2), torch.zeros(3))
     with pytest.raises(AssertionError, match="largest difference 0.5"):
         exercises.close("y", torch.tensor([1.0, 2.5]), [1.0, 2.0])
+
+
+CHAPTERS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _resolve(node: ast.expr):
+    """``matryoshka.TwoStageIndex.search`` -> the object, looked up in ``course_lib.matryoshka``."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    assert isinstance(node, ast.Name), f"show() is given {ast.unparse(node)!r}: name course_lib objects directly"
+    obj = importlib.import_module(f"course_lib.{node.id}")
+    for name in reversed(names):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _show_calls(cell) -> list[ast.Call]:
+    """The ``show(...)`` calls in a code cell (not ``plt.show()``)."""
+    if cell.cell_type != "code":
+        return []
+    return [n for n in ast.walk(ast.parse(cell.source))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "show"]
+
+
+def shown_code_drift(path: Path) -> list[str]:
+    """Cells whose committed ``show(...)`` output differs from what ``course_lib`` holds now."""
+    problems = []
+    for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        calls = _show_calls(cell)
+        if not calls:
+            continue
+        committed = [o["data"]["text/markdown"] for o in cell.outputs if "text/markdown" in o.get("data", {})]
+        expected = ["```python\n" + source.source(*map(_resolve, c.args)) + "\n```" for c in calls]
+        if not all(text in committed for text in expected):
+            problems.append(f"{path.name} cell {i}: the shown code is not course_lib's current source")
+    return problems
+
+
+def test_shown_code_in_committed_chapters_is_current():
+    """A change to a shown function must re-execute the chapter that shows it; nbval would fail
+    much later (after every chapter ran), this check fails in a second."""
+    assert any(_show_calls(c) for p in CHAPTERS for c in nbformat.read(p, as_version=4).cells)
+    problems = [p for path in CHAPTERS for p in shown_code_drift(path)]
+    assert not problems, "re-execute these chapters:\n" + "\n".join(problems)
+
+
+def test_shown_code_check_sees_a_stale_output(tmp_path):
+    path = next(p for p in CHAPTERS if any(_show_calls(c) for c in nbformat.read(p, as_version=4).cells))
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if _show_calls(c))
+    output = next(o for o in cell.outputs if "text/markdown" in o.get("data", {}))
+    output["data"]["text/markdown"] = output["data"]["text/markdown"].replace("\n", "\n    # old\n", 1)
+    nbformat.write(nb, tmp_path / path.name)
+    assert shown_code_drift(tmp_path / path.name) == [
+        f"{path.name} cell {nb.cells.index(cell)}: the shown code is not course_lib's current source"]

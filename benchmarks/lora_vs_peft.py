@@ -22,7 +22,6 @@ import copy
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -164,7 +163,6 @@ def main() -> None:
     print(f"runtime LoRA overhead over base: {ratios['runtime_inference_over_base'] - 1:+.1%}; LoRA adds "
           f"{share['wrapped_layers']:.2%} of the wrapped layers' multiply-adds, r(d_in+d_out)/(d_in·d_out), "
           f"= {share['whole_forward']:.2%} of the whole forward's")
-    print(f"results written to {OUT.relative_to(Path.cwd()) if OUT.is_relative_to(Path.cwd()) else OUT}")
     print("\n".join(lines))
 
 

@@ -151,6 +151,70 @@ def test_nibble_order_first_value_high():
 
 
 # ---------------------------------------------------------------------------------------------
+# The fast paths against their definitions
+# ---------------------------------------------------------------------------------------------
+def _one_comparison_per_midpoint(scaled: torch.Tensor, midpoints: list[float]) -> torch.Tensor:
+    """The definition: a value's code is the number of midpoints strictly below it (ties go down)."""
+    return sum((scaled > m).to(torch.uint8) for m in midpoints)
+
+
+def _hard_values(midpoints: list[float]) -> torch.Tensor:
+    """Every float32 within 40 ulps of each midpoint and of each grid edge, a dense sweep of
+    [-1, 1] a little beyond both ends, and the signed zeros."""
+    mids = torch.tensor(midpoints)
+    edges = torch.arange(-quant._GRID_HALF, quant._GRID_HALF + 1) / quant._GRID_HALF
+    values = [torch.linspace(-1.0000002, 1.0000002, 400_003), torch.tensor([-1.0, 1.0, 0.0, -0.0])]
+    for points in (mids, edges.float()):
+        for direction in (-math.inf, math.inf):
+            v = points.clone()
+            for _ in range(40):
+                v = torch.nextafter(v, torch.full_like(v, direction))
+                values.append(v)
+    return torch.cat(values).view(-1, 1)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_grid_nearest_level_equals_the_definition(quant_type):
+    midpoints, _ = quant._encoder(quant_type, torch.device("cpu"))
+    assert quant._grid_guess(tuple(midpoints), torch.device("cpu")) is not None  # the fast path is taken
+    x = _hard_values(midpoints)
+    assert torch.equal(quant._nearest_level(x, midpoints), _one_comparison_per_midpoint(x, midpoints))
+
+
+def test_grid_is_refused_for_levels_too_close_and_the_comparisons_still_agree():
+    midpoints = [-0.5, 0.0, 0.001, 0.5]  # 0 and 0.001: three grid cells would hold both
+    assert quant._grid_guess(tuple(midpoints), torch.device("cpu")) is None
+    x = _hard_values(midpoints)
+    assert torch.equal(quant._nearest_level(x, midpoints), _one_comparison_per_midpoint(x, midpoints))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4", "int8"])
+@pytest.mark.parametrize("shape", [(64, 96), (3, 43), (1, 2), (5,)], ids=["whole", "ragged_odd", "two", "five"])
+def test_dequantize_equals_codebook_times_absmax(shape, quant_type, dtype):
+    """The pair-table gather against the formula written plainly: unpack each nibble (or byte), look
+    its level up, multiply by its block's absmax in float32, round once to dtype."""
+    torch.manual_seed(0)
+    state = quant.quantize_blockwise(torch.randn(shape), quant_type, 4, double_quant=True)
+    if quant_type == "int8":
+        codes = state.packed.long()
+    else:
+        codes = torch.stack([state.packed >> 4, state.packed & 15], dim=1).flatten().long()[: state.numel]
+    absmax = quant.dequantize_absmax(state).repeat_interleave(4)[: state.numel]
+    expected = (quant.codebook(quant_type)[codes] * absmax).to(dtype).view(shape)
+    got = quant.dequantize_blockwise(state, dtype)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_pair_table_reads_the_first_byte_low():
+    table = quant._pair_table("nf4", torch.device("cpu")).view(torch.float32).view(65536, 4)
+    levels = quant.nf4_codebook()
+    assert torch.equal(table[0x0F12], levels[[1, 2, 0, 15]])  # bytes 0x12 then 0x0F: nibbles 1, 2, 0, 15
+    assert torch.equal(quant._as_uint16(torch.tensor([0x12, 0x0F], dtype=torch.uint8)).int(),
+                       torch.tensor([0x0F12], dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
 # Error bound and storage cost
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4", "int8"])

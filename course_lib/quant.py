@@ -153,6 +153,8 @@ def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     pairs = torch.arange(65536, device=device)
     table = _byte_table(quant_type, device)
     return torch.cat([table[pairs & 255], table[pairs >> 8]], dim=1).contiguous().view(torch.complex128).view(-1)
+
+
 @contextlib.contextmanager
 def _one_thread():
     """Run on one CPU thread (torch's setting is process-wide; restored on exit). Our ops are small
@@ -290,7 +292,7 @@ def _grid_guess(midpoints: tuple[float, ...], device: torch.device) -> tuple[tor
     mids = torch.tensor(midpoints, dtype=torch.float64)
     if len(mids) > 1 and (mids[1:] - mids[:-1]).min() <= 3 / _GRID_HALF:
         return None
-    cells = 2 * _GRID_HALF + 2  # s a little over 1 lands in cell 2·half, over the table's end is never reached
+    cells = 2 * _GRID_HALF + 2  # s = 1 (or a rounding above it) lands in cell 2·half; one cell spare
     left_of_previous = torch.arange(cells, dtype=torch.float64) / _GRID_HALF - 1 - 1 / _GRID_HALF
     below = torch.searchsorted(mids, left_of_previous, right=False).to(torch.int32)  # count of m < edge
     next_midpoint = torch.cat([mids.float(), torch.tensor([float("inf")])])

@@ -227,7 +227,8 @@ assert scaled_error <= half_gap + 1e-6
 #   number $u = b_0 + 256\, b_1$. A table of $2^{16}$ entries (1 MiB) holds the four levels those
 #   bytes stand for, $T[u] = (q_{\lfloor b_0 / 16 \rfloor}, q_{b_0 \bmod 16}, q_{\lfloor b_1 / 16 \rfloor},
 #   q_{b_1 \bmod 16})$, so one `index_select` writes four values straight into the output, and one
-#   in-place multiply by $c_b$ follows: two passes, where `nf4_dequantize` makes five.
+#   in-place multiply by $c_b$ follows: two passes over the output (and one over the codes, to widen
+#   them to indices), where `nf4_dequantize` makes six.
 # * **Quantize: a grid guess and one comparison.** The code of $s = w / c_b$ is the number of
 #   midpoints $m_i$ below it. Cut $[-1, 1]$ into cells of width $1/2048$, $g = \lfloor (s + 1)
 #   \cdot 2048 \rfloor$; a table gives $B_g$, the number of midpoints left of cell $g - 1$ (a cell

@@ -134,25 +134,17 @@ def _encoder(quant_type: str, device: torch.device) -> tuple[list[float], torch.
 
 
 @functools.cache
-def _byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """What each of the 256 byte values of ``packed`` stands for: two float32 values for 4-bit types
-    (high nibble first), one for ``"int8"``. Shape (256, values per byte)."""
-    code = _cached_codebook(quant_type, device)
-    if quant_type == "int8":
-        return code.view(256, 1)
-    byte = torch.arange(256, device=device)
-    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1)
-
-
-@functools.cache
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """What each *pair* of bytes stands for, read as one little-endian uint16 (first byte low): four
-    float32 values of a 4-bit type, stored as one 16-byte complex128 word so that one 1-D gather
-    (``index_select``) fetches all four. 65536 words = 1 MiB. One gather per two bytes instead of one
-    per byte, or two per byte with separate nibbles, is what makes `dequantize_blockwise` fast."""
+    """What each *pair* of bytes of a 4-bit ``packed`` stands for, read as one little-endian uint16
+    (first byte low): four float32 values (each byte's high nibble first), stored as one 16-byte
+    complex128 word so that one 1-D gather (``index_select``) fetches all four. 65536 words = 1 MiB.
+    One gather per two bytes instead of one per byte, or two per byte with separate nibbles, is what
+    makes `dequantize_blockwise` fast."""
+    code = _cached_codebook(quant_type, device)
     pairs = torch.arange(65536, device=device)
-    table = _byte_table(quant_type, device)
-    return torch.cat([table[pairs & 255], table[pairs >> 8]], dim=1).contiguous().view(torch.complex128).view(-1)
+    low, high = pairs & 255, pairs >> 8  # the first byte, the second
+    levels = [code[low >> 4], code[low & 15], code[high >> 4], code[high & 15]]
+    return torch.stack(levels, dim=1).view(torch.complex128).view(-1)
 
 
 @contextlib.contextmanager
@@ -307,17 +299,18 @@ def dequantize_blockwise(state: QuantState, dtype: torch.dtype | None = None) ->
     never requires grad, even if a hand-built state holds tensors that do.
 
     Two passes over the output, both at memory speed: one gather of four values per two bytes of
-    codes from a 65536-entry table (`_pair_table`; one value per byte for ``"int8"``), written straight
+    codes from a 65536-entry table (`_pair_table`; the codebook itself for ``"int8"``), written straight
     into the output, then one in-place multiply by each block's absmax. Chapter 02 writes the same with
     the nibbles unpacked one by one, the readable form, and checks both give the same tensor."""
     check_float_dtype(dtype, "dtype")
     dtype = dtype or state.dtype
     n, bs = state.numel, state.blocksize
     absmax = dequantize_absmax(state)
-    flat = torch.empty(_round_up(absmax.numel() * bs, 4), dtype=torch.float32, device=state.packed.device)
+    values = -(-absmax.numel() * bs // 4) * 4  # whole blocks, rounded up to whole groups of four
+    flat = torch.empty(values, dtype=torch.float32, device=state.packed.device)
     if state.quant_type == "int8":
         packed = state.packed.int()
-        torch.index_select(_byte_table("int8", packed.device).view(-1), 0, packed, out=flat[: packed.numel()])
+        torch.index_select(_cached_codebook("int8", packed.device), 0, packed, out=flat[: packed.numel()])
     else:  # pad to whole blocks and an even number of bytes (the padding is cut off below)
         short = flat.numel() // 2 - state.packed.numel()
         packed = F.pad(state.packed, (0, short)) if short else state.packed
@@ -329,10 +322,6 @@ def dequantize_blockwise(state: QuantState, dtype: torch.dtype | None = None) ->
     else:  # computed in float32, rounded once to dtype
         out = torch.mul(blocks, absmax.unsqueeze(1), out=torch.empty(blocks.shape, dtype=dtype, device=blocks.device))
     return (out.view(-1)[:n] if out.numel() != n else out).view(state.shape)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _as_uint16(packed: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export NO_MKDOCS_2_WARNING := 1
+# PyTorch's OpenMP worker threads wait for each other by sleeping, not spinning: beside another
+# CPU-bound process a spinning wait takes the cores both need (tests/test_budget.py's SmolLM2 part
+# took over 400 s beside a training run with the default policy, 62 s with PASSIVE, 40-48 s idle
+# either way). A value set in the environment wins.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup browser course test test-avx2 test-latest constraints lab notebooks site student clean
 

@@ -112,6 +112,38 @@ def answer_loss(model, tokenizer, rows: Sequence[dict]) -> torch.Tensor:
     return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
+def _scored_logits(model, batch: dict, scored: torch.Tensor) -> torch.Tensor:
+    """The logits of ``batch`` at the positions ``scored`` marks (``(B, T-1)``: those whose next
+    token is an answer token), shape ``(scored.sum(), vocabulary)``.
+
+    The output layer (the LM head, a 576 x 49,152 matrix for SmolLM2: about a quarter of a forward
+    pass) runs on those positions only: a pre-hook on ``model.get_output_embeddings()`` hands it
+    the hidden states there instead of at every prompt and padding position. Each logit row is
+    the same computation either way, so the result is bit-identical to slicing the full logits
+    (checked for the course's models in tests/test_instruct.py). A model without an output layer
+    to hook (onnxruntime's `course_lib.export.OnnxCausalLM`), or one whose head the hook did not
+    reach, gives full logits, sliced here.
+    """
+    ids = batch["input_ids"]
+
+    def at_scored(hidden: torch.Tensor) -> torch.Tensor:
+        # a prompt-tuned peft model has positions for its virtual tokens in front of the input's
+        return hidden[:, hidden.shape[1] - ids.shape[1]:][:, :-1][scored]
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    handle = None
+    if isinstance(head, torch.nn.Module):
+        handle = head.register_forward_pre_hook(
+            lambda module, args: (at_scored(args[0]), *args[1:]) if args and args[0].dim() == 3 else None)
+    try:
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits if logits.dim() == 2 else at_scored(logits)
+
+
 @torch.no_grad()
 def answer_nll(model, tokenizer, instructions: Sequence[str], answers: Sequence[str],
                batch_size: int = 16) -> torch.Tensor:
@@ -120,9 +152,9 @@ def answer_nll(model, tokenizer, instructions: Sequence[str], answers: Sequence[
     ``exp(Σ nll / Σ tokens)`` over these rows; a paired comparison of two models resamples them
     (`course_lib.stats.paired_bootstrap` with ``stats.corpus_perplexity``).
 
-    A prompt-tuned peft model returns logits for its virtual tokens too, in front of the input's
-    (``logits.shape[1] > input_ids.shape[1]``); those leading positions are dropped, so the
-    answer tokens are scored as for any other model (chapter 07 compares the methods by this).
+    Only the answer positions' logits are computed (`_scored_logits`). A prompt-tuned peft model
+    has positions for its virtual tokens in front of the input's; those are skipped, so the answer
+    tokens are scored as for any other model (chapter 07 compares the methods by this).
     """
     if not answers:
         raise ValueError("perplexity of zero examples is undefined")
@@ -134,14 +166,12 @@ def answer_nll(model, tokenizer, instructions: Sequence[str], answers: Sequence[
         batch = answer_batch(tokenizer, instructions[start:start + batch_size],
                              answers[start:start + batch_size])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]   # drop virtual tokens
-        shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        # per token over the flattened (tokens, vocabulary) logits: the softmax runs along contiguous
-        # rows (the (batch, vocabulary, tokens) layout rounds differently, by up to 2e-4 per token)
-        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                              ignore_index=-100, reduction="none").view(shift_labels.shape)
-        rows.append(torch.stack([nll.double().sum(1), (shift_labels != -100).sum(1).double()], dim=1).cpu())
+        targets = batch["labels"][:, 1:]       # position t predicts token t + 1
+        scored = targets != -100
+        # one softmax per scored position, over its contiguous row of the vocabulary
+        nll = torch.zeros(targets.shape, dtype=torch.float32, device=device)
+        nll[scored] = F.cross_entropy(_scored_logits(model, batch, scored).float(), targets[scored], reduction="none")
+        rows.append(torch.stack([nll.double().sum(1), scored.sum(1).double()], dim=1).cpu())
     return torch.cat(rows)
 
 

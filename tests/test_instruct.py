@@ -1,6 +1,7 @@
 """The instruction task's scoring: exact match by hand-made cases, perplexity against the loss
 transformers computes, and the virtual tokens of a prompt-tuned model."""
 
+import copy
 import math
 
 import pytest
@@ -119,3 +120,56 @@ def test_answer_nll_rows_give_the_perplexity_and_transformers_loss():
     assert ppl == pytest.approx(math.exp(rows[:, 0].sum().item() / rows[:, 1].sum().item()), rel=1e-6)
     with pytest.raises(ValueError, match="one answer per instruction"):
         instruct.answer_nll(model, tokenizer, instructions, answers[:2])
+
+
+def _nll_from_full_logits(model, tokenizer, instructions, answers):
+    """The definition, written out: every position's logits, then the answer positions' NLL."""
+    batch = instruct.answer_batch(tokenizer, instructions, answers)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]     # after any virtual tokens
+    targets = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            ignore_index=-100, reduction="none").view(targets.shape)
+    return torch.stack([nll.double().sum(1), (targets != -100).sum(1).double()], dim=1)
+
+
+class _WithoutOutputLayer(torch.nn.Module):
+    """A runner with no output layer to hook (as onnxruntime's OnnxCausalLM): full logits come back."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+
+def test_answer_nll_computes_the_output_layer_at_answer_positions_only_and_bit_identically(smollm2):
+    """SmolLM2, plain, prompt-tuned by peft (8 virtual tokens in front) and with no output layer to
+    hook: answer_nll equals, bit for bit, the NLL taken from every position's logits, and the
+    output layer sees only the answer positions' hidden states (one row per scored token)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from course_lib import data
+
+    model, tok = smollm2
+    rows = data.load_instruct("test")[:6]
+    instructions, answers = [r["instruction"] for r in rows], [r["answer"] for r in rows]
+    # on a copy: peft freezes the model it wraps, and the session's SmolLM2 stays as it was
+    prompt_tuned = get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8))
+    with torch.no_grad():
+        prompt_tuned.prompt_encoder["default"].embedding.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    for runner in (prompt_tuned, model, _WithoutOutputLayer(model)):
+        head_rows = []
+        head = (prompt_tuned if runner is prompt_tuned else model).get_output_embeddings()
+        handle = head.register_forward_hook(lambda m, args, out, seen=head_rows: seen.append(tuple(args[0].shape[:-1])))
+        try:
+            fast = instruct.answer_nll(runner, tok, instructions, answers, batch_size=4)
+        finally:
+            handle.remove()
+        assert torch.equal(fast, _nll_from_full_logits(runner, tok, instructions, answers))
+        if isinstance(runner, _WithoutOutputLayer):   # nothing to hook: every position, as before
+            assert head_rows[0][1] == instruct.answer_batch(tok, instructions[:4], answers[:4])["input_ids"].shape[1]
+        else:
+            assert head_rows == [(int(fast[:4, 1].sum()),), (int(fast[4:, 1].sum()),)]

@@ -1,6 +1,7 @@
 # The course's two commands (see README.md):
 #   make course   set up, execute every chapter in order, build the site into site/
-#   make test     set up, run the unit tests (with the grading test and the browser test of the site),
+#   make test     set up, run the unit tests in two worker processes (with the grading test and the browser
+#                 test of the site; each test file stays in one process, so its session fixtures load once),
 #                 re-execute the notebooks under nbval, build the site --strict
 #   make lab      set up, open JupyterLab on the notebooks (each chapter's .ipynb and .py paired by jupytext)
 #   make test-latest  a second environment (.venv-latest) with the newest releases of every dependency:
@@ -94,7 +95,7 @@ course: notebooks site
 	@echo "The course is built: open site/index.html in a browser (or run: $(BIN)/mkdocs serve)"
 
 test: setup browser
-	$(BIN)/python -m pytest tests --durations=15
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=15
 	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 	$(BIN)/mkdocs build --strict --site-dir site
 

@@ -4,7 +4,8 @@ INT8 keeps retrieval quality, GGUF round trips, generation with and without the 
 Expected values come from the PyTorch models themselves (the reference runtime), from peft and
 transformers (merge, GGUF reading, ``model.generate``), from the course's shipped llama.cpp-made
 GGUF file, or from hand arithmetic; never from numbers this code printed earlier. The real
-models are exported once per module (SmolLM2 to ONNX takes ~50 s, the slowest step here).
+models are exported once per module; SmolLM2 with its first two decoder layers only (the whole
+model takes ~50 s to export, and chapter 06 exports it).
 """
 
 import copy
@@ -265,13 +266,28 @@ def test_int8_minilm_keeps_recall_at_10_within_2_points(minilm, minilm_onnx):
 # ONNX: SmolLM2 logits, the KV cache, generation
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2_onnx(tmp_path_factory, smollm2):
-    path = export.export_onnx_causal_lm(smollm2[0], tmp_path_factory.mktemp("smollm2") / "smollm2.onnx")
+def smollm2_2_layers(smollm2):
+    """SmolLM2's real weights and architecture cut to its first two decoder layers (the export
+    traces the same layer code 30 times or twice): a tenth of the full export's ~50 s. Chapter 06
+    exports the whole model and checks its generation under nbval."""
+    model, tokenizer = smollm2
+    short = copy.deepcopy(model)
+    short.model.layers = torch.nn.ModuleList(short.model.layers[:2])
+    short.config.num_hidden_layers = 2
+    if getattr(short.config, "layer_types", None):
+        short.config.layer_types = short.config.layer_types[:2]
+    assert short.get_output_embeddings().weight is short.get_input_embeddings().weight  # still tied
+    return short.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def smollm2_onnx(tmp_path_factory, smollm2_2_layers):
+    path = export.export_onnx_causal_lm(smollm2_2_layers[0], tmp_path_factory.mktemp("smollm2") / "smollm2.onnx")
     return export.OnnxCausalLM(path)
 
 
-def test_onnx_smollm2_logits_equal_pytorch(smollm2, smollm2_onnx):
-    model, tokenizer = smollm2
+def test_onnx_smollm2_logits_equal_pytorch(smollm2_2_layers, smollm2_onnx):
+    model, tokenizer = smollm2_2_layers
     batch = tokenizer(["The capital of France is", "def add(a, b):\n    return a + b  # adds two numbers"],
                       return_tensors="pt", padding=True)  # left padding: row 0 starts with pads
     with torch.no_grad():
@@ -282,14 +298,15 @@ def test_onnx_smollm2_logits_equal_pytorch(smollm2, smollm2_onnx):
     assert (got - expected)[real].abs().max() < 1e-3
 
 
-def test_onnx_kv_cache_gives_the_full_recomputation_and_its_size(smollm2, smollm2_onnx):
-    model, tokenizer = smollm2
+def test_onnx_kv_cache_gives_the_full_recomputation_and_its_size(smollm2_2_layers, smollm2_onnx):
+    model, tokenizer = smollm2_2_layers
     ids = tokenizer(["Edge deployment means running the model on"], return_tensors="pt")["input_ids"]
     full = smollm2_onnx(ids, use_cache=False).logits[:, -1]
     prefix = smollm2_onnx(ids[:, :-1])
     step = smollm2_onnx(ids[:, -1:], cache=prefix.cache)
     assert (step.logits[:, -1] - full).abs().max() < 1e-3
     per_token = kv_cache_bytes_per_token(model.config)
+    assert per_token == 2 * 2 * 3 * 64 * 4  # key and value, 2 layers, 3 kv heads of 64 dims, float32
     assert cache_bytes(step.cache) == ids.shape[1] * per_token
 
 
@@ -307,8 +324,8 @@ def test_kv_cache_formula_matches_the_cache_tensors(smollm2):
     assert cache_bytes(returned_cache(out)) == 3 * 5 * kv_cache_bytes_per_token(tiny.config) == 3 * 5 * 2 * 2 * 2 * 8 * 4
 
 
-def test_generation_with_and_without_cache_picks_the_same_tokens(smollm2, smollm2_onnx):
-    model, tokenizer = smollm2
+def test_generation_with_and_without_cache_picks_the_same_tokens(smollm2_2_layers, smollm2_onnx):
+    model, tokenizer = smollm2_2_layers
     prompt = instruct.chat_prompt(tokenizer, "Name a Python function that returns the length of a list.")
     cached = generate(model, tokenizer, prompt, max_new_tokens=12, stop_at_eos=False)
     uncached = generate(model, tokenizer, prompt, max_new_tokens=12, use_cache=False, stop_at_eos=False)

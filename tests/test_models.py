@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -76,16 +77,24 @@ def test_safetensors_copy_gives_the_gguf_models_logits(smollm2):
 
 
 def test_cached_copy_is_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch, smollm2):
+    """Starts from a copy of the checkpoint the `smollm2` fixture loaded (one real conversion
+    here, the rebuild; tests/test_reliability_models.py converts into an empty cache)."""
+    shutil.copytree(models.smollm2_checkpoint(), tmp_path / "smollm2-135m-instruct")
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     path = models.smollm2_checkpoint()
+    assert path == tmp_path / "smollm2-135m-instruct"
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config
     first = (path / "model.safetensors").stat().st_mtime_ns
     assert models.smollm2_checkpoint() == path
     assert (path / "model.safetensors").stat().st_mtime_ns == first  # reused, not converted again
     (path / "course_lib_source.json").write_text("{not json")
-    models.smollm2_checkpoint()
-    assert (path / "model.safetensors").stat().st_mtime_ns != first  # damaged stamp: rebuilt
+    with pytest.warns(RuntimeWarning, match="cannot be used .* converting it again"):
+        models.smollm2_checkpoint()
+    rebuilt = (path / "model.safetensors").stat().st_mtime_ns
+    assert rebuilt != first                                          # damaged stamp: rebuilt
+    assert models.smollm2_checkpoint() == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == rebuilt  # and the rebuilt copy is whole
 
 
 def test_smollm2_copy_loads_in_4bit_with_bitsandbytes():

@@ -11,7 +11,7 @@
 # 4. compares ranks, merged vs runtime inference, several adapters and their blends,
 # 5. runs the same experiment through peft and shows the two agree.
 #
-# **Time:** about 3.5 minutes on 2 CPU cores. Longer runs (the rank sweep, full fine-tuning of
+# **Time:** about 2.5 minutes on 2 CPU cores. Longer runs (the rank sweep, full fine-tuning of
 # SmolLM2) come from `benchmarks/lora_training.py`, whose committed results are shown labelled.
 
 # %%

@@ -20,7 +20,7 @@
 # 4. shows the seeds' headline table (full fine-tuning, LoRA, LoRA + GradCache, LoRA + MRL, all
 #    three) reproduced at this scale, and checks which of its conclusions hold.
 #
-# **Time:** about 2.5 minutes on 2 CPU cores. The search speed-up on the full 20,506-document corpus
+# **Time:** about 3 minutes on 2 CPU cores. The search speed-up on the full 20,506-document corpus
 # and the combination table come from `benchmarks/mrl_search.py` and
 # `benchmarks/mrl_combination.py`, whose committed results are shown labelled.
 

@@ -1,13 +1,13 @@
 """Student copies and grading: `course-lib student` and `pytest --nbval-lax` on its copies.
 
 The end-to-end test grades chapter 08 (the cheapest chapter to run, under 1.5 minutes on 2 cores;
-its exercises come last, after two multi-process runs) with ``pytest --nbval-lax``: the unsolved copy must fail at exactly the exercise cells (the stubs and
-their checks) and the solved notebook must pass. Both are graded in one kernel, since the two
-notebooks are the same cells up to the first solution: the student copy is run as written, then
-the kernel's names are put back as they were before that cell and the original's cells from there
-on are run (see `test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved`). Every
-other chapter's copy is checked without running it: only its solution regions differ from the
-original.
+its exercises come last, after two multi-process runs) with ``pytest --nbval-lax``: the unsolved
+copy must fail at exactly the exercise cells (the stubs and their checks) and the solved notebook
+must pass. Both are graded in one kernel, since the two notebooks are the same cells up to the
+first solution: the student copy is run as written, then the kernel's names are put back as they
+were before that cell and the original's cells from there on are run (see
+`test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved`). Every other chapter's
+copy is checked without running it: only its solution regions differ from the original.
 """
 
 from __future__ import annotations

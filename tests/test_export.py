@@ -274,8 +274,6 @@ def smollm2_2_layers(smollm2):
     short = copy.deepcopy(model)
     short.model.layers = torch.nn.ModuleList(short.model.layers[:2])
     short.config.num_hidden_layers = 2
-    if getattr(short.config, "layer_types", None):
-        short.config.layer_types = short.config.layer_types[:2]
     assert short.get_output_embeddings().weight is short.get_input_embeddings().weight  # still tied
     return short.eval(), tokenizer
 

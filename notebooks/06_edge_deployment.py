@@ -60,11 +60,10 @@ SMOL_STEPS, SMOL_BATCH = 3, 8         # LoRA fine-tuning of SmolLM2
 N_INSTRUCT = 16          # test instructions scored by answer perplexity
 N_GREEDY = 3             # of which greedy answers are generated and compared
 NEW_TOKENS = (32, 64, 128)            # KV-cache study (add 256 or 512 to watch the gap grow)
-THREADS = torch.get_num_threads()
+THREADS = torch.get_num_threads()   # onnxruntime gets as many (printed in the plots' titles only: it differs between machines)
 OUT = Path(tempfile.mkdtemp(prefix="course06-"))   # every exported file goes here (removed at the end)
 _ = torch.manual_seed(SEED)
 mb = lambda path: sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6 if Path(path).is_dir() else Path(path).stat().st_size / 1e6
-print(f"{THREADS} threads")
 
 # %% [markdown]
 # ## MiniLM: fine-tune, merge, export

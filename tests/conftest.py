@@ -10,6 +10,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def worker_threads() -> int | None:
+    """Threads per pytest-xdist worker: the cores shared out among the workers (``make test`` runs
+    2 workers: on 2 cores, 1 thread each), or None outside xdist or when OMP_NUM_THREADS is set.
+
+    Each worker's PyTorch would otherwise start one thread per core. With OpenMP's default
+    spinning wait (a plain ``pytest tests -n 2``; the Makefile sets OMP_WAIT_POLICY=PASSIVE), two
+    workers' thread teams on 2 cores then wait on each other at every parallel region, and tests
+    made of many small operations run several times slower: GradCache with chunks of 1 took 14 s
+    alone and 94 s beside the other worker; the whole unit phase 720 s, against 461 s with one
+    thread per worker (with PASSIVE: 370 s and 361 s). Processes the tests start (kernels,
+    launched ranks) inherit the setting.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS: no affinity
+    return max(1, cores // workers)
+
+
+if (_threads := worker_threads()) is not None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
+
 @pytest.fixture(scope="session")
 def minilm():
     from course_lib.models import load_minilm

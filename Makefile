@@ -2,7 +2,7 @@
 #   make course   set up, execute every chapter in order, build the site into site/
 #   make test     set up, run the unit tests in two worker processes (with the grading test and the browser
 #                 test of the site; each test file stays in one process, so its session fixtures load once),
-#                 re-execute the notebooks under nbval, build the site --strict
+#                 re-execute the notebooks under nbval (two chapters at a time), build the site --strict
 #   make lab      set up, open JupyterLab on the notebooks (each chapter's .ipynb and .py paired by jupytext)
 #   make test-latest  a second environment (.venv-latest) with the newest releases of every dependency:
 #                 runs the cross-checks against peft / bitsandbytes / sentence-transformers / onnxruntime
@@ -30,6 +30,13 @@ export NO_MKDOCS_2_WARNING := 1
 # took over 400 s beside a training run with the default policy, 62 s with PASSIVE, 40-48 s idle
 # either way). A value set in the environment wins.
 export OMP_WAIT_POLICY ?= PASSIVE
+# make test runs the unit tests, then the chapters, in two pytest-xdist workers. Each worker, and each
+# process it starts (a chapter's kernel, a launched rank), gets its share of the cores: 1 thread each
+# on 2 cores. With one thread per core each, two workers' thread teams wait on each other at every
+# parallel operation (see README, "Two commands"). tests/conftest.py applies the same rule to a
+# plain `pytest tests -n N`; an OMP_NUM_THREADS set in the environment wins.
+TEST_WORKERS := 2
+WORKER_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n / $(TEST_WORKERS) > 0 ? n / $(TEST_WORKERS) : 1 )))
 
 .PHONY: setup browser course test test-avx2 test-latest constraints lab notebooks site student clean
 
@@ -95,8 +102,9 @@ course: notebooks site
 	@echo "The course is built: open site/index.html in a browser (or run: $(BIN)/mkdocs serve)"
 
 test: setup browser
-	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=15
-	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(WORKER_THREADS)} $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile \
+	  --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 	$(BIN)/mkdocs build --strict --site-dir site
 
 # The chapters under nbval as on a CPU without AVX-512 (PyTorch's AVX2 kernels; bitsandbytes told its

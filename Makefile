@@ -30,11 +30,12 @@ export NO_MKDOCS_2_WARNING := 1
 # took over 400 s beside a training run with the default policy, 62 s with PASSIVE, 40-48 s idle
 # either way). A value set in the environment wins.
 export OMP_WAIT_POLICY ?= PASSIVE
-# make test runs the unit tests, then the chapters, in two pytest-xdist workers. Each worker, and each
-# process it starts (a chapter's kernel, a launched rank), gets its share of the cores: 1 thread each
-# on 2 cores. With one thread per core each, two workers' thread teams wait on each other at every
-# parallel operation (see README, "Two commands"). tests/conftest.py applies the same rule to a
-# plain `pytest tests -n N`; an OMP_NUM_THREADS set in the environment wins.
+# make test runs the unit tests, then the chapters, in two pytest-xdist workers: one chapter alone
+# leaves the cores idle a fifth of the time (its single-threaded steps), two side by side keep them
+# busy. Each worker, and each process it starts (a chapter's kernel, a launched rank), gets its share
+# of the cores, 1 thread each on 2 cores: two workers each starting a thread per core would contend
+# for them (see README, "Two commands"). tests/conftest.py applies the same rule to a plain
+# `pytest tests -n N`; an OMP_NUM_THREADS set in the environment wins.
 TEST_WORKERS := 2
 WORKER_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n / $(TEST_WORKERS) > 0 ? n / $(TEST_WORKERS) : 1 )))
 

@@ -1,0 +1,33 @@
+"""The cores shared out among pytest-xdist workers (tests/conftest.py, `worker_threads`)."""
+
+import os
+
+import pytest
+import torch
+from conftest import worker_threads
+
+
+@pytest.mark.parametrize("cores,workers,expected", [(2, 2, 1), (16, 2, 8), (3, 2, 1), (1, 2, 1), (8, 4, 2)])
+def test_each_worker_gets_its_share_of_the_cores(monkeypatch, cores, workers, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", str(workers))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert worker_threads() == expected
+
+
+def test_no_share_outside_xdist_or_when_the_environment_sets_the_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    assert worker_threads() is None                      # one pytest process: PyTorch's own default
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "1")
+    assert worker_threads() is None
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_threads() is None                      # the environment wins
+
+
+def test_this_worker_runs_with_the_threads_it_hands_on():
+    """In a worker (make test: `-n 2`), PyTorch here and the processes a test starts use the same count."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        pytest.skip("runs only in a pytest-xdist worker (make test runs two)")
+    assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])

@@ -256,8 +256,11 @@ def test_raw_tex_would_be_seen(page):
 def test_search_finds_nf4(site_url, page):
     page.goto(site_url, wait_until="load")
     page.locator("label.md-search__icon, .md-search__input").first.click()
-    box = page.locator("input.md-search__input")
-    box.fill("NF4")
+    # typed key by key, not fill(): mkdocs-material reads the query on keyup (and once, when its
+    # worker reports the index built), never on an input event, so a fill() landing after the
+    # worker is ready is never searched (the flake on a loaded machine: fill() only dispatches
+    # `input`). A query typed before the index is ready is kept and sent once it is.
+    page.locator("input.md-search__input").press_sequentially("NF4")
     results = page.locator(".md-search-result__item a")
     results.first.wait_for(timeout=180_000)
     hrefs = results.evaluate_all("links => links.map(a => a.href)")

@@ -1,13 +1,16 @@
 """Student copies and grading: `course-lib student` and `pytest --nbval-lax` on its copies.
 
-The end-to-end test grades chapter 08 (the cheapest chapter to run, under 1.5 minutes on 2 cores;
-its exercises come last, after two multi-process runs) with ``pytest --nbval-lax``: the unsolved
-copy must fail at exactly the exercise cells (the stubs and their checks) and the solved notebook
-must pass. Both are graded in one kernel, since the two notebooks are the same cells up to the
-first solution: the student copy is run as written, then the kernel's names are put back as they
-were before that cell and the original's cells from there on are run (see
-`test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved`). Every other chapter's
-copy is checked without running it: only its solution regions differ from the original.
+The end-to-end test grades chapter 08 with ``pytest --nbval-lax``: the unsolved copy must fail at
+exactly the exercise cells (the stubs and their checks) and the solved notebook must pass. The
+two copies are the same cells up to the first solution, and those cells are the original's, which
+``make test`` runs under the stricter ``--nbval`` anyway; so the graded notebook holds the
+chapter's first code cell (its imports and parameters) and then what differs: the student copy
+from its first solution on as written, and, after the kernel's names are put back as they were
+before that cell, the original's cells from there on (see
+`test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved`). Chapter 08's exercises
+need nothing from the cells skipped (two multi-process runs, about 1.5 minutes): a check that did
+would fail in the solved part, and the test with it. Every other chapter's copy is checked
+without running it: only its solution regions differ from the original.
 """
 
 from __future__ import annotations
@@ -265,15 +268,17 @@ SNAPSHOT = "_grading_globals_before_the_exercises"  # a name no chapter uses (ch
 
 def _unsolved_then_solved(result: student.StudentCopy, original: nbformat.NotebookNode) -> tuple[
         nbformat.NotebookNode, list[int], int]:
-    """One notebook that grades both copies: the student copy as written, with one cell before its
-    first solution cell that keeps the kernel's names (``dict(globals())``); then a cell that puts
-    the names back as they were there (those added since removed, the rest rebound); then the
-    original's cells from its first solution cell on. The solved run is the same cells as the
-    original in the same order: the first part is the original's up to that cell, run from a fresh
-    kernel, and the rest starts from the names that part left. Returns the notebook, the indices in
-    it of the student copy's exercise cells, and the index of the first original cell after the
-    restore."""
+    """One notebook that grades both copies from the first solution on: the chapter's first code
+    cell (imports, parameters), one cell that keeps the kernel's names (``dict(globals())``), the
+    student copy's cells from its first solution cell on as written; then a cell that puts the names
+    back as they were kept (those added since removed, the rest rebound), then the original's cells
+    from its first solution cell on. The cells before the first solution, other than the first code
+    cell, are left out: they are the same in both copies and in the original. Returns the notebook,
+    the indices in it of the student copy's exercise cells, and the index of the first original cell
+    after the restore."""
     first = result.solution_cells[0]
+    setup = next(i for i, cell in enumerate(original.cells) if cell.cell_type == "code")
+    assert setup < first, "the first code cell holds a solution: grade the whole chapter instead"
     keep = nbformat.v4.new_code_cell(f"{SNAPSHOT} = dict(globals())")
     restore = nbformat.v4.new_code_cell(
         f"def _restore(names=globals(), kept={SNAPSHOT}):\n"
@@ -286,16 +291,18 @@ def _unsolved_then_solved(result: student.StudentCopy, original: nbformat.Notebo
     for cell in solved:  # the student copy has the same cell ids; each must be unique
         cell.id = generate_corpus_id()
     nb = copy.deepcopy(result.notebook)
-    nb.cells = [*nb.cells[:first], keep, *nb.cells[first:], restore, *solved]
-    solved_from = len(result.notebook.cells) + 2
-    return nb, [i + 1 for i in result.exercise_cells], solved_from
+    nb.cells = [nb.cells[setup], keep, *nb.cells[first:], restore, *solved]
+    shift = 2 - first                     # where the student copy's cell `first` now sits, minus `first`
+    solved_from = len(result.notebook.cells) + shift + 1
+    return nb, [i + shift for i in result.exercise_cells], solved_from
 
 
 def test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved(grading_folder):
-    """Graded once: the cells before the first solution are the same in both copies (checked here),
-    so the kernel runs them once; the unsolved copy's cells then run as a student's would, and the
-    original's from its first solution on run after the names are put back as that shared part
-    left them. nbval must report exactly the unsolved exercise cells failing, no other cell."""
+    """The cells before the first solution are the same in both copies and the original's (checked
+    here; make test runs them under --nbval), so only the chapter's first code cell runs before the
+    part that differs: the unsolved copy's cells as a student's would run, then the original's from
+    its first solution on, after the names are put back as the first cell left them. nbval must
+    report exactly the unsolved exercise cells failing, no other cell."""
     original = nbformat.read(GRADED, as_version=4)
     unsolved = grading_folder / "unsolved"
     (result,) = student.write_student_copies(GRADED, unsolved, overwrite=True).values()
@@ -312,6 +319,7 @@ def test_nbval_lax_fails_exactly_at_the_exercises_and_passes_when_solved(grading
     code_cells = sum(cell.cell_type == "code" for cell in nb.cells)
     expected = set(graded.nbval_names(unsolved_exercises))
     assert len(expected) == len(result.exercise_cells)
+    assert all(student.STUB in nb.cells[i].source for i in unsolved_exercises if i - 2 + first in result.solution_cells)
     solved = set(graded.nbval_names([i for i in range(solved_from, len(nb.cells)) if nb.cells[i].cell_type == "code"]))
     assert len(solved) == sum(cell.cell_type == "code" for cell in original.cells[first:])
 

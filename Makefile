@@ -1,9 +1,8 @@
 # The course's two commands (see README.md):
 #   make course   set up, execute every chapter in order, build the site into site/
-#   make test     set up, re-execute the notebooks under nbval and run the unit tests (with the grading test
-#                 and the browser test of the site) in one session of two worker processes (each chapter
-#                 and each test file stays in one process, so its session fixtures load once), build the
-#                 site --strict
+#   make test     set up, run the unit tests in two worker processes (with the grading test and the browser
+#                 test of the site; each test file stays in one process, so its session fixtures load once),
+#                 re-execute the notebooks under nbval (two chapters at a time), build the site --strict
 #   make lab      set up, open JupyterLab on the notebooks (each chapter's .ipynb and .py paired by jupytext)
 #   make test-latest  a second environment (.venv-latest) with the newest releases of every dependency:
 #                 runs the cross-checks against peft / bitsandbytes / sentence-transformers / onnxruntime
@@ -31,7 +30,7 @@ export NO_MKDOCS_2_WARNING := 1
 # took over 400 s beside a training run with the default policy, 62 s with PASSIVE, 40-48 s idle
 # either way). A value set in the environment wins.
 export OMP_WAIT_POLICY ?= PASSIVE
-# make test runs the chapters and the unit tests in two pytest-xdist workers: one chapter alone
+# make test runs the unit tests, then the chapters, in two pytest-xdist workers: one chapter alone
 # leaves the cores idle a fifth of the time (its single-threaded steps), two side by side keep them
 # busy. Each worker, and each process it starts (a chapter's kernel, a launched rank), gets its share
 # of the cores, 1 thread each on 2 cores: two workers each starting a thread per core would contend
@@ -103,13 +102,10 @@ site: setup
 course: notebooks site
 	@echo "The course is built: open site/index.html in a browser (or run: $(BIN)/mkdocs serve)"
 
-# One pytest session for the chapters (under nbval) and the unit tests: the chapters first, in their
-# order (the longest pieces of work, so the unit test files fill in at the end and both workers finish
-# together), each file in one worker (--dist loadfile).
 test: setup browser
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(WORKER_THREADS)} $(BIN)/python -m pytest -n $(TEST_WORKERS) \
-	  --dist loadfile --no-loadscope-reorder --durations=15 \
-	  --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(WORKER_THREADS)} $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile \
+	  --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg notebooks
 	$(BIN)/mkdocs build --strict --site-dir site
 
 # The chapters under nbval as on a CPU without AVX-512 (PyTorch's AVX2 kernels; bitsandbytes told its

@@ -324,15 +324,15 @@ def seconds(label, fn):
         st.zero_grad(set_to_none=True)
     return min(times)
 
-timing = {
-    "naive": seconds("naive", lambda: gradcache.naive_step(st_encode, dict(features[0]), dict(features[1]))),
-    "naive, same chunks as GradCache": seconds("naive, same chunks as GradCache", lambda: gradcache.naive_step(
-        st_encode, dict(features[0]), dict(features[1]), chunk_size=MEMORY_CHUNK)),
-    "GradCache (course_lib)": seconds("GradCache (course_lib)", lambda: gradcache.gradcache_step(
-        st_encode, dict(features[0]), dict(features[1]), MEMORY_CHUNK)),
-    "CachedMNRL (sentence-transformers)": seconds("CachedMNRL (sentence-transformers)",
-                                                  lambda: st_loss([dict(f) for f in features], None).backward()),
+steps = {
+    "naive": lambda: gradcache.naive_step(st_encode, dict(features[0]), dict(features[1])),
+    "naive, same chunks as GradCache": lambda: gradcache.naive_step(
+        st_encode, dict(features[0]), dict(features[1]), chunk_size=MEMORY_CHUNK),
+    "GradCache (course_lib)": lambda: gradcache.gradcache_step(
+        st_encode, dict(features[0]), dict(features[1]), MEMORY_CHUNK),
+    "CachedMNRL (sentence-transformers)": lambda: st_loss([dict(f) for f in features], None).backward(),
 }
+timing = {label: seconds(label, step) for label, step in steps.items()}
 hook.remove()
 for label, s in timing.items():
     print(f"{label:36s} {s:6.2f} s per step ({s / timing['naive']:.2f}x naive)")

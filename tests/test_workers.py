@@ -1,6 +1,10 @@
 """The cores shared out among pytest-xdist workers (tests/conftest.py, `worker_threads`)."""
 
 import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,11 +40,6 @@ def test_this_worker_runs_with_the_threads_it_hands_on():
 def test_make_test_runs_every_chapter_once_in_the_planned_order():
     """The Makefile's CHAPTER_ORDER names each chapter exactly once, so the planned balance of the
     two workers covers them all; `make -n test` hands pytest exactly that order."""
-    import re
-    import shutil
-    import subprocess
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     order = re.search(r"^CHAPTER_ORDER := (.+)$", (root / "Makefile").read_text(), re.MULTILINE).group(1).split()
     chapters = sorted(p.name[:2] for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))

@@ -1,10 +1,10 @@
 """Beyond one device: N processes share one batch and one model, with PyTorch's own engines.
 
-1. **Processes.** `launch` runs ``fn(rank, world_size, *args)`` in N processes joined in a process
-   group (gloo on CPU, NCCL on GPUs) and returns their results; a hang fails after ``timeout``
-   seconds, a child's exception comes back with its rank. The same ``fn`` runs under ``torchrun
-   --nproc_per_node N script.py`` or ``accelerate launch --multi_gpu --num_processes N script.py``
-   when the script calls it as ``fn(*init_from_env())``.
+1. **Processes** (`course_lib.processes`, re-exported here). `launch` runs ``fn(rank, world_size,
+   *args)`` in N processes joined in a process group (gloo on CPU, NCCL on GPUs) and returns their
+   results; a hang fails after ``timeout`` seconds, a child's exception comes back with its rank.
+   The same ``fn`` runs under ``torchrun --nproc_per_node N script.py`` or ``accelerate launch
+   --multi_gpu --num_processes N script.py`` when the script calls it as ``fn(*init_from_env())``.
 2. **Gathering.** Each process holds ``B / N`` pairs, so an in-batch-negatives loss would see
    ``B / N - 1`` negatives per query. `gather_with_grad` all-gathers the embeddings
    (``torch.distributed.nn.functional.all_gather``: its backward hands each rank the gradient of
@@ -27,18 +27,7 @@ instead would need ``loss / N``.)
 
 from __future__ import annotations
 
-import importlib
-import os
-import pickle
-import re
-import socket
-import sys
-import tempfile
-import time
-import traceback
-from datetime import timedelta
-from functools import partial, reduce
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -48,180 +37,16 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
-from torch.multiprocessing.spawn import ProcessException
 
 from . import gradcache
-from .checks import one_of, positive_int, positive_number
+from .checks import one_of, positive_int
+from .processes import current_device, free_port, init_from_env, launch, rank_and_world
 from .retrieval import in_batch_negatives_loss
 
 __all__ = ["STRATEGIES", "average_gradients", "contrastive_loss_across_processes", "current_device",
            "decoder_layers", "free_port", "full_parameters", "gather_with_grad", "gradcache_step_across_processes",
            "init_from_env", "launch", "local_rows", "make_optimizer", "mean_over_processes", "rank_and_world",
            "shard", "state_bytes", "train_step"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes
-# ---------------------------------------------------------------------------------------------
-def free_port(port: int | None = None) -> int:
-    """A TCP port on 127.0.0.1 that is free now: ``port`` itself (a ``ValueError`` if it is in use)
-    or, with ``None``, one the system picks (binding port 0 makes it choose a free one)."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port or 0))
-        except OSError as error:
-            raise ValueError(f"port {port} on 127.0.0.1 is in use ({error.strerror}); pass port=None to let "
-                             "launch pick a free one, or choose another port") from None
-        return s.getsockname()[1]
-
-
-def _backend(backend: str | None, nprocs: int) -> str:
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    one_of("backend", backend, {"gloo", "nccl"})
-    if backend == "nccl" and torch.cuda.device_count() < nprocs:
-        raise ValueError(f"nccl needs one GPU per process: {nprocs} processes, {torch.cuda.device_count()} GPUs; "
-                         "use fewer processes, or backend='gloo' to run them on the CPU")
-    return backend
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process; ``(0, 1)`` outside a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def current_device() -> torch.device:
-    """This process's device: its own GPU under NCCL, otherwise the CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def init_from_env(backend: str | None = None, timeout: float = 600.0) -> tuple[int, int]:
-    """Join the process group ``torchrun`` / ``accelerate launch`` describe in the environment
-    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...; under NCCL each process takes GPU ``LOCAL_RANK``);
-    returns ``(rank, world_size)``. A script ``fn(*init_from_env(), ...)`` runs ``fn`` as `launch` does."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    backend = _backend(backend, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    return rank_and_world()
-
-
-def _to_cpu(value):
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
-
-
-def _save_record(folder, index: int, record: dict) -> None:
-    torch.save(record, Path(folder) / f"rank{index}.tmp")
-    os.replace(Path(folder) / f"rank{index}.tmp", Path(folder) / f"rank{index}")
-
-
-def _worker(index, fn, args, world_size, port, backend, folder, timeout) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    try:
-        if backend == "nccl":
-            torch.cuda.set_device(index)
-        else:   # share the cores instead of each process starting one thread per core
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        # a collective times out a minute after launch's own deadline, so that the clearer TimeoutError comes first
-        dist.init_process_group(backend, rank=index, world_size=world_size, timeout=timedelta(seconds=timeout + 60))
-        result = _to_cpu(fn(index, world_size, *args))
-        dist.barrier()                   # no rank tears its connections down while a peer still uses them
-        dist.destroy_process_group()     # only on success: after a failure the peers may be stuck mid-collective
-        _save_record(folder, index, {"result": result})
-    except BaseException as error:
-        # plain strings, so that launch reads the record back with weights_only=True
-        _save_record(folder, index, {"error_type": f"{type(error).__module__}:{type(error).__qualname__}",
-                                     "message": str(error), "traceback": traceback.format_exc()})
-        raise
-    # Saved, group gone: leave without the interpreter's shutdown, whose C++ destructors (gloo's threads,
-    # OpenMP's pool) once aborted a rank (SIGABRT) after it had saved a correct result.
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(0)
-
-
-def _exception_type(name: str) -> type:
-    module, _, qualname = name.partition(":")
-    try:
-        found = reduce(getattr, qualname.split("."), importlib.import_module(module))
-    except (ImportError, AttributeError, ValueError):
-        return RuntimeError
-    return found if isinstance(found, type) and issubclass(found, BaseException) else RuntimeError
-
-
-def _child_error(folder: Path, rank: int, world: int, failure: Exception) -> Exception:
-    """The child's own exception, its message prefixed with the rank, its traceback as a note."""
-    try:
-        record = torch.load(folder / f"rank{rank}", weights_only=True)
-    except (OSError, pickle.UnpicklingError, EOFError, RuntimeError):
-        return RuntimeError(f"rank {rank} of {world} died without a Python exception: {failure}")
-    if "result" in record:
-        return RuntimeError(f"rank {rank} of {world} returned its result, then its process died while exiting "
-                            f"({failure}): a crash in a library's clean-up; run again, and report it if it repeats")
-    kind = _exception_type(record["error_type"])
-    text = f"rank {rank} of {world} raised {record['error_type'].rpartition(':')[2]}: {record['message']}"
-    try:
-        raised = kind(text)
-    except TypeError:     # an exception class that wants other arguments than a message
-        raised = RuntimeError(text)
-    raised.add_note("traceback in the child process:\n" + record["traceback"])
-    return raised
-
-
-def _load_result(folder: Path, rank: int):
-    try:
-        return torch.load(folder / f"rank{rank}", weights_only=True)["result"]
-    except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        what = f"a {found.group(1)}" if found else "an object of another kind"
-        raise TypeError(f"rank {rank} returned something launch cannot bring back safely ({what}): return "
-                        "tensors, numbers, strings, dtypes, and lists, tuples or dicts of them") from None
-
-
-def launch(fn, nprocs: int, *args, timeout: float = 300.0, backend: str | None = None,
-           port: int | None = None) -> list:
-    """Run ``fn(rank, world_size, *args)`` in ``nprocs`` new processes and return their results, by rank.
-
-    The processes (``torch.multiprocessing``, spawn) join one process group on 127.0.0.1:``port``
-    (default: a free one) with ``backend`` (default: NCCL, one GPU per process, when CUDA is
-    available, else gloo, the CPU cores shared out). ``fn`` must be importable (defined at the top
-    of a module, not in a notebook cell) and return tensors, numbers, strings, dtypes, or lists,
-    tuples and dicts of them (read back with ``weights_only=True``); tensors come back on the CPU. If a process raises, the others are stopped and its exception is raised here, naming its
-    rank (its traceback attached as a note). If they have not all finished after ``timeout``
-    seconds they are killed and ``TimeoutError`` is raised: a hang fails instead of blocking.
-    """
-    positive_int("nprocs", nprocs)
-    positive_number("timeout", timeout)
-    backend = _backend(backend, nprocs)
-    port = free_port(None if port is None else positive_int("port", port))
-    with tempfile.TemporaryDirectory(prefix="course-launch-") as tmp:
-        folder = Path(tmp)
-        context = torch.multiprocessing.start_processes(
-            _worker, args=(fn, args, nprocs, port, backend, tmp, timeout), nprocs=nprocs, join=False,
-            start_method="spawn")
-        deadline = time.monotonic() + timeout
-        try:
-            while not context.join(timeout=max(0.01, min(1.0, deadline - time.monotonic()))):
-                if time.monotonic() > deadline:
-                    for process in context.processes:
-                        process.kill()
-                        process.join()
-                    raise TimeoutError(f"{nprocs} processes running {getattr(fn, '__name__', fn)} did not finish "
-                                       f"within {timeout:g} s and were killed: usually one rank waits in a collective "
-                                       "that another never reaches (e.g. ranks given different numbers of batches)")
-        except ProcessException as failure:
-            raise _child_error(folder, failure.error_index, nprocs, failure) from None
-        return [_load_result(folder, r) for r in range(nprocs)]
 
 
 # ---------------------------------------------------------------------------------------------

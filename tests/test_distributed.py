@@ -1,7 +1,7 @@
 """course_lib.distributed: two CPU processes (gloo) against one process on the same global batch.
 
 Every multi-process test goes through `distributed.launch` with a timeout, so a hang fails. The
-functions the processes run are at the top of this module (spawn imports them by name). The
+functions the processes run are at the top of this module (each rank imports them by name). The
 references are computed without any process group: the full batch in one process with
 `retrieval.in_batch_negatives_loss` / plain AdamW, and sentence-transformers'
 ``MultipleNegativesRankingLoss(gather_across_devices=True)`` for the gathered loss.
@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from course_lib import data, distributed, lora, models, retrieval
+from course_lib import data, distributed, lora, models, processes, retrieval
 
 MAX_TOKENS = 32        # short sequences keep MiniLM's steps to a fraction of a second
 PAIRS = 16             # the global contrastive batch: 8 pairs per process
@@ -348,7 +348,7 @@ def test_a_crash_in_clean_up_at_exit_cannot_fail_a_finished_rank():
 
 def test_a_rank_that_died_after_saving_its_result_is_named(tmp_path):
     torch.save({"result": 3}, tmp_path / "rank1")
-    error = distributed._child_error(tmp_path, 1, 2, RuntimeError("process 1 terminated with signal SIGABRT"))
+    error = processes._child_error(tmp_path, 1, 2, RuntimeError("process 1 terminated with signal SIGABRT"))
     assert isinstance(error, RuntimeError)
     assert "rank 1 of 2 returned its result, then its process died while exiting" in str(error)
     assert "SIGABRT" in str(error)
@@ -381,6 +381,45 @@ def test_a_hang_is_a_timeout_and_the_processes_are_killed():
         distributed.launch(hanging_worker, 2, timeout=5)
     assert time.monotonic() - start < 35
     assert not multiprocessing.active_children()      # no process left behind
+
+
+def environment_worker(rank, world, names):
+    return {"parent": os.getppid(), "values": [os.environ.get(name, "<unset>") for name in names]}
+
+
+def test_ranks_see_the_environment_of_the_call_not_of_the_first_launch(monkeypatch):
+    """Ranks are forks of one server process started by the first launch, with the environment of
+    that moment; a later launch still hands its ranks the caller's environment as it is then, as
+    spawn does (a variable set since, one removed since), and the rank variables launch adds."""
+    monkeypatch.setenv("COURSE_LAUNCH_REMOVED", "present at the first launch")
+    first = distributed.launch(environment_worker, 2, ["COURSE_LAUNCH_REMOVED"], timeout=120)
+    assert [r["values"] for r in first] == [["present at the first launch"]] * 2
+    monkeypatch.delenv("COURSE_LAUNCH_REMOVED")
+    monkeypatch.setenv("COURSE_LAUNCH_ADDED", "set after the first launch")
+    names = ["COURSE_LAUNCH_ADDED", "COURSE_LAUNCH_REMOVED", "RANK", "WORLD_SIZE"]
+    later = distributed.launch(environment_worker, 2, names, timeout=120)
+    assert [r["values"] for r in later] == [["set after the first launch", "<unset>", str(rank), "2"] for rank in (0, 1)]
+    if processes._START_METHOD == "forkserver":
+        # one server, reused: every rank of both launches is its child, and none is this process's
+        assert len({r["parent"] for r in first + later}) == 1
+        assert first[0]["parent"] != os.getpid()
+
+
+def test_a_rank_reads_the_callers_module_as_it_is_now(tmp_path, monkeypatch):
+    """The fork server preloads course_lib's modules, never the module the worker comes from: each
+    rank imports that one itself, as a spawned process would, so a file edited since the first launch
+    is read again (a preloaded copy would run the old code)."""
+    assert processes._preload(environment_worker) == ["course_lib.distributed"]
+    assert processes._preload(distributed.local_rows) == ["course_lib.distributed"]
+    from course_lib.tooling import fsdp_demo
+    assert processes._preload(fsdp_demo.train_smollm2) == ["course_lib.distributed", "course_lib.tooling.fsdp_demo"]
+    module = tmp_path / "course_launch_edited.py"
+    module.write_text("def worker(rank, world):\n    return 'first version'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import course_launch_edited
+    assert distributed.launch(course_launch_edited.worker, 2, timeout=120) == ["first version"] * 2
+    module.write_text("def worker(rank, world):\n    return 'the file as edited since'\n")
+    assert distributed.launch(course_launch_edited.worker, 2, timeout=120) == ["the file as edited since"] * 2
 
 
 def test_a_port_in_use_is_refused():

@@ -1,8 +1,8 @@
 """SmolLM2 and MiniLM trained over N processes, for chapter 08 and `benchmarks.fsdp_memory`.
 
 Each function here is a *worker*: `course_lib.distributed.launch` runs it as ``fn(rank, world,
-...)`` in N processes (spawned processes import it, which is why it lives in a module and not in
-a notebook cell). With ``world == 1`` it is the single-process reference on the same global
+...)`` in N processes (each process imports it by name, which is why it lives in a module and not
+in a notebook cell). With ``world == 1`` it is the single-process reference on the same global
 batches, so the parent can compare the two runs number by number.
 
     from course_lib import distributed

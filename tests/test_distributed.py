@@ -408,7 +408,10 @@ def test_ranks_see_the_environment_of_the_call_not_of_the_first_launch(monkeypat
 def test_a_rank_reads_the_callers_module_as_it_is_now(tmp_path, monkeypatch):
     """The fork server preloads course_lib's modules, never the module the worker comes from: each
     rank imports that one itself, as a spawned process would, so a file edited since the first launch
-    is read again (a preloaded copy would run the old code)."""
+    is read again (a preloaded copy would run the old code). The assertions on `_preload` guard that
+    choice: Python 3.11's fork server ignores the caller's sys.path (CPython gh-117378, fixed in 3.12
+    and later), so there a preloaded file outside the installed packages fails to import and the
+    launches below would pass either way."""
     assert processes._preload(environment_worker) == ["course_lib.distributed"]
     assert processes._preload(distributed.local_rows) == ["course_lib.distributed"]
     from course_lib.tooling import fsdp_demo

@@ -18,7 +18,8 @@
 # same. Every speed here is measured on the machine that runs the notebook and varies from run to
 # run (with the machine and its load), so those outputs are not checked and no claim rests on them.
 #
-# **Time:** about 4 minutes on 2 CPU cores (SmolLM2's ONNX export alone takes most of a minute).
+# **Time:** about 4 minutes on 2 CPU cores, 5 on a CPU without AVX-512 (SmolLM2's ONNX export
+# alone takes most of a minute).
 
 # %%
 import copy
@@ -216,7 +217,7 @@ w = reference["model.layers.0.self_attn.q_proj.weight"]
 assert torch.equal(back["f16"]["model.layers.0.self_attn.q_proj.weight"], w.half().float())
 assert errors["f16"] < 1e-3 < errors["q8_0"] < 0.01 < errors["q4_0"] < 0.2 and errors["q4_1"] < errors["q4_0"]
 start = time.perf_counter()
-with models.quiet_gguf_conversion():   # transformers' GGUF reader draws a progress bar of its own
+with models.quiet_gguf_conversion():   # no progress bar of the reader's own, and the file parsed once, not twice
     gguf_model = AutoModelForCausalLM.from_pretrained(OUT, gguf_file="smollm2-q8_0.gguf", dtype=torch.float32).eval()
 gguf_load_s = time.perf_counter() - start
 same = all(torch.allclose(gguf_model.state_dict()[k], v, atol=1e-6) for k, v in back["q8_0"].items())
@@ -339,9 +340,10 @@ for g in groups:
                      textcoords="offset points", xytext=(-6, 6) if right_edge else (6, 6),
                      ha="right" if right_edge else "left", va="bottom")
 axes[1].set_xlim(0, 1.1 * largest)
-axes[1].set_ylim(0, 1.15 * max(ppl for _, ppl in points.values()))
+axes[1].set_yscale("log")   # INT8's perplexity can be orders of magnitude above the others' (see below)
+axes[1].set_ylim(0.7 * min(ppl for _, ppl in points.values()), 10 * max(ppl for _, ppl in points.values()))
 axes[1].set_xlabel("size on disk (MB)")
-axes[1].set_ylabel(f"answer perplexity, {N_INSTRUCT} test instructions")
+axes[1].set_ylabel(f"answer perplexity, {N_INSTRUCT} test instructions (log scale)")
 axes[1].set_title("size against answer perplexity (lower is better)")
 fig.suptitle("SmolLM2 after LoRA: the deployment formats compared")
 plt.tight_layout()
@@ -494,7 +496,11 @@ print("llama_cpp importable here:", importlib.util.find_spec("llama_cpp") is not
 #   hold it). For SmolLM2, weight-only 8-bit (GGUF Q8_0, 145 MB) keeps the answer perplexity within
 #   noise of the merged model's and every greedy answer, but 4-bit Q4_0 (92 MB) multiplies it
 #   several times and changes the answers, and so does onnxruntime's dynamic INT8 (140 MB), which
-#   also quantizes the *activations* with one scale per tensor. The Q4_1 row cannot settle which
+#   also quantizes the *activations* with one scale per tensor. How much it loses depends on the
+#   CPU: without VNNI instructions (an AVX2-only CPU), onnxruntime's 8-bit kernel adds pairs of
+#   products in 16 bits, which can saturate, and the INT8 file's perplexity grows by orders of
+#   magnitude more; `quantize_dynamic(..., reduce_range=True)` (7-bit weights) is onnxruntime's
+#   remedy for such CPUs, at some cost in precision. The Q4_1 row cannot settle which
 #   4-bit format is better: SmolLM2's weights were Q4_1 values before we exported them, so
 #   re-exporting to Q4_1 gave every weight the adapter did not touch back exactly (see above),
 #   while Q4_0 rounded them a second time, onto a different grid (chapter 02 measured the same

@@ -22,6 +22,7 @@
 import copy
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -510,6 +511,7 @@ for opt, tolerance in tolerances.items():
     print(f"{opt}: the two processes end with identical weights: {replicas_equal[opt]}; largest difference from one "
           f"process on the same global batches {ddp_gap[opt]:.0e} (tolerance {tolerance:g}); "
           f"with gradients summed instead of averaged {summed_gap[opt]:.0e}")
+shutil.rmtree(out)   # the saved weights were only needed for these comparisons
 
 # %%
 # the run above (its figures vary in their last digits from CPU to CPU), and the orders of magnitude quoted below

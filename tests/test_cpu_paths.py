@@ -74,16 +74,17 @@ def test_the_avx2_path_is_what_the_libraries_see():
 
 
 @pytest.mark.parametrize("notebook", CHAPTERS, ids=lambda p: p.stem)
-def test_setup_cell_prints_the_committed_output_on_an_avx2_cpu(notebook):
+def test_setup_cell_prints_the_committed_output_on_an_avx2_cpu(notebook, tmp_path):
     """Each chapter's first code cell (its imports: transformers, peft, bitsandbytes, ...) prints on
-    the AVX2 path exactly what its committed output holds (stdout and stderr)."""
+    the AVX2 path exactly what its committed output holds (stdout and stderr). A temporary folder
+    the cell makes (chapter 06's, removed by its last cell) goes into pytest's ``tmp_path``."""
     if _native_path_is_avx2():
         pytest.skip("this CPU runs the AVX2 path natively: make test's chapters under nbval run each set-up "
                     "cell on it, in the chapter's own kernel, and compare it with the committed output")
     cell = _setup_cell(notebook)
     source = "".join(cell["source"])
     assert "import" in source
-    result = _run(source, avx2_env(), cwd=notebook.parent)
+    result = _run(source, {**avx2_env(), "TMPDIR": str(tmp_path)}, cwd=notebook.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _without_progress_bars(result.stderr) == _committed(cell, "stderr")
     assert result.stdout == _committed(cell, "stdout")
@@ -99,7 +100,7 @@ def test_a_cpu_dependent_warning_in_a_committed_output_is_caught(tmp_path):
     cell["outputs"] = [{"output_type": "stream", "name": "stderr", "text": [warning]}]
     path = tmp_path / CHAPTERS[-1].name
     path.write_text(json.dumps(notebook))
-    result = _run("".join(cell["source"]), avx2_env(), cwd=CHAPTERS[-1].parent)
+    result = _run("".join(cell["source"]), {**avx2_env(), "TMPDIR": str(tmp_path)}, cwd=CHAPTERS[-1].parent)
     assert result.returncode == 0
     assert result.stderr != _committed(_setup_cell(path), "stderr")
 

@@ -12,6 +12,7 @@ import copy
 import os
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -19,7 +20,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaCo
 
 from course_lib import data, export, gguf_export, instruct, lora, retrieval
 from course_lib.generation import cache_bytes, generate, kv_cache_bytes_per_token, returned_cache
-from course_lib.models import smollm2_gguf_path, tiny_bert, tiny_llama
+from course_lib.models import quiet_gguf_conversion, smollm2_gguf_path, tiny_bert, tiny_llama
 
 EXACT = {"rtol": 0, "atol": 0}
 SAME = {"rtol": 1e-5, "atol": 1e-5}  # the same weights, summed in another order
@@ -279,9 +280,44 @@ def smollm2_2_layers(smollm2):
 
 
 @pytest.fixture(scope="module")
-def smollm2_onnx(tmp_path_factory, smollm2_2_layers):
-    path = export.export_onnx_causal_lm(smollm2_2_layers[0], tmp_path_factory.mktemp("smollm2") / "smollm2.onnx")
-    return export.OnnxCausalLM(path)
+def smollm2_onnx_path(tmp_path_factory, smollm2_2_layers):
+    return export.export_onnx_causal_lm(smollm2_2_layers[0], tmp_path_factory.mktemp("smollm2") / "smollm2.onnx")
+
+
+@pytest.fixture(scope="module")
+def smollm2_onnx(smollm2_onnx_path):
+    return export.OnnxCausalLM(smollm2_onnx_path)
+
+
+def test_folded_export_runs_as_the_full_onnxscript_optimizers(smollm2_2_layers, smollm2_onnx_path, tmp_path,
+                                                              monkeypatch):
+    """The export folds constants only (`export._fold_constants`); ``torch.onnx.export(...,
+    optimize=True)`` runs onnxscript's whole optimizer, its pattern rewrites and fusions too (the
+    reference here). onnxruntime gives bit-identical outputs from both files, with and without the
+    KV cache, and INT8 quantization quantizes the same weights in both (the transposed weights that
+    folding stores: an unfolded export keeps them float) and keeps the outputs bit-identical."""
+    from onnxscript.optimizer import optimize_ir
+    from onnxscript.rewriter import onnx_fusions
+
+    model, tokenizer = smollm2_2_layers
+    monkeypatch.setattr(export, "_fold_constants", lambda m: (optimize_ir(m), onnx_fusions.fuse(m)))
+    full = export.export_onnx_causal_lm(model, tmp_path / "full.onnx")
+    monkeypatch.undo()
+    ours_int8 = export.quantize_onnx_int8(smollm2_onnx_path, tmp_path / "ours.int8.onnx")
+    full_int8 = export.quantize_onnx_int8(full, tmp_path / "full.int8.onnx")
+    int8_elements = [sum(np.prod(t.dims) for t in onnx.load(str(f)).graph.initializer
+                         if t.data_type == onnx.TensorProto.INT8) for f in (ours_int8, full_int8)]
+    linear_weights = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert int8_elements[0] == int8_elements[1] >= linear_weights
+    batch = tokenizer(["The capital of France is", "def add(a, b):\n    return a + b"], return_tensors="pt",
+                      padding=True)  # left padding in row 0
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for mine, reference in ((smollm2_onnx_path, full), (ours_int8, full_int8)):
+        a, b = export.OnnxCausalLM(mine), export.OnnxCausalLM(reference)
+        assert torch.equal(a(ids, mask, use_cache=False).logits, b(ids, mask, use_cache=False).logits)
+        prefix_a, prefix_b = a(ids[:, :-1], mask[:, :-1]), b(ids[:, :-1], mask[:, :-1])
+        assert torch.equal(a(ids[:, -1:], mask, cache=prefix_a.cache).logits,
+                           b(ids[:, -1:], mask, cache=prefix_b.cache).logits)
 
 
 def test_onnx_smollm2_logits_equal_pytorch(smollm2_2_layers, smollm2_onnx):
@@ -416,8 +452,9 @@ def test_smollm2_q8_0_gguf_reads_back_in_transformers_and_matches_llama_cpps_hea
     assert len(keys) > 15
     for key in keys:
         assert ours[key].contents() == shipped[key].contents(), key
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
-    gguf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    with quiet_gguf_conversion():  # transformers' reading, the file parsed once instead of three times
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+        gguf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     text = "def mean(values):\n    return sum(values) / len(values)  # the average"
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     assert gguf_tokenizer(text, return_tensors="pt")["input_ids"].tolist() == ids.tolist()

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from course_lib import models
 from course_lib.retrieval import embed
@@ -76,6 +77,46 @@ def test_safetensors_copy_gives_the_gguf_models_logits(smollm2):
         torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, atol=0, rtol=0)
 
 
+def test_gguf_conversion_block_parses_a_file_once_and_puts_gguf_back(tmp_path, monkeypatch):
+    """`models.quiet_gguf_conversion`: inside the block, transformers loads a GGUF model from one
+    ``gguf.GGUFReader`` (without it, one for the config and one for the weights) and the same
+    weights; a reader is reused only while its file is unchanged; the tensor-name map is built once
+    per architecture and layer count; on exit, even by an exception, gguf is as it was."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from course_lib import gguf_export
+
+    built = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            built.append(path)
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    name_map = gguf.get_tensor_name_map
+    path = gguf_export.export_gguf(models.tiny_llama(), tmp_path / "tiny.gguf", dtype="f32")
+    load = lambda: AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    plain = load().state_dict()
+    assert len(built) >= 2  # each read parses the whole file again
+    built.clear()
+    with models.quiet_gguf_conversion():
+        once = load().state_dict()
+        assert len(built) == 1
+        reader = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is reader and len(built) == 1
+        layers = (gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(*layers) is gguf.get_tensor_name_map(*layers)
+        gguf_export.export_gguf(models.tiny_llama(seed=1), path, dtype="f16", overwrite=True)  # rewritten
+        assert gguf.GGUFReader(path) is not reader and len(built) == 2
+    assert plain.keys() == once.keys() and all(torch.equal(plain[k], once[k]) for k in plain)
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is name_map
+    with pytest.raises(KeyError), models.quiet_gguf_conversion():
+        raise KeyError("a failed conversion")
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is name_map
+
+
 def test_cached_copy_is_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch, smollm2):
     """Starts from a copy of the checkpoint the `smollm2` fixture loaded (one real conversion
     here, the rebuild; tests/test_reliability_models.py converts into an empty cache)."""
@@ -93,6 +134,9 @@ def test_cached_copy_is_reused_and_rebuilt_when_damaged(tmp_path, monkeypatch, s
         models.smollm2_checkpoint()
     rebuilt = (path / "model.safetensors").stat().st_mtime_ns
     assert rebuilt != first                                          # damaged stamp: rebuilt
+    converted = load_file(path / "model.safetensors")                # bit for bit the fixture's model, which the
+    expected = smollm2[0].state_dict()                               # test above compares with the GGUF model
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in converted.items()) and len(converted) > 200
     assert models.smollm2_checkpoint() == path
     assert (path / "model.safetensors").stat().st_mtime_ns == rebuilt  # and the rebuilt copy is whole
 

@@ -18,7 +18,7 @@
 # same. Every speed here is measured on the machine that runs the notebook and varies from run to
 # run (with the machine and its load), so those outputs are not checked and no claim rests on them.
 #
-# **Time:** about 4 minutes on 2 CPU cores, 5 on a CPU without AVX-512 (SmolLM2's ONNX export
+# **Time:** about 4 minutes on 2 CPU cores, 5 to 6 on a CPU without AVX-512 (SmolLM2's ONNX export
 # alone takes most of a minute).
 
 # %%

@@ -207,19 +207,20 @@ print(f"ONNX export of SmolLM2: {onnx_export_s:.0f} s")
 # (`from_pretrained(..., gguf_file=...)`), which is what a learner without llama.cpp can use:
 
 # %%
-back = {d: gguf_export.gguf_state_dict(OUT / f"smollm2-{d}.gguf") for d in ("f16", "q8_0", "q4_0", "q4_1")}
+with models.quiet_gguf_conversion():   # each file parsed once for all the reads below; no progress bar
+    start = time.perf_counter()        # (transformers' load first, so its time includes the parsing)
+    gguf_model = AutoModelForCausalLM.from_pretrained(OUT, gguf_file="smollm2-q8_0.gguf", dtype=torch.float32).eval()
+    gguf_load_s = time.perf_counter() - start
+    back = {d: gguf_export.gguf_state_dict(OUT / f"smollm2-{d}.gguf") for d in ("f16", "q8_0", "q4_0", "q4_1")}
+    types = {d: gguf_export.gguf_tensor_types(OUT / f"smollm2-{d}.gguf") for d in back}
 reference = {k: v for k, v in smol_merged.state_dict().items() if k != "lm_head.weight"}
 assert set(back["f16"]) == set(reference) and all(back["f16"][k].shape == v.shape for k, v in reference.items())
-print("GGUF tensor types:", {d: gguf_export.gguf_tensor_types(OUT / f"smollm2-{d}.gguf") for d in back})
+print("GGUF tensor types:", types)
 errors = {d: max((back[d][k] - v).abs().max().item() / v.abs().max().item() for k, v in reference.items()) for d in back}
 print("largest error relative to a tensor's largest value:", {d: f"{e:.1e}" for d, e in errors.items()})
 w = reference["model.layers.0.self_attn.q_proj.weight"]
 assert torch.equal(back["f16"]["model.layers.0.self_attn.q_proj.weight"], w.half().float())
 assert errors["f16"] < 1e-3 < errors["q8_0"] < 0.01 < errors["q4_0"] < 0.2 and errors["q4_1"] < errors["q4_0"]
-start = time.perf_counter()
-with models.quiet_gguf_conversion():   # no progress bar of the reader's own, and the file parsed once, not twice
-    gguf_model = AutoModelForCausalLM.from_pretrained(OUT, gguf_file="smollm2-q8_0.gguf", dtype=torch.float32).eval()
-gguf_load_s = time.perf_counter() - start
 same = all(torch.allclose(gguf_model.state_dict()[k], v, atol=1e-6) for k, v in back["q8_0"].items())
 print("transformers reads the Q8_0 file back with the values gguf-py reads:", same)
 assert same

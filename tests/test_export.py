@@ -441,26 +441,29 @@ def test_transformers_reads_our_f32_gguf_with_identical_logits(tmp_path):
 
 
 def test_smollm2_q8_0_gguf_reads_back_in_transformers_and_matches_llama_cpps_header(tmp_path, smollm2):
-    from gguf import GGUFReader
+    import gguf
 
     model, tokenizer = smollm2
     path = gguf_export.export_gguf(model, tmp_path / "smollm2.q8_0.gguf", tokenizer, dtype="q8_0")
     assert path.stat().st_size < 0.3 * 4 * sum(p.numel() for p in model.parameters())  # ~145 MB vs 538 MB
-    # the header llama.cpp's converter wrote for the same model and tokenizer (the shipped Q4_1 file)
-    ours, shipped = GGUFReader(str(path)).fields, GGUFReader(str(smollm2_gguf_path())).fields
-    keys = [k for k in shipped if k.startswith(("llama.", "tokenizer.")) and k != "tokenizer.ggml.add_space_prefix"]
-    assert len(keys) > 15
-    for key in keys:
-        assert ours[key].contents() == shipped[key].contents(), key
-    with quiet_gguf_conversion():  # transformers' reading, the file parsed once instead of three times
+    # Inside the block the file is parsed once, for the header, transformers' model and tokenizer
+    # and gguf_state_dict (each builds a GGUFReader of its own: ~4 s each on one CPU thread).
+    with quiet_gguf_conversion():
+        # the header llama.cpp's converter wrote for the same model and tokenizer (the shipped Q4_1 file)
+        ours, shipped = gguf.GGUFReader(str(path)).fields, gguf.GGUFReader(str(smollm2_gguf_path())).fields
+        keys = [k for k in shipped if k.startswith(("llama.", "tokenizer.")) and k != "tokenizer.ggml.add_space_prefix"]
+        assert len(keys) > 15
+        for key in keys:
+            assert ours[key].contents() == shipped[key].contents(), key
         loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
         gguf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+        state = gguf_export.gguf_state_dict(path)
     text = "def mean(values):\n    return sum(values) / len(values)  # the average"
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     assert gguf_tokenizer(text, return_tensors="pt")["input_ids"].tolist() == ids.tolist()
     # transformers' reader and ours (gguf-py alone) agree on every weight ...
     dequantized = copy.deepcopy(model)
-    dequantized.load_state_dict(gguf_export.gguf_state_dict(path), strict=False)  # lm_head stays tied
+    dequantized.load_state_dict(state, strict=False)  # lm_head stays tied
     with torch.no_grad():
         got, expected, original = loaded(ids).logits, dequantized(ids).logits, model(ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)

@@ -88,8 +88,10 @@ def figures(result: dict) -> list[str]:
         figure("qlora_over_lora_answer_perplexity", ours4["perplexity"] / lora32["perplexity"], "<=", 1.15),
         figure("qlora_course_lib_vs_bnb_max_loss_gap",
                max(abs(a - b) for a, b in zip(ours4["loss"], bnb4["loss"])), "<=", 1e-2),
+        # issue 22's target: course_lib's QLoRA step no slower than bitsandbytes + peft's (it was
+        # 1.5 here until 2026-12-04, looser than the issue asks; a miss is reported, not hidden)
         figure("qlora_course_lib_over_bnb_seconds_per_step",
-               ours4["seconds_per_step"] / bnb4["seconds_per_step"], "<=", 1.5),
+               ours4["seconds_per_step"] / bnb4["seconds_per_step"], "<=", 1.0),
     ]
 
 

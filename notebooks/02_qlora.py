@@ -727,7 +727,11 @@ display(Markdown(table))
 # * **Our QLoRA equals the production one:** the same initial adapter on our `Linear4bit` and on
 #   transformers' `BitsAndBytesConfig` + peft gives the same losses to 4 decimals and adapters
 #   within 1e-4 here, and in the benchmark the same loss at every one of 40 steps and the same
-#   exact match and perplexity; ours took 1.04x bitsandbytes' time per step.
+#   exact match and perplexity. Ours took 1.04x bitsandbytes' time per step (each run's median
+#   step, one run each, so without an interval): the benchmark's target, no slower than
+#   bitsandbytes + peft (at most 1.0), is missed. The two runs differ only in the 4-bit layer,
+#   whose dequantization runs at 0.46-0.50x bitsandbytes' throughput (above), and in the LoRA
+#   wrapper.
 # * **8-bit AdamW:** 2.04 bytes per parameter of state for all of SmolLM2 (261 MiB against
 #   1026 MiB); for LoRA's small adapters only 3.03 bytes, since bitsandbytes keeps 32-bit state for
 #   tensors under 4096 values. Paged AdamW holds exactly AdamW's bytes.
@@ -761,6 +765,7 @@ assert report["update_kept"] < 0.01 and report["codes_changed"] < 0.00005
 assert (ours_b["exact_match"], lora_b["exact_match"], ours_b["perplexity"], lora_b["perplexity"]) == (0.08, 0.11, 12.392, 10.624)
 assert ours_b["loss"] == bnb_b["loss"] and ours_b["exact_match"] == bnb_b["exact_match"]
 assert round(ours_b["seconds_per_step"] / bnb_b["seconds_per_step"], 2) == 1.04
+assert "FIGURE qlora_course_lib_over_bnb_seconds_per_step: 1.04 (target <= 1.0) missed" in bench["figures"]
 assert [round(r["seconds_per_step"], 1) for r in (lora_b, ours_b, bnb_b)] == [4.0, 3.9, 3.7]
 ql_lo = bench_paired["lora_fp32", "qlora_course_lib"]
 assert tuple(round(ql_lo["perplexity"][k], 2) for k in ("difference", "low", "high")) == (1.77, 0.88, 2.9)

@@ -729,9 +729,9 @@ display(Markdown(table))
 #   within 1e-4 here, and in the benchmark the same loss at every one of 40 steps and the same
 #   exact match and perplexity. Ours took 1.04x bitsandbytes' time per step (each run's median
 #   step, one run each, so without an interval): the benchmark's target, no slower than
-#   bitsandbytes + peft (at most 1.0), is missed. The two runs differ only in the 4-bit layer,
-#   whose dequantization runs at 0.46-0.50x bitsandbytes' throughput (above), and in the LoRA
-#   wrapper.
+#   bitsandbytes + peft (at most 1.0), is missed. The two runs compute the same losses; their
+#   code differs in the 4-bit layer, whose dequantization runs at 0.46-0.50x bitsandbytes'
+#   throughput (above), and in the LoRA wrapper and the model's preparation.
 # * **8-bit AdamW:** 2.04 bytes per parameter of state for all of SmolLM2 (261 MiB against
 #   1026 MiB); for LoRA's small adapters only 3.03 bytes, since bitsandbytes keeps 32-bit state for
 #   tensors under 4096 values. Paged AdamW holds exactly AdamW's bytes.

@@ -10,10 +10,18 @@ Measured side by side in one run, on CPU (and on CUDA when a GPU is visible):
    batch 8 x 128 tokens, no grad                                        (target <= 1.5)
    (bitsandbytes' ``Linear4bit`` is timed beside it for reference, in train mode so that on CPU it
    dequantizes to float32 as ours does instead of running its bfloat16 inference kernel).
+4. CPU only: one QLoRA training step of SmolLM2 (NF4 + double quantization, LoRA r=8 on q_proj and
+   v_proj, the same initial adapters, AdamW, batch 8 of the instruction task, float32 compute),
+   course_lib (`qlora.prepare_model_for_qlora`) over bitsandbytes + peft (``BitsAndBytesConfig``,
+   ``prepare_model_for_kbit_training``, ``get_peft_model``), each step run by `train.train` on the
+   same batch in the same round: the ratio of the mean step times, with a 95% bootstrap interval
+   over rounds (`report.time_ratio`)                                    (target <= 1.0)
+   and beside it, each model's every 4-bit layer dequantized once (a step does it twice per layer),
+   the share of the step that dequantization can explain.
 
-Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 1 minute on 2 CPU cores)
-Each round calls every contender once, in rotating order, after one warm-up call; a ratio is the
-median over rounds of the two times measured in the same round, so a slow spell of a shared
+Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 5 minutes on 2 CPU cores)
+Each round calls every contender once, in rotating order, after one warm-up call; a ratio of 1-3
+is the median over rounds of the two times measured in the same round, so a slow spell of a shared
 machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json and ends with its FIGURE
 lines; ``--figures-only`` recomputes them from the ratios recorded there, measuring nothing.
 """
@@ -30,11 +38,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import nn
 
-from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
-from course_lib import linear4bit, models, quant
+from benchmarks.report import (
+    RESULTS_DIR,
+    Run,
+    argument_parser,
+    figure,
+    recompute_figures,
+    save_result,
+    time_ratio,
+)
+from course_lib import data, instruct, linear4bit, lora, models, qlora, quant, train
 
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
-REPEATS = {"quantize": 9, "dequantize": 15, "forward": 15}
+REPEATS = {"quantize": 9, "dequantize": 15, "forward": 15, "qlora_step": 12}
 OUT = RESULTS_DIR / "quant_vs_bnb.json"
 
 
@@ -138,6 +154,67 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
     return result
 
 
+def qlora_step(rounds: int) -> dict:
+    """Seconds of one QLoRA training step, course_lib's and bitsandbytes + peft's, in ``rounds``
+    rounds after one warm-up round; each round gives both models the same batch, in alternating
+    order. The step is `train.train`'s (forward, backward, gradient clipping, AdamW), timed by it."""
+    import logging
+    import warnings
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from benchmarks.qlora_training import adapter_state
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    theirs, tokenizer = models.load_smollm2("cpu", quantization_config=config)
+    theirs = get_peft_model(prepare_model_for_kbit_training(theirs, use_gradient_checkpointing=False),
+                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                       task_type="CAUSAL_LM"))
+    ours, _ = models.load_smollm2("cpu")
+    qlora.prepare_model_for_qlora(ours)
+    lora.inject_lora(ours, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
+    with torch.no_grad():  # the same initial adapters
+        initial = adapter_state(theirs)
+        for name, tensor in adapter_state(ours).items():
+            tensor.copy_(initial[name])
+    contenders = {"course_lib": ours, "bnb_peft": theirs}
+    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
+                  for name, m in contenders.items()}
+    stream = train.batches(data.load_instruct("train"), BATCH, seed=0)
+    seconds = {name: [] for name in contenders}
+    for i in range(rounds + 1):
+        batch = next(stream)
+        for name in (list(contenders) if i % 2 == 0 else list(contenders)[::-1]):
+            history = train.train(contenders[name], lambda m, b: instruct.answer_loss(m, tokenizer, b), [batch],
+                                  steps=1, optimizer=optimizers[name], seed=0, progress=False)
+            if i:  # round 0 warms both up
+                seconds[name].append(history.seconds[0])
+    # what dequantization contributes: every 4-bit layer of each model dequantized once (a step does
+    # it twice per layer: in forward, and again in backward), in rounds as above
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    def dequantize_all(layers):
+        def run():
+            for layer in layers:
+                layer()
+        return run
+
+    ours_layers = [m.dequantize for m in ours.modules() if isinstance(m, linear4bit.Linear4bit)]
+    bnb_layers = [partial(bnbF.dequantize_4bit, m.weight, m.weight.quant_state)
+                  for m in theirs.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    with torch.no_grad():
+        times = interleaved({"course_lib": dequantize_all(ours_layers), "bnb_peft": dequantize_all(bnb_layers)},
+                            REPEATS["dequantize"], "cpu")
+    return {"seconds": seconds, "course_lib_over_bnb_peft": time_ratio(seconds["course_lib"], seconds["bnb_peft"]),
+            "dequantize_every_layer_once": {"layers": [len(ours_layers), len(bnb_layers)],
+                                            "median_seconds": {k: statistics.median(v) for k, v in times.items()}}}
+
+
 def figures(record: dict) -> list[str]:
     """The FIGURE lines of a record of this script, from its recorded ratios alone: per device, per
     tensor quantize then dequantize throughput, then the forward."""
@@ -157,6 +234,9 @@ def figures(record: dict) -> list[str]:
                                         ".3f"))
         lines.append(figure(f"linear4bit_forward_{device}_over_float_linear", ratios["forward_ours_over_float"],
                             "<=", 1.5, ".3f"))
+        if "qlora_step" in result:  # issue 22's target: course_lib's step no slower than bitsandbytes + peft's
+            lines.append(figure(f"qlora_step_{device}_course_lib_over_bnb_peft",
+                                result["qlora_step"]["course_lib_over_bnb_peft"]["ratio"], "<=", 1.0, ".3f"))
     return lines
 
 
@@ -172,16 +252,20 @@ def main() -> None:
     down_proj = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     del model
     results = {device: run_device(device, down_proj) for device in devices}
+    results["cpu"]["qlora_step"] = qlora_step(REPEATS["qlora_step"])
 
     record = {
         **run.fields(load_average_1min_at_start_and_end=[load_at_start, os.getloadavg()[0]],
                      cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                      bitsandbytes=bnb.__version__),
         "setting": f"NF4, blocksize {BLOCKSIZE}, double quantization; SmolLM2-135M-Instruct layer 0 mlp.down_proj "
-                   f"(576x1536) and a random 4096x4096 tensor (seed 0); forward at batch {BATCH}x{SEQ}, float32",
+                   f"(576x1536) and a random 4096x4096 tensor (seed 0); forward at batch {BATCH}x{SEQ}, float32; "
+                   f"QLoRA step (CPU): SmolLM2, LoRA r=8 alpha 16 on q_proj/v_proj, AdamW 2e-3, batch {BATCH} "
+                   "instructions, float32 compute",
         "repeats": REPEATS,
         "ratio_method": "median over rounds of the ratio of the two times measured in the same round; "
-                        "throughput ratio ours/bnb = time bnb / time ours",
+                        "throughput ratio ours/bnb = time bnb / time ours; the QLoRA step: ratio of the mean "
+                        "step times over paired rounds, 95% percentile bootstrap interval resampling rounds",
         "results": results,
     }
     lines = save_result(OUT, record, figures)
@@ -191,6 +275,13 @@ def main() -> None:
         for name, medians in result["median_seconds"].items():
             print(f"  {name:24s} " + "  ".join(f"{k} {v * 1000:8.2f} ms" for k, v in medians.items()))
         print(f"  bitsandbytes Linear4bit forward / float: {result['ratios']['forward_bnb_over_float']:.3f}")
+        if "qlora_step" in result:
+            step = result["qlora_step"]["course_lib_over_bnb_peft"]
+            print(f"  QLoRA step, course_lib / bitsandbytes + peft (mean seconds, {step['rounds']} paired rounds): "
+                  f"{step['ratio']:.3f} [95% CI {step['low']:.3f}, {step['high']:.3f}] ({step['verdict']})")
+            every = result["qlora_step"]["dequantize_every_layer_once"]
+            print(f"  dequantizing all {every['layers'][0]} 4-bit layers once: " + "  ".join(
+                f"{k} {v * 1000:.1f} ms" for k, v in every["median_seconds"].items()))
     print("\n".join(lines))
 
 

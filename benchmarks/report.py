@@ -268,3 +268,21 @@ def paired_line(comparison: dict, metric: str) -> str:
     line = (f"{comparison['b']} minus {comparison['a']}, {metric}: "
             f"{stats.format_difference(m['difference'], m['low'], m['high'])} ({m['verdict']})")
     return line + (f", McNemar p = {m['mcnemar_p']:.3g}" if "mcnemar_p" in m else "")
+
+
+def time_ratio(numerator_seconds, denominator_seconds) -> dict:
+    """``mean(numerator) / mean(denominator)`` of times measured in pairs (the same round, the same
+    input), with a seeded 95% percentile bootstrap interval that resamples whole rounds, so each
+    resample keeps the pairs together (`stats.paired_bootstrap` on the log of the mean time).
+    Verdict: ``"slower"`` (the numerator's) when the interval lies above 1, ``"faster"`` below 1,
+    else ``"within noise"``."""
+    import math
+
+    import numpy as np
+
+    from course_lib import stats
+
+    d = stats.paired_bootstrap(denominator_seconds, numerator_seconds, lambda t: np.log(t.mean(axis=-1)))
+    ratio, low, high = math.exp(d.difference), math.exp(d.low), math.exp(d.high)
+    verdict = "slower" if low > 1 else "faster" if high < 1 else "within noise"
+    return {"ratio": ratio, "low": low, "high": high, "rounds": d.n, "verdict": verdict}

@@ -273,3 +273,19 @@ def test_compare_rankings_recall_and_mrr():
     assert c["recall@10"]["a"] == 0.5 and c["recall@10"]["b"] == 1.0
     assert c["mrr"]["difference"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4 - 1 - 1 / 20 - 1 / 3 - 1 / 11) / 4)
     assert c["recall@10"]["low"] >= 0 and c["recall@10"]["verdict"] in ("gain", "within noise")
+
+
+def test_time_ratio_keeps_the_rounds_paired():
+    # rounds that differ tenfold (a busy spell), one side always 5% slower in its own round: every
+    # resample of whole rounds gives exactly 1.05, so the interval is that point, clear of 1
+    base = [1.0, 10.0, 1.2, 9.0, 1.1, 11.0]
+    slower = report.time_ratio([1.05 * t for t in base], base)
+    assert slower["ratio"] == pytest.approx(1.05) and slower["rounds"] == 6
+    assert (slower["low"], slower["high"]) == (pytest.approx(1.05), pytest.approx(1.05))
+    assert slower["verdict"] == "slower"
+    assert report.time_ratio([0.5 * t for t in base], base)["verdict"] == "faster"
+    # means 4 / 5 = 0.8, but a resample of only the first-kind rounds gives 2 and of the second 0.5:
+    # the interval spans 1
+    mixed = report.time_ratio([1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 0.5, 2.0])
+    assert mixed["ratio"] == pytest.approx(0.8)
+    assert mixed["low"] < 1 < mixed["high"] and mixed["verdict"] == "within noise"

@@ -29,12 +29,12 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import date, datetime, timezone
 from pathlib import Path
 
+from course_lib.atomic_files import atomic_output
 from course_lib.tooling.figures import format_figure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -149,19 +149,12 @@ class Run:
 # The results JSON
 # ---------------------------------------------------------------------------------------------
 def write_json(path: Path, data: dict, indent: int = 2) -> None:
-    """``data`` as JSON at ``path``, atomically: written to a temporary file in the same folder,
-    then moved over ``path`` (``os.replace``), so that a failed run leaves the old file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=indent, allow_nan=False) + "\n"
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """``data`` as JSON at ``path``, atomically (`course_lib.atomic_files.atomic_output`): written to
+    a temporary file in the same folder, then moved over ``path``, so that a failed run leaves the
+    old file whole; readable by all, as the rest of the repository (rw-r--r--)."""
+    text = json.dumps(data, indent=indent, allow_nan=False) + "\n"  # refused before anything is written
+    with atomic_output(path, overwrite=True) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def save_result(path: Path, result: dict, figures: Callable[[dict], list[str]], indent: int = 2) -> list[str]:

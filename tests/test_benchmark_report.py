@@ -87,6 +87,7 @@ def test_save_result_adds_the_figures_and_writes_atomically(tmp_path):
     assert lines == ["FIGURE ratio: 0.5 (target <= 1) met"]
     assert json.loads(path.read_text()) == {"command": "c", "ratio": 0.5, "figures": lines}
     assert [p.name for p in path.parent.iterdir()] == ["probe.json"]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644  # not the temporary file's owner-only 0600
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tmp_path):

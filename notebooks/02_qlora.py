@@ -256,8 +256,9 @@ assert [round(ratios[f"{op}_{label}_{kind}_ours_over_bnb"], 2) for label in ("do
 # target for dequantizing (at least 1.0) is missed. The last column is the floor of this
 # formulation: its two passes alone, into a buffer allocated once, without decoding the
 # double-quantized absmax. They run at 1.13 and 2.32 times bitsandbytes' throughput, so the gather
-# and the multiply are not what is slow: ours loses its time around them, in decoding the absmax
-# and in allocating the output. On the large tensor that output is a fresh 64 MiB, whose memory
+# and the multiply are not what is slow: ours loses its time around them, in decoding the absmax,
+# widening the codes to indices, allocating the output and the calls' own overhead. On the large
+# tensor the output is a fresh 64 MiB, whose memory
 # pages the operating system maps in as they are first written: PyTorch's `index_select` writes
 # them from one core, bitsandbytes' kernel from both.
 
@@ -745,8 +746,8 @@ display(Markdown(table))
 #   interval 1.02 to 1.07, slower, so the target (at most 1.0) is missed. Dequantization explains
 #   about a third of the 185 ms: all 210 4-bit layers dequantized once take 85 ms with ours and
 #   52 ms with bitsandbytes, and a step does it twice (in forward, and again in backward), 66 ms.
-#   The rest lies outside dequantization, in code the benchmark does not time apart (the 4-bit
-#   layer's autograd function, the LoRA wrapper, the model's preparation). The 40-step benchmark's
+#   The rest lies outside dequantization, in parts of the step the benchmark does not time apart
+#   (the 4-bit layer's autograd function and matmuls, the LoRA wrapper). The 40-step benchmark's
 #   medians gave 1.04 too (one run each, so without an interval).
 # * **8-bit AdamW:** 2.04 bytes per parameter of state for all of SmolLM2 (261 MiB against
 #   1026 MiB); for LoRA's small adapters only 3.03 bytes, since bitsandbytes keeps 32-bit state for

@@ -454,8 +454,9 @@ assert max(abs(a - b) for a, b in zip(agree["course_lib"].loss, agree["bitsandby
 assert gap < 1e-4
 
 # %% tags=["nbval-ignore-output"]
-print(f"seconds per step: course_lib {agree['course_lib'].seconds_per_step:.1f}, "
-      f"bitsandbytes + peft {agree['bitsandbytes + peft'].seconds_per_step:.1f}")
+print(f"seconds for step {AGREE_STEPS} (one step each, timed once, one after the other: noisy): "
+      f"course_lib {agree['course_lib'].seconds_per_step:.1f}, bitsandbytes + peft {agree['bitsandbytes + peft'].seconds_per_step:.1f}")
+print("the two steps timed in pairs, with an interval: benchmarks/quant_vs_bnb, printed in the 40-step benchmark below")
 del theirs
 
 # %% [markdown]

@@ -55,6 +55,35 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items() if "lora_" in k}
 
 
+def bnb_peft_qlora():
+    """The production QLoRA recipe on SmolLM2: transformers' ``BitsAndBytesConfig`` (NF4 + double
+    quantization, float32 compute), peft's ``prepare_model_for_kbit_training`` and ``get_peft_model``
+    (LoRA r=8, alpha 16 on q_proj and v_proj, no dropout)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model, _ = models.load_smollm2("cpu", quantization_config=config)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+
+
+def course_lib_lora(base, quantized: bool, initial: dict[str, torch.Tensor]):
+    """The same adapter with course_lib on a copy of ``base``: NF4 + double quantization first
+    (`qlora.prepare_model_for_qlora`) if ``quantized``, then `lora.inject_lora`, its tensors set to
+    ``initial`` (`adapter_state` of the bitsandbytes + peft model)."""
+    model = copy.deepcopy(base)
+    if quantized:
+        qlora.prepare_model_for_qlora(model)
+    lora.inject_lora(model, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
+    with torch.no_grad():
+        for k, v in adapter_state(model).items():
+            v.copy_(initial[k])
+    return model
+
+
 def train_and_score(label: str, model, tokenizer, steps: int, batch: int, test: list) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     history = train.train(model, lambda m, b: instruct.answer_loss(m, tokenizer, b),
@@ -107,32 +136,14 @@ def main() -> None:
     run = Run("qlora_training", args)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
-
     base, tokenizer = models.load_smollm2("cpu")
     test = data.load_instruct("test")[:args.n_instruct]
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    theirs, _ = models.load_smollm2("cpu", quantization_config=config)
-    theirs = prepare_model_for_kbit_training(theirs, use_gradient_checkpointing=False)
-    theirs = get_peft_model(theirs, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                               lora_dropout=0.0, task_type="CAUSAL_LM"))
+    theirs = bnb_peft_qlora()
     initial = {k: v.clone() for k, v in adapter_state(theirs).items()}
-
-    def ours(quantized: bool):
-        model = copy.deepcopy(base)
-        if quantized:
-            qlora.prepare_model_for_qlora(model)
-        lora.inject_lora(model, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
-        with torch.no_grad():
-            for k, v in adapter_state(model).items():
-                v.copy_(initial[k])
-        return model
-
-    runs = [train_and_score("lora_fp32", ours(False), tokenizer, args.steps, args.batch, test),
-            train_and_score("qlora_course_lib", ours(True), tokenizer, args.steps, args.batch, test),
+    runs = [train_and_score("lora_fp32", course_lib_lora(base, False, initial), tokenizer, args.steps, args.batch,
+                            test),
+            train_and_score("qlora_course_lib", course_lib_lora(base, True, initial), tokenizer, args.steps,
+                            args.batch, test),
             train_and_score("qlora_bnb_peft", theirs, tokenizer, args.steps, args.batch, test)]
     import peft
 

@@ -47,7 +47,7 @@ from benchmarks.report import (
     save_result,
     time_ratio,
 )
-from course_lib import data, instruct, linear4bit, lora, models, qlora, quant, train
+from course_lib import data, instruct, linear4bit, models, quant, train
 
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
 REPEATS = {"quantize": 9, "dequantize": 15, "forward": 15, "qlora_step": 12}
@@ -161,26 +161,14 @@ def qlora_step(rounds: int) -> dict:
     import logging
     import warnings
 
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
-
-    from benchmarks.qlora_training import adapter_state
+    from benchmarks.qlora_training import adapter_state, bnb_peft_qlora, course_lib_lora
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    theirs, tokenizer = models.load_smollm2("cpu", quantization_config=config)
-    theirs = get_peft_model(prepare_model_for_kbit_training(theirs, use_gradient_checkpointing=False),
-                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                       task_type="CAUSAL_LM"))
-    ours, _ = models.load_smollm2("cpu")
-    qlora.prepare_model_for_qlora(ours)
-    lora.inject_lora(ours, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
-    with torch.no_grad():  # the same initial adapters
-        initial = adapter_state(theirs)
-        for name, tensor in adapter_state(ours).items():
-            tensor.copy_(initial[name])
+    theirs = bnb_peft_qlora()  # the two set-ups of benchmarks/qlora_training, the same initial adapters
+    base, tokenizer = models.load_smollm2("cpu")
+    ours = course_lib_lora(base, True, adapter_state(theirs))
+    del base
     contenders = {"course_lib": ours, "bnb_peft": theirs}
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
                   for name, m in contenders.items()}

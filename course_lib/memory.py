@@ -120,12 +120,16 @@ def measure_step(step, model: nn.Module, optimizer: torch.optim.Optimizer | None
     """Run ``step()`` (forward + backward, and ``optimizer.step()`` if it does that) once and report
     its memory in bytes, counted from the tensors: ``parameters``, ``gradients`` (after the step),
     ``optimizer_state``, ``activations_peak`` (saved for backward, `SavedActivations`) and their
-    ``total``. On CUDA also ``cuda_max_allocated``, the allocator's peak during the step.
+    ``total``. On CUDA also ``cuda_max_allocated``, the allocator's peak during the step, and
+    ``cuda_allocated_at_start``, what it held when the step began (the weights, the optimizer state,
+    the inputs, cuBLAS's workspace, and any other tensor alive in the process): their difference is
+    what the step itself added, whatever else the process holds.
     """
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        at_start = torch.cuda.memory_allocated(device)
     with SavedActivations(model) as saved:
         step()
     result = {"parameters": parameter_bytes(model), "gradients": gradient_bytes(model),
@@ -135,6 +139,7 @@ def measure_step(step, model: nn.Module, optimizer: torch.optim.Optimizer | None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         result["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+        result["cuda_allocated_at_start"] = at_start
     return result
 
 

@@ -71,8 +71,12 @@ def test_measure_step_adds_up_parameters_gradients_state_and_activations():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_accounting_agrees_with_the_cuda_allocator():
-    """On a GPU, parameters + gradients + optimizer state + saved activations should explain the
-    allocator's peak within 10% for a step dominated by saved activations."""
+    """On a GPU the allocator's growth during a step is what the step adds: the saved activations,
+    then, in backward, exactly two activation-sized gradients at a time (the one flowing into a layer
+    and the one it passes on) and one weight gradient being added into ``.grad``. Counted from the
+    allocator's level at the start of the step, so what else is allocated (parameters, optimizer
+    state and ``.grad``, held from the first step; the input; cuBLAS's workspace; tensors of other
+    tests) cancels out. Measured on an H200 (2026-12-04): 292.0 MiB, this sum exactly."""
     model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(1024, 1024), nn.GELU())]).cuda()
     optimizer = torch.optim.AdamW(model.parameters())
     x = torch.randn(4096, 1024, device="cuda")
@@ -81,10 +85,13 @@ def test_accounting_agrees_with_the_cuda_allocator():
         model(x).sum().backward()
         optimizer.step()
 
-    step()                       # optimizer state exists from here on
+    step()                       # optimizer state and .grad exist from here on
     m = memory.measure_step(step, model, optimizer)
-    # x is saved by the first layer, so it is already among the activations
-    assert abs(m["cuda_max_allocated"] / m["total"] - 1) < 0.1
+    activation, weight_gradient = x.numel() * 4, 1024 * 1024 * 4
+    assert m["activations_peak"] == 16 * activation      # each Linear's and each GELU's input
+    assert m["cuda_allocated_at_start"] >= m["parameters"] + m["gradients"] + m["optimizer_state"]
+    growth = m["cuda_max_allocated"] - m["cuda_allocated_at_start"]
+    assert growth == pytest.approx(m["activations_peak"] + 2 * activation + weight_gradient, rel=0.02)
 
 
 def test_quantized_weight_bytes_counts_the_4bit_layers_buffers_only():

@@ -55,16 +55,17 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def bnb_peft_qlora():
+def bnb_peft_qlora(device: str = "cpu"):
     """The production QLoRA recipe on SmolLM2: transformers' ``BitsAndBytesConfig`` (NF4 + double
-    quantization, float32 compute), peft's ``prepare_model_for_kbit_training`` and ``get_peft_model``
-    (LoRA r=8, alpha 16 on q_proj and v_proj, no dropout)."""
+    quantization, compute in float32 on CPU and bfloat16 on CUDA, as `models.default_dtype`),
+    peft's ``prepare_model_for_kbit_training`` and ``get_peft_model`` (LoRA r=8, alpha 16 on q_proj
+    and v_proj, no dropout)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
-    model, _ = models.load_smollm2("cpu", quantization_config=config)
+                                bnb_4bit_compute_dtype=models.default_dtype(device))
+    model, _ = models.load_smollm2(device, quantization_config=config)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                             lora_dropout=0.0, task_type="CAUSAL_LM"))

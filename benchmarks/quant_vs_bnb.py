@@ -1,6 +1,6 @@
 """course_lib.quant against bitsandbytes: NF4 quantize / dequantize throughput, and Linear4bit's forward cost.
 
-Measured side by side in one run, on CPU (and on CUDA when a GPU is visible):
+Measured side by side in one run, on CPU (``--device cuda``: on a CUDA GPU, bfloat16 compute):
 1. NF4 quantization (blocksize 64, double quantization, as QLoRA stores weights) of SmolLM2's
    layer-0 ``mlp.down_proj`` weight (576 x 1536) and of a random 4096 x 4096 tensor:
    throughput ours / bitsandbytes' ``quantize_4bit``                   (target >= 1.0)
@@ -10,8 +10,9 @@ Measured side by side in one run, on CPU (and on CUDA when a GPU is visible):
    batch 8 x 128 tokens, no grad                                        (target <= 1.5)
    (bitsandbytes' ``Linear4bit`` is timed beside it for reference, in train mode so that on CPU it
    dequantizes to float32 as ours does instead of running its bfloat16 inference kernel).
-4. CPU only: one QLoRA training step of SmolLM2 (NF4 + double quantization, LoRA r=8 on q_proj and
-   v_proj, the same initial adapters, AdamW, batch 8 of the instruction task, float32 compute),
+4. one QLoRA training step of SmolLM2 (NF4 + double quantization, LoRA r=8 on q_proj and v_proj,
+   the same initial adapters, AdamW, batch 8 of the instruction task; float32 compute on CPU,
+   bfloat16 autocast on CUDA as `train.train` runs it there),
    course_lib (`qlora.prepare_model_for_qlora`) over bitsandbytes + peft (``BitsAndBytesConfig``,
    ``prepare_model_for_kbit_training``, ``get_peft_model``), each step run by `train.train` on the
    same batch in the same round: the ratio of the mean step times, with a 95% bootstrap interval
@@ -20,10 +21,12 @@ Measured side by side in one run, on CPU (and on CUDA when a GPU is visible):
    the share of the step that dequantization can explain.
 
 Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 5 minutes on 2 CPU cores)
+      .venv/bin/python -m benchmarks.quant_vs_bnb --device cuda   (a GPU run: quant_vs_bnb.cuda.json)
 Each round calls every contender once, in rotating order, after one warm-up call; a ratio of 1-3
 is the median over rounds of the two times measured in the same round, so a slow spell of a shared
-machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json and ends with its FIGURE
-lines; ``--figures-only`` recomputes them from the ratios recorded there, measuring nothing.
+machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json (quant_vs_bnb.cuda.json for
+``--device cuda``; both under runs/ without --save) and ends with its FIGURE lines;
+``--figures-only`` recomputes them from the ratios recorded there, measuring nothing.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ from benchmarks.report import (
 from course_lib import data, instruct, linear4bit, models, quant, train
 
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
-REPEATS = {"quantize": 9, "dequantize": 15, "forward": 15, "qlora_step": 12}
-OUT = RESULTS_DIR / "quant_vs_bnb.json"
+REPEATS = {"quantize": 9, "dequantize": 15, "forward": 15, "qlora_step": {"cpu": 12, "cuda": 30}}
+OUT = {"cpu": RESULTS_DIR / "quant_vs_bnb.json", "cuda": RESULTS_DIR / "quant_vs_bnb.cuda.json"}
 
 
 def sync(device: str) -> None:
@@ -154,10 +157,17 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
     return result
 
 
-def qlora_step(rounds: int) -> dict:
+def qlora_step(rounds: int, device: str = "cpu") -> dict:
     """Seconds of one QLoRA training step, course_lib's and bitsandbytes + peft's, in ``rounds``
     rounds after one warm-up round; each round gives both models the same batch, in alternating
-    order. The step is `train.train`'s (forward, backward, gradient clipping, AdamW), timed by it."""
+    order. The step is `train.train`'s (forward, backward, gradient clipping, AdamW), timed by it.
+
+    On CUDA the device is synchronized before each step, so no queued work of one model's step is
+    counted in the other's, and each round first steps both models once on its batch, untimed: a
+    batch of a new sequence length costs the model that meets it first new allocator blocks and
+    kernel choices (in an H200 run without this, whichever ran first in a round took 0.1-2.5 s
+    longer than its usual 0.2-0.4 s). On CPU no such first-in-round cost shows (ratios alike in
+    either order), and each round times the first step on its batch."""
     import logging
     import warnings
 
@@ -165,22 +175,31 @@ def qlora_step(rounds: int) -> dict:
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    theirs = bnb_peft_qlora()  # the two set-ups of benchmarks/qlora_training, the same initial adapters
-    base, tokenizer = models.load_smollm2("cpu")
+    theirs = bnb_peft_qlora(device)  # the two set-ups of benchmarks/qlora_training, the same initial adapters
+    base, tokenizer = models.load_smollm2(device)
     ours = course_lib_lora(base, True, adapter_state(theirs))
     del base
     contenders = {"course_lib": ours, "bnb_peft": theirs}
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
                   for name, m in contenders.items()}
     stream = train.batches(data.load_instruct("train"), BATCH, seed=0)
-    seconds = {name: [] for name in contenders}
+    step_seconds = {name: [] for name in contenders}
+
+    def step(name: str, batch) -> float:
+        sync(device)
+        history = train.train(contenders[name], lambda m, b: instruct.answer_loss(m, tokenizer, b), [batch],
+                              steps=1, optimizer=optimizers[name], seed=0, progress=False)
+        return history.seconds[0]
+
     for i in range(rounds + 1):
         batch = next(stream)
+        if device == "cuda":
+            for name in contenders:
+                step(name, batch)
         for name in (list(contenders) if i % 2 == 0 else list(contenders)[::-1]):
-            history = train.train(contenders[name], lambda m, b: instruct.answer_loss(m, tokenizer, b), [batch],
-                                  steps=1, optimizer=optimizers[name], seed=0, progress=False)
+            seconds = step(name, batch)
             if i:  # round 0 warms both up
-                seconds[name].append(history.seconds[0])
+                step_seconds[name].append(seconds)
     # what dequantization contributes: every 4-bit layer of each model dequantized once (a step does
     # it twice per layer: in forward, and again in backward), in rounds as above
     import bitsandbytes as bnb
@@ -197,8 +216,9 @@ def qlora_step(rounds: int) -> dict:
                   for m in theirs.modules() if isinstance(m, bnb.nn.Linear4bit)]
     with torch.no_grad():
         times = interleaved({"course_lib": dequantize_all(ours_layers), "bnb_peft": dequantize_all(bnb_layers)},
-                            REPEATS["dequantize"], "cpu")
-    return {"seconds": seconds, "course_lib_over_bnb_peft": time_ratio(seconds["course_lib"], seconds["bnb_peft"]),
+                            REPEATS["dequantize"], device)
+    return {"seconds": step_seconds,
+            "course_lib_over_bnb_peft": time_ratio(step_seconds["course_lib"], step_seconds["bnb_peft"]),
             "dequantize_every_layer_once": {"layers": [len(ours_layers), len(bnb_layers)],
                                             "median_seconds": {k: statistics.median(v) for k, v in times.items()}}}
 
@@ -229,34 +249,40 @@ def figures(record: dict) -> list[str]:
 
 
 def main() -> None:
-    if argument_parser("quant_vs_bnb", __doc__).parse_args().figures_only:
-        print("\n".join(recompute_figures(OUT, figures)))
+    parser = argument_parser("quant_vs_bnb", __doc__)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where to measure (default cpu); cuda writes quant_vs_bnb.cuda.json")
+    args = parser.parse_args()
+    if args.figures_only:
+        print("\n".join(recompute_figures(OUT[args.device], figures)))
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here; run without --device to measure on the CPU")
     import bitsandbytes as bnb
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    run, load_at_start = Run("quant_vs_bnb", device=", ".join(devices)), os.getloadavg()[0]  # others skew timings
+    device = args.device
+    run, load_at_start = Run("quant_vs_bnb", args, device=device), os.getloadavg()[0]  # others skew timings
     model, _ = models.load_smollm2("cpu")
     down_proj = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     del model
-    results = {device: run_device(device, down_proj) for device in devices}
-    results["cpu"]["qlora_step"] = qlora_step(REPEATS["qlora_step"])
+    results = {device: run_device(device, down_proj)}
+    results[device]["qlora_step"] = qlora_step(REPEATS["qlora_step"][device], device)
 
     record = {
         **run.fields(load_average_1min_at_start_and_end=[load_at_start, os.getloadavg()[0]],
-                     cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                     cuda=torch.cuda.get_device_name() if device == "cuda" else None,
                      bitsandbytes=bnb.__version__),
         "setting": f"NF4, blocksize {BLOCKSIZE}, double quantization; SmolLM2-135M-Instruct layer 0 mlp.down_proj "
                    f"(576x1536) and a random 4096x4096 tensor (seed 0); forward at batch {BATCH}x{SEQ}, float32; "
-                   f"QLoRA step (CPU): SmolLM2, LoRA r=8 alpha 16 on q_proj/v_proj, AdamW 2e-3, batch {BATCH} "
-                   "instructions, float32 compute",
+                   f"QLoRA step: SmolLM2, LoRA r=8 alpha 16 on q_proj/v_proj, AdamW 2e-3, batch {BATCH} instructions, "
+                   + ("float32 compute" if device == "cpu" else "bfloat16 autocast, 4-bit matmuls in bfloat16"),
         "repeats": REPEATS,
         "ratio_method": "median over rounds of the ratio of the two times measured in the same round; "
                         "throughput ratio ours/bnb = time bnb / time ours; the QLoRA step: ratio of the mean "
                         "step times over paired rounds, 95% percentile bootstrap interval resampling rounds",
         "results": results,
     }
-    lines = save_result(OUT, record, figures)
+    lines = save_result(OUT[device], record, figures)
 
     for device, result in results.items():
         print(f"[{device}] median seconds")

@@ -16,6 +16,12 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
 
 
+def heading(path: Path) -> str:
+    """The benchmarks page's heading for a results JSON: ``<name>.<device>.json`` is <name>.py's run on that device."""
+    script, _, device = path.stem.partition(".")
+    return f"## `{script}.py`" + (f" on {device}" if device else "")
+
+
 def write_notebook(path: Path, title: str, timestamps: list[tuple[str, str]] | None) -> Path:
     """A chapter-like notebook: a heading, then one code cell per (execute_input, execute_reply),
     with an empty code cell in the middle (nbconvert leaves those without metadata);
@@ -110,7 +116,7 @@ def test_the_benchmarks_page_names_every_results_json():
     assert RESULTS
     for path in RESULTS:
         data = json.loads(path.read_text())
-        assert f"## `{path.stem}.py`" in page
+        assert heading(path) in page
         assert data["command"] in page and str(data["date"]) in page
 
 
@@ -149,7 +155,7 @@ def test_the_page_shows_figures_as_format_figure_writes_them(tmp_path):
     assert "| `tiny_gap` | 3.2e-07 | `<= 1e-05` | met |" in page
     assert "| `ratio` | 1.003 | `<= 1.02` | met |" in page
     assert "| `speedup` | 96.3 | `>= 5` | met |" in page
-    assert "3 figures from 1 scripts: 3 met their target, 0 missed." in page
+    assert "3 figures from 1 runs of 1 scripts: 3 met their target, 0 missed." in page
 
 
 def test_a_result_with_no_figure_says_so(tmp_path):
@@ -200,7 +206,17 @@ def test_the_hook_fills_both_placeholders(hooks, tmp_path):
 def test_the_hook_on_the_repository(hooks):
     config = {"config_file_path": str(ROOT / "mkdocs.yml")}
     out = hooks.on_page_markdown("<!-- course:benchmarks -->", page=None, config=config, files=None)
-    assert all(f"## `{p.stem}.py`" in out for p in RESULTS)
+    assert all(heading(p) in out for p in RESULTS)
+
+
+def test_a_run_on_another_device_is_its_script_s_run(tmp_path):
+    (tmp_path / "results").mkdir()
+    for name, line in (("speed", "FIGURE a_cpu: 1 (target <= 2) met"), ("speed.cuda", "FIGURE a_cuda: 3 (target <= 2) missed")):
+        (tmp_path / "results" / f"{name}.json").write_text(json.dumps({"command": "c", "date": "d", "figures": [line]}))
+    page = sitegen.benchmarks_page(tmp_path / "results")
+    assert "2 figures from 2 runs of 1 scripts: 1 met their target, 1 missed." in page
+    assert "## `speed.py`\n" in page and "## `speed.py` on cuda\n" in page
+    assert "| `speed.py` on cuda | `a_cuda` | 3 | `<= 2` | missed |" in page
 
 
 def test_the_summary_counts_every_recorded_figure(tmp_path):
@@ -209,12 +225,13 @@ def test_the_summary_counts_every_recorded_figure(tmp_path):
                         "b": ["FIGURE z: 0.5 (target > 0) met"]}.items():
         (tmp_path / "results" / f"{name}.json").write_text(json.dumps({"command": "c", "date": "d", "figures": lines}))
     page = sitegen.benchmarks_page(tmp_path / "results")
-    assert "3 figures from 2 scripts: 2 met their target, 1 missed." in page
+    assert "3 figures from 2 runs of 2 scripts: 2 met their target, 1 missed." in page
     assert "| `a.py` | `y` | 3 | `<= 2` | missed |" in page
     committed = sitegen.benchmarks_page(ROOT / "benchmarks" / "results")
     figures = [parse_figure_line(line) for path in RESULTS for line in json.loads(path.read_text())["figures"]]
     met = sum(f.met for f in figures)
-    assert (f"{len(figures)} figures from {len(RESULTS)} scripts: {met} met their target, "
+    scripts = {path.stem.partition(".")[0] for path in RESULTS}
+    assert (f"{len(figures)} figures from {len(RESULTS)} runs of {len(scripts)} scripts: {met} met their target, "
             f"{len(figures) - met} missed.") in committed
 
 

@@ -211,7 +211,7 @@ def benchmark_section(path: str | Path) -> str:
     """Markdown for one ``benchmarks/results/<name>.json``: the run, its figures, its numbers."""
     path = Path(path)
     data = json.loads(path.read_text(encoding="utf-8"))
-    lines = [f"## `{path.stem}.py`", "", "```bash", data.get("command", f"python -m benchmarks.{path.stem}"), "```", ""]
+    lines = [f"## {_run_name(path)}", "", "```bash", data.get("command", f"python -m benchmarks.{path.stem}"), "```", ""]
     run = [f"run on {data['date']}" if "date" in data else "date not recorded"]
     if "device" in data:
         run.append(f"device {data['device']}")
@@ -241,6 +241,13 @@ def benchmark_section(path: str | Path) -> str:
     return "\n".join(lines + tables) + "\n"
 
 
+def _run_name(path: Path) -> str:
+    """``<name>.json`` is a run of ``benchmarks/<name>.py``; ``<name>.<device>.json`` (``quant_vs_bnb.cuda.json``)
+    its run on that device."""
+    script, _, device = path.stem.partition(".")
+    return f"`{script}.py`" + (f" on {device}" if device else "")
+
+
 def benchmarks_page(results_dir: str | Path) -> str:
     """Markdown with a section per ``*.json`` in ``results_dir``, after a summary of all their figures."""
     paths = sorted(Path(results_dir).glob("*.json"))
@@ -255,10 +262,11 @@ def figures_summary(paths: list[Path]) -> str:
     for path in map(Path, paths):
         for figure in _figures(json.loads(path.read_text(encoding="utf-8")), path):
             met += figure.met
-            rows.append([f"`{path.stem}.py`", *_figure_cells(figure)])
+            rows.append([_run_name(path), *_figure_cells(figure)])
     if not rows:
         return ""
-    head = (f"## All figures\n\n{len(rows)} figures from {len(paths)} scripts: {met} met their target, "
+    scripts = {Path(p).stem.partition(".")[0] for p in paths}
+    head = (f"## All figures\n\n{len(rows)} figures from {len(paths)} runs of {len(scripts)} scripts: {met} met their target, "
             f"{len(rows) - met} missed. A miss is reported, not hidden: some targets are the seed tutorials' "
             "claims (LoRA \"15-20x faster\" than full fine-tuning), which the measurement refutes.\n")
     return head + "\n" + "\n".join(_table(["script", "figure", "value", "target", "met?"], rows)) + "\n"

@@ -316,6 +316,10 @@ def activation_parts(config: ModelConfig, settings: Settings, targets: list) -> 
       which ``sdpa`` falls back to for attention dropout, keep the probabilities instead: a·nh·s
       (Llama's eager softmax: 4·nh·s in float32, plus the a-copy in half precision), and with
       dropout its mask m·nh·s and the dropped probabilities a·nh·s; k and v are repeated to hq.
+      On CUDA a model with grouped-query attention in float32 gets that math kernel too: the flash
+      kernel needs 16-bit values and the memory-efficient one has no grouped-query mode (measured
+      on an H200, SmolLM2 in float32: the activations this way within 0.4% of `SavedActivations`,
+      11-14% above the fused kernel's at 4 × 128 tokens).
     * **MLP**: the activation's input a·i (Llama: gate output, its SiLU and the up output, 3a·i).
     * **dropout** (BERT, GPT, in training): a mask m·h after the attention and after the MLP.
     * **linear inputs**: the input of a layer whose weight trains is kept: a·(its size) once per
@@ -386,7 +390,7 @@ def _layer_bytes(c: ModelConfig, s: Settings, targets: list) -> tuple[dict[str, 
 
     names = list(linears)
     parts = {"LoRA A outputs": len(wrapped) * s.r * ell if wrapped else 0}
-    fused = s.attention == "sdpa" and (s.device == "cuda" or c.dropout == 0)
+    fused = s.attention == "sdpa" and _sdpa_is_fused(c, s)
     if fused:
         attention = a * (hq + 2 * hkv) + a * hq + 4 * nh
     else:
@@ -412,6 +416,17 @@ def _layer_bytes(c: ModelConfig, s: Settings, targets: list) -> tuple[dict[str, 
         # BERT's block input feeds q, k, v; GPT's feeds its first LayerNorm, which keeps it
         shared = (a * h if c.architecture == "gpt" else (inputs(names[0:3], h) if full or ell == a else 0))
     return parts, shared
+
+
+def _sdpa_is_fused(c: ModelConfig, s: Settings) -> bool:
+    """Whether PyTorch's ``scaled_dot_product_attention`` picks a kernel that keeps no s × s
+    probabilities: on CPU its flash kernel, unless attention dropout sends it to the math kernel;
+    on CUDA FlashAttention (16-bit only) or the memory-efficient kernel (no grouped-query mode), so
+    a grouped-query model in float32 falls back to the math kernel."""
+    if s.device == "cpu":
+        return c.dropout == 0
+    grouped_query = c.num_key_value_heads < c.num_attention_heads
+    return not (grouped_query and s.weight_dtype == "float32")
 
 
 def _head_bytes(c: ModelConfig, s: Settings, targets: list) -> float:

@@ -1,6 +1,6 @@
 """course_lib.quant against bitsandbytes: NF4 quantize / dequantize throughput, and Linear4bit's forward cost.
 
-Measured side by side in one run, on CPU (``--device cuda``: on a CUDA GPU, bfloat16 compute):
+Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU):
 1. NF4 quantization (blocksize 64, double quantization, as QLoRA stores weights) of SmolLM2's
    layer-0 ``mlp.down_proj`` weight (576 x 1536) and of a random 4096 x 4096 tensor:
    throughput ours / bitsandbytes' ``quantize_4bit``                   (target >= 1.0)

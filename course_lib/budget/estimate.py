@@ -316,10 +316,8 @@ def activation_parts(config: ModelConfig, settings: Settings, targets: list) -> 
       which ``sdpa`` falls back to for attention dropout, keep the probabilities instead: a·nh·s
       (Llama's eager softmax: 4·nh·s in float32, plus the a-copy in half precision), and with
       dropout its mask m·nh·s and the dropped probabilities a·nh·s; k and v are repeated to hq.
-      On CUDA a model with grouped-query attention in float32 gets that math kernel too: the flash
-      kernel needs 16-bit values and the memory-efficient one has no grouped-query mode (measured
-      on an H200, SmolLM2 in float32: the activations this way within 0.4% of `SavedActivations`,
-      11-14% above the fused kernel's at 4 × 128 tokens).
+      On CUDA a grouped-query model in float32 gets that math kernel too (`_sdpa_is_fused`; on an
+      H200, SmolLM2 in float32: within 0.4% of `SavedActivations`, 11-14% above the fused figure).
     * **MLP**: the activation's input a·i (Llama: gate output, its SiLU and the up output, 3a·i).
     * **dropout** (BERT, GPT, in training): a mask m·h after the attention and after the MLP.
     * **linear inputs**: the input of a layer whose weight trains is kept: a·(its size) once per

@@ -184,8 +184,9 @@ def _figures(data: dict, path: Path) -> list[Figure]:
             older JSON) or one is not a ``FIGURE`` line, naming the file.
     """
     if "figures" not in data:
-        raise ValueError(f"{path} stores no \"figures\": add them with "
-                         f"`python -m benchmarks.{path.stem} --figures-only`")
+        script, device = _script_and_device(path)
+        raise ValueError(f"{path} stores no \"figures\": add them with `python -m benchmarks.{script}"
+                         + (f" --device {device}" if device else "") + " --figures-only`")
     try:
         return [parse_figure_line(line) for line in data["figures"]]
     except ValueError as err:
@@ -211,7 +212,9 @@ def benchmark_section(path: str | Path) -> str:
     """Markdown for one ``benchmarks/results/<name>.json``: the run, its figures, its numbers."""
     path = Path(path)
     data = json.loads(path.read_text(encoding="utf-8"))
-    lines = [f"## {_run_name(path)}", "", "```bash", data.get("command", f"python -m benchmarks.{path.stem}"), "```", ""]
+    script, device = _script_and_device(path)
+    default_command = f"python -m benchmarks.{script}" + (f" --device {device}" if device else "")
+    lines = [f"## {_run_name(path)}", "", "```bash", data.get("command", default_command), "```", ""]
     run = [f"run on {data['date']}" if "date" in data else "date not recorded"]
     if "device" in data:
         run.append(f"device {data['device']}")
@@ -241,10 +244,15 @@ def benchmark_section(path: str | Path) -> str:
     return "\n".join(lines + tables) + "\n"
 
 
+def _script_and_device(path: Path) -> tuple[str, str]:
+    """``<name>.json`` is a run of ``benchmarks/<name>.py``: (name, ""); ``<name>.<device>.json``
+    (``quant_vs_bnb.cuda.json``) its run on that device, made with ``--device <device>``."""
+    script, _, device = Path(path).stem.partition(".")
+    return script, device
+
+
 def _run_name(path: Path) -> str:
-    """``<name>.json`` is a run of ``benchmarks/<name>.py``; ``<name>.<device>.json`` (``quant_vs_bnb.cuda.json``)
-    its run on that device."""
-    script, _, device = path.stem.partition(".")
+    script, device = _script_and_device(path)
     return f"`{script}.py`" + (f" on {device}" if device else "")
 
 
@@ -265,7 +273,7 @@ def figures_summary(paths: list[Path]) -> str:
             rows.append([_run_name(path), *_figure_cells(figure)])
     if not rows:
         return ""
-    scripts = {Path(p).stem.partition(".")[0] for p in paths}
+    scripts = {_script_and_device(p)[0] for p in paths}
     head = (f"## All figures\n\n{len(rows)} figures from {len(paths)} runs of {len(scripts)} scripts: {met} met their target, "
             f"{len(rows) - met} missed. A miss is reported, not hidden: some targets are the seed tutorials' "
             "claims (LoRA \"15-20x faster\" than full fine-tuning), which the measurement refutes.\n")

@@ -142,7 +142,7 @@ def test_a_result_without_figures_is_refused_with_the_command_that_adds_them(tmp
     (tmp_path / "results" / "train.json").write_text(json.dumps({"command": "python -m benchmarks.train",
                                                                  "date": "2026-01-02", "gain": 0.1}))
     with pytest.raises(ValueError, match=r"train\.json stores no \"figures\": add them with "
-                                         r"`python -m benchmarks\.train --figures-only`"):
+                                         r"`python -m benchmarks\.train --figures-only --save`"):
         sitegen.benchmarks_page(tmp_path / "results")
 
 

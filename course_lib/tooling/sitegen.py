@@ -186,7 +186,7 @@ def _figures(data: dict, path: Path) -> list[Figure]:
     if "figures" not in data:
         script, device = _script_and_device(path)
         raise ValueError(f"{path} stores no \"figures\": add them with `python -m benchmarks.{script}"
-                         + (f" --device {device}" if device else "") + " --figures-only`")
+                         + (f" --device {device}" if device else "") + " --figures-only --save`")
     try:
         return [parse_figure_line(line) for line in data["figures"]]
     except ValueError as err:

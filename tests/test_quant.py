@@ -276,7 +276,7 @@ def _assert_within_float32_rounding(y, x, weight, bias):
     """``y`` is ``x @ weight.T + bias`` computed in float32, in any order of summation: within
     gamma_n * (|x| @ |weight|.T + |bias|) of the exact product, n = in_features + 1 terms and
     gamma_n = n u / (1 - n u) with u = 2**-24 (Higham, Accuracy and Stability of Numerical
-    Algorithms, 2nd ed., eq. 3.5). A bfloat16 or TF32 matmul, or a wrong weight, is far outside."""
+    Algorithms, 2nd ed., eq. 3.5). A bfloat16 matmul (tried) or a wrong weight is far outside."""
     n, u = weight.shape[1] + 1, 2.0 ** -24
     x, weight, bias = x.double(), weight.double(), bias.double()
     bound = n * u / (1 - n * u) * (x.abs() @ weight.abs().t() + bias.abs())

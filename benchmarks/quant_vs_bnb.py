@@ -18,7 +18,9 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
    same batch in the same round: the ratio of the mean step times, with a 95% bootstrap interval
    over rounds (`report.time_ratio`)                                    (target <= 1.0)
    and beside it, each model's every 4-bit layer dequantized once (a step does it twice per layer),
-   the share of the step that dequantization can explain.
+   the share of the step that dequantization can explain, and on CPU the seconds course_lib's
+   timed steps spent in their dequantize calls (each call timed inside the step, where the caches
+   are cold).
 
 Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 5 minutes on 2 CPU cores)
       .venv/bin/python -m benchmarks.quant_vs_bnb --device cuda   (a GPU run: quant_vs_bnb.cuda.json)
@@ -35,6 +37,7 @@ import os
 import statistics
 import time
 from functools import partial
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -92,12 +95,13 @@ def bnb_linear(linear: nn.Linear) -> nn.Module:
 
 
 def two_passes_only(state: quant.QuantState):
-    """The floor of our formulation: its two passes alone, the gather (four table values per two bytes
-    of codes) and the in-place multiply by each block's absmax, into a buffer allocated once, without
-    decoding the absmax or allocating the output. On CPU ``index_select`` runs on one thread whatever
-    torch's setting; bitsandbytes' C++ kernel makes one pass, split over all cores."""
-    table = quant._pair_table(state.quant_type, state.packed.device)
-    index = quant._as_uint16(state.packed).int()
+    """The floor of our formulation: its two passes alone, the gather (one look-up per byte of codes,
+    two values each) and the in-place multiply by each block's absmax, into a buffer allocated once,
+    without decoding the absmax, widening the codes to indices or allocating the output. On CPU
+    ``index_select`` runs on one thread whatever torch's setting; bitsandbytes' C++ kernel makes one
+    pass, split over all cores."""
+    table = quant._byte_table(state.quant_type, state.packed.device)
+    index = state.packed.int()
     absmax = quant.dequantize_absmax(state).unsqueeze(1)
     out = torch.empty(index.numel(), dtype=table.dtype, device=table.device)
     blocks = out.view(torch.float32).view(-1, state.blocksize)
@@ -185,10 +189,25 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
     stream = train.batches(data.load_instruct("train"), BATCH, seed=0)
     step_seconds = {name: [] for name in contenders}
 
+    in_step = []  # on CPU: seconds of each timed course_lib step spent in its dequantize calls
+
+    def timed_dequantize(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return quant.dequantize_blockwise(*args, **kwargs)
+        finally:
+            in_step[-1] += time.perf_counter() - start
+
     def step(name: str, batch) -> float:
         sync(device)
-        history = train.train(contenders[name], lambda m, b: instruct.answer_loss(m, tokenizer, b), [batch],
-                              steps=1, optimizer=optimizers[name], seed=0, progress=False)
+        instrument = name == "course_lib" and device == "cpu"  # (on CUDA timing a call needs a sync)
+        in_step.append(0.0)
+        with mock.patch.object(linear4bit, "dequantize_blockwise", timed_dequantize if instrument else
+                               quant.dequantize_blockwise):
+            history = train.train(contenders[name], lambda m, b: instruct.answer_loss(m, tokenizer, b), [batch],
+                                  steps=1, optimizer=optimizers[name], seed=0, progress=False)
+        if not instrument:
+            in_step.pop()
         return history.seconds[0]
 
     for i in range(rounds + 1):
@@ -200,6 +219,8 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
             seconds = step(name, batch)
             if i:  # round 0 warms both up
                 step_seconds[name].append(seconds)
+            elif name == "course_lib" and in_step:
+                in_step.pop()
     # what dequantization contributes: every 4-bit layer of each model dequantized once (a step does
     # it twice per layer: in forward, and again in backward), in rounds as above
     import bitsandbytes as bnb
@@ -220,7 +241,8 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
     return {"seconds": step_seconds,
             "course_lib_over_bnb_peft": time_ratio(step_seconds["course_lib"], step_seconds["bnb_peft"]),
             "dequantize_every_layer_once": {"layers": [len(ours_layers), len(bnb_layers)],
-                                            "median_seconds": {k: statistics.median(v) for k, v in times.items()}}}
+                                            "median_seconds": {k: statistics.median(v) for k, v in times.items()}},
+            **({"course_lib_dequantize_seconds_in_step": in_step} if device == "cpu" else {})}
 
 
 def figures(record: dict) -> list[str]:
@@ -296,6 +318,10 @@ def main() -> None:
             every = result["qlora_step"]["dequantize_every_layer_once"]
             print(f"  dequantizing all {every['layers'][0]} 4-bit layers once: " + "  ".join(
                 f"{k} {v * 1000:.1f} ms" for k, v in every["median_seconds"].items()))
+            if "course_lib_dequantize_seconds_in_step" in result["qlora_step"]:
+                in_step = result["qlora_step"]["course_lib_dequantize_seconds_in_step"]
+                print(f"  course_lib's step spends {statistics.mean(in_step) * 1000:.0f} ms dequantizing (mean of "
+                      f"{len(in_step)} steps; {statistics.mean(result['qlora_step']['seconds']['course_lib']):.2f} s a step)")
     print("\n".join(lines))
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -134,17 +133,18 @@ def _encoder(quant_type: str, device: torch.device) -> tuple[list[float], torch.
 
 
 @functools.cache
-def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """What each *pair* of bytes of a 4-bit ``packed`` stands for, read as one little-endian uint16
-    (first byte low): four float32 values (each byte's high nibble first), stored as one 16-byte
-    complex128 word so that one 1-D gather (``index_select``) fetches all four. 65536 words = 1 MiB.
-    One gather per two bytes instead of one per byte, or two per byte with separate nibbles, is what
-    makes `dequantize_blockwise` fast."""
+def _byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """What each byte of ``packed`` stands for, indexed by the byte: for a 4-bit type its two
+    values (high nibble first) stored as one 8-byte complex64 word, so that one 1-D gather
+    (``index_select``) fetches both; for ``"int8"`` the codebook itself. 256 entries, 2 KiB: it
+    stays in the core's L1 cache, also in a training step whose matmuls have just evicted
+    everything else (a 65536-entry table of four values per two bytes, 1 MiB, halves the look-ups
+    but made a SmolLM2 step's dequantizing on CPU 1.8 times as slow for that reason)."""
     code = _cached_codebook(quant_type, device)
-    pairs = torch.arange(65536, device=device)
-    low, high = pairs & 255, pairs >> 8  # the first byte, the second
-    levels = [code[low >> 4], code[low & 15], code[high >> 4], code[high & 15]]
-    return torch.stack(levels, dim=1).view(torch.complex128).view(-1)
+    if quant_type == "int8":
+        return code
+    byte = torch.arange(256, device=device)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).view(torch.complex64).view(-1)
 
 
 @contextlib.contextmanager
@@ -298,25 +298,21 @@ def dequantize_blockwise(state: QuantState, dtype: torch.dtype | None = None) ->
     (default: the dtype it was quantized from). The products are computed in float32; the result
     never requires grad, even if a hand-built state holds tensors that do.
 
-    Two passes over the output, both at memory speed: one gather of four values per two bytes of
-    codes from a 65536-entry table (`_pair_table`; the codebook itself for ``"int8"``), written straight
-    into the output, then one in-place multiply by each block's absmax. Chapter 02 writes the same with
-    the nibbles unpacked one by one, the readable form, and checks both give the same tensor."""
+    Two passes over the output: one look-up per byte of codes in a 256-entry table of what that
+    byte stands for (`_byte_table`: two values for the 4-bit types), written straight into the
+    output, then one in-place multiply by each block's absmax. Chapter 02 writes the same with the
+    nibbles unpacked one by one, the readable form, and checks both give the same tensor."""
     check_float_dtype(dtype, "dtype")
     dtype = dtype or state.dtype
     n, bs = state.numel, state.blocksize
     absmax = dequantize_absmax(state)
-    values = -(-absmax.numel() * bs // 4) * 4  # whole blocks, rounded up to whole groups of four
-    flat = torch.empty(values, dtype=torch.float32, device=state.packed.device)
-    if state.quant_type == "int8":
-        packed = state.packed.int()
-        torch.index_select(_cached_codebook("int8", packed.device), 0, packed, out=flat[: packed.numel()])
-    else:  # pad to whole blocks and an even number of bytes (the padding is cut off below)
-        short = flat.numel() // 2 - state.packed.numel()
-        packed = F.pad(state.packed, (0, short)) if short else state.packed
-        torch.index_select(_pair_table(state.quant_type, packed.device), 0, _as_uint16(packed).int(),
-                           out=flat.view(torch.complex128))
-    blocks = flat[: absmax.numel() * bs].view(-1, bs)
+    flat = torch.empty(absmax.numel() * bs, dtype=torch.float32, device=state.packed.device)
+    table = _byte_table(state.quant_type, flat.device)
+    written = state.packed.numel() * (table.element_size() // 4)  # values: 2 per byte (4-bit), 1 (int8)
+    _gather_bytes(table, state.packed, flat[:written].view(table.dtype))
+    if written < flat.numel():
+        flat[written:].zero_()  # the last block's padding, cut off below
+    blocks = flat.view(-1, bs)
     if dtype == torch.float32:
         out = blocks.mul_(absmax.unsqueeze(1))
     else:  # computed in float32, rounded once to dtype
@@ -324,13 +320,24 @@ def dequantize_blockwise(state: QuantState, dtype: torch.dtype | None = None) ->
     return (out.view(-1)[:n] if out.numel() != n else out).view(state.shape)
 
 
-def _as_uint16(packed: torch.Tensor) -> torch.Tensor:
-    """Bytes read two at a time as little-endian uint16 (first byte low), whatever the host's byte order
-    (as int32 off the CPU, where uint16 tensors support few operations)."""
-    if sys.byteorder == "little" and packed.device.type == "cpu":
-        return packed.view(torch.uint16)
-    pairs = packed.view(-1, 2).to(torch.int32)
-    return pairs[:, 0] | (pairs[:, 1] << 8)
+_GATHER_CHUNK = 1 << 20  # bytes of codes widened to indices at a time on CPU (4 MiB of int32)
+
+
+def _gather_bytes(table: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = table[packed[i]]``. ``index_select`` takes int32 or int64 indices, not bytes, so
+    the codes are widened first: in one go for up to `_GATHER_CHUNK` bytes (and on a GPU), and above
+    that on CPU a chunk at a time into one reused buffer (a whole 4096 x 4096 weight's indices would
+    be a fresh 32 MiB, which the allocator maps from the operating system page by page on every
+    call). Every operation counts: inside a training step each costs tens of microseconds however
+    small, as the matmuls between two calls have evicted the caches."""
+    if packed.device.type != "cpu" or packed.numel() <= _GATHER_CHUNK:
+        torch.index_select(table, 0, packed.int(), out=out)
+        return
+    chunk = _GATHER_CHUNK
+    index = torch.empty(chunk, dtype=torch.int32, device=packed.device)
+    for start in range(0, packed.numel(), chunk):
+        stop = min(start + chunk, packed.numel())
+        torch.index_select(table, 0, index[: stop - start].copy_(packed[start:stop]), out=out[start:stop])
 
 
 def _slices(blocks: torch.Tensor, values_per_slice: int = 1 << 16) -> list[slice]:
@@ -341,12 +348,17 @@ def _slices(blocks: torch.Tensor, values_per_slice: int = 1 << 16) -> list[slice
 
 
 def dequantize_absmax(state: QuantState) -> torch.Tensor:
-    """The per-block float32 absmax, decoding the 8-bit codes first under double quantization."""
+    """The per-block float32 absmax, decoding the 8-bit codes first under double quantization:
+    ``code[c] · absmax_absmax[i // 256] + absmax_offset`` for the ``i``-th code ``c`` (a multiply,
+    then an add, each rounded to float32, as bitsandbytes computes it)."""
     if not state.double_quant:
         return state.absmax
-    code = _cached_codebook("dynamic", state.absmax.device)
-    values = _padded_blocks(code[state.absmax.long()], ABSMAX_BLOCKSIZE) * state.absmax_absmax.unsqueeze(1)
-    return values.view(-1)[: state.absmax.numel()] + state.absmax_offset
+    values = torch.index_select(_cached_codebook("dynamic", state.absmax.device), 0, state.absmax.int())
+    whole = values.numel() // ABSMAX_BLOCKSIZE * ABSMAX_BLOCKSIZE  # the codes in full blocks of 256
+    values[:whole].view(-1, ABSMAX_BLOCKSIZE).mul_(state.absmax_absmax[: whole // ABSMAX_BLOCKSIZE].unsqueeze(1))
+    if whole < values.numel():  # the last, shorter block
+        values[whole:].mul_(state.absmax_absmax[-1])
+    return values.add_(state.absmax_offset)
 
 
 @_one_thread()

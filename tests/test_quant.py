@@ -206,12 +206,23 @@ def test_dequantize_equals_codebook_times_absmax(shape, quant_type, dtype):
     assert got.dtype == dtype and torch.equal(got, expected)
 
 
-def test_pair_table_reads_the_first_byte_low():
-    table = quant._pair_table("nf4", torch.device("cpu")).view(torch.float32).view(65536, 4)
+def test_byte_table_holds_each_bytes_two_levels_high_nibble_first():
+    table = quant._byte_table("nf4", torch.device("cpu")).view(torch.float32).view(256, 2)
     levels = quant.nf4_codebook()
-    assert torch.equal(table[0x0F12], levels[[1, 2, 0, 15]])  # bytes 0x12 then 0x0F: nibbles 1, 2, 0, 15
-    assert torch.equal(quant._as_uint16(torch.tensor([0x12, 0x0F], dtype=torch.uint8)).int(),
-                       torch.tensor([0x0F12], dtype=torch.int32))
+    assert torch.equal(table[0x1F], levels[[1, 15]])  # byte 0x1F: first value code 1, second code 15
+    assert torch.equal(quant._byte_table("int8", torch.device("cpu")), quant.int8_codebook())
+
+
+@pytest.mark.parametrize("numel", [5, 2 * 7 + 1, 64 * 9 + 3])
+def test_codes_widened_in_chunks_gather_the_same(monkeypatch, numel):
+    """A weight larger than one chunk of codes (here chunks of 2 and 7 bytes) is gathered chunk by
+    chunk into the same tensor as in one go (chunks that divide the bytes evenly and ones that do not)."""
+    state = quant.quantize_blockwise(torch.randn(numel, generator=torch.Generator().manual_seed(numel)), "nf4", 64,
+                                     double_quant=True)
+    whole = quant.dequantize_blockwise(state)
+    for chunk in (2, 7):
+        monkeypatch.setattr(quant, "_GATHER_CHUNK", chunk)
+        assert torch.equal(quant.dequantize_blockwise(state), whole)
 
 
 # ---------------------------------------------------------------------------------------------

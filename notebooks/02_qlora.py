@@ -753,8 +753,8 @@ display(Markdown(table))
 #   only partly measured. All 210 4-bit layers dequantized once, one after the other, take 57 ms
 #   with ours and 50 ms with bitsandbytes, and a step does it twice (in forward, and again in
 #   backward): 13 ms of difference. Inside the step the same calls are slower: ours, timed there,
-#   spend 235 ms a step dequantizing, twice the 114 ms of the isolated runs, as the matmuls between
-#   two calls have evicted the caches. bitsandbytes' dequantizing cannot be timed apart inside its
+#   take 235 ms a step, twice the 114 ms of the isolated runs, as the matmuls between two calls
+#   have evicted the caches. bitsandbytes' dequantizing cannot be timed apart inside its
 #   step (it runs within its 4-bit matmul), so how much of the 253 ms it explains stays open; the
 #   rest lies in parts neither benchmark times apart (the 4-bit layer's autograd function, the
 #   LoRA wrapper). The 40-step benchmark's medians gave 1.04 (one run each, so without an

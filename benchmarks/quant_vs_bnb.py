@@ -189,25 +189,24 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
     stream = train.batches(data.load_instruct("train"), BATCH, seed=0)
     step_seconds = {name: [] for name in contenders}
 
-    in_step = []  # on CPU: seconds of each timed course_lib step spent in its dequantize calls
+    dequantizing = [0.0]  # seconds the current step has spent in course_lib's dequantize calls
+    in_step = []  # on CPU: that, for each timed course_lib step
 
     def timed_dequantize(*args, **kwargs):
         start = time.perf_counter()
         try:
             return quant.dequantize_blockwise(*args, **kwargs)
         finally:
-            in_step[-1] += time.perf_counter() - start
+            dequantizing[0] += time.perf_counter() - start
 
     def step(name: str, batch) -> float:
         sync(device)
+        dequantizing[0] = 0.0
         instrument = name == "course_lib" and device == "cpu"  # (on CUDA timing a call needs a sync)
-        in_step.append(0.0)
         with mock.patch.object(linear4bit, "dequantize_blockwise", timed_dequantize if instrument else
                                quant.dequantize_blockwise):
             history = train.train(contenders[name], lambda m, b: instruct.answer_loss(m, tokenizer, b), [batch],
                                   steps=1, optimizer=optimizers[name], seed=0, progress=False)
-        if not instrument:
-            in_step.pop()
         return history.seconds[0]
 
     for i in range(rounds + 1):
@@ -219,8 +218,8 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
             seconds = step(name, batch)
             if i:  # round 0 warms both up
                 step_seconds[name].append(seconds)
-            elif name == "course_lib" and in_step:
-                in_step.pop()
+                if name == "course_lib" and device == "cpu":
+                    in_step.append(dequantizing[0])
     # what dequantization contributes: every 4-bit layer of each model dequantized once (a step does
     # it twice per layer: in forward, and again in backward), in rounds as above
     import bitsandbytes as bnb

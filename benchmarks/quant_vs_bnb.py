@@ -17,12 +17,13 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
    ``prepare_model_for_kbit_training``, ``get_peft_model``), each step run by `train.train` on the
    same batch in the same round: the ratio of the mean step times, with a 95% bootstrap interval
    over rounds (`report.time_ratio`)                                    (target <= 1.0)
-   and beside it, each model's every 4-bit layer dequantized once (a step does it twice per layer),
-   the share of the step that dequantization can explain, and on CPU the seconds course_lib's
-   timed steps spent in their dequantize calls (each call timed inside the step, where the caches
-   are cold).
+   and beside it, where the difference lies: a third model, course_lib's with bitsandbytes'
+   ``dequantize_4bit`` kernel in place of our dequantize, stepped in the same rounds, splits the
+   ratio into the dequantize's share and the rest; each model's every 4-bit layer dequantized once
+   (a step does it twice per layer); and on CPU the seconds the two course_lib models' timed steps
+   spent in their dequantize calls (each call timed inside the step, where the caches are cold).
 
-Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 5 minutes on 2 CPU cores)
+Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 7 minutes on 2 CPU cores)
       .venv/bin/python -m benchmarks.quant_vs_bnb --device cuda   (a GPU run: quant_vs_bnb.cuda.json)
 Each round calls every contender once, in rotating order, after one warm-up call; a ratio of 1-3
 is the median over rounds of the two times measured in the same round, so a slow spell of a shared
@@ -33,6 +34,7 @@ machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json (quant_vs_b
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -56,7 +58,7 @@ from benchmarks.report import (
 from course_lib import data, instruct, linear4bit, models, quant, train
 
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
-REPEATS = {"quantize": 9, "dequantize": 15, "forward": 15, "qlora_step": {"cpu": 12, "cuda": 30}}
+REPEATS = {"quantize": 9, "dequantize": 15, "forward": 15, "qlora_step": {"cpu": 30, "cuda": 30}}
 OUT = {"cpu": RESULTS_DIR / "quant_vs_bnb.json", "cuda": RESULTS_DIR / "quant_vs_bnb.cuda.json"}
 
 
@@ -162,69 +164,89 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
 
 
 def qlora_step(rounds: int, device: str = "cpu") -> dict:
-    """Seconds of one QLoRA training step, course_lib's and bitsandbytes + peft's, in ``rounds``
-    rounds after one warm-up round; each round gives both models the same batch, in alternating
-    order. The step is `train.train`'s (forward, backward, gradient clipping, AdamW), timed by it.
+    """Seconds of one QLoRA training step in ``rounds`` rounds after one warm-up round, for three
+    models with the same initial adapters: course_lib's, bitsandbytes + peft's, and course_lib's with
+    bitsandbytes' ``dequantize_4bit`` kernel called where ours is (``course_lib_bnb_dequantize``:
+    the same 4-bit weights, so the same tensors and losses; what differs is how the weight is
+    decoded). Each round gives all three the same batch, in one of the six orders, taken in turn.
+    The step is `train.train`'s (forward, backward, gradient clipping, AdamW), timed by it. The third
+    model splits course_lib's step time over bitsandbytes + peft's into the dequantize's share (ours
+    over the hybrid) and the rest (the hybrid over bitsandbytes + peft: the autograd function, the
+    LoRA wrapper).
 
     On CUDA the device is synchronized before each step, so no queued work of one model's step is
-    counted in the other's, and each round first steps both models once on its batch, untimed: a
+    counted in another's, and each round first steps every model once on its batch, untimed: a
     batch of a new sequence length costs the model that meets it first new allocator blocks and
     kernel choices (in an H200 run without this, whichever ran first in a round took 0.1-2.5 s
     longer than its usual 0.2-0.4 s). On CPU no such first-in-round cost shows (ratios alike in
-    either order), and each round times the first step on its batch."""
+    either order), each round times the first step on its batch, and the two course_lib models'
+    dequantize calls are timed inside their steps (``dequantize_seconds_in_step``): there, between
+    matmuls that evict the caches, a call takes longer than alone."""
     import logging
     import warnings
+
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
 
     from benchmarks.qlora_training import adapter_state, bnb_peft_qlora, course_lib_lora
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    theirs = bnb_peft_qlora(device)  # the two set-ups of benchmarks/qlora_training, the same initial adapters
+    theirs = bnb_peft_qlora(device)  # the set-ups of benchmarks/qlora_training, the same initial adapters
     base, tokenizer = models.load_smollm2(device)
-    ours = course_lib_lora(base, True, adapter_state(theirs))
+    ours, hybrid = (course_lib_lora(base, True, adapter_state(theirs)) for _ in range(2))
     del base
-    contenders = {"course_lib": ours, "bnb_peft": theirs}
+    contenders = {"course_lib": ours, "bnb_peft": theirs, "course_lib_bnb_dequantize": hybrid}
+    kernel = _bnb_kernels(hybrid, theirs)  # packed weight's address -> bitsandbytes' weight and state
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
                   for name, m in contenders.items()}
     stream = train.batches(data.load_instruct("train"), BATCH, seed=0)
     step_seconds = {name: [] for name in contenders}
 
-    dequantizing = [0.0]  # seconds the current step has spent in course_lib's dequantize calls
-    in_step = []  # on CPU: that, for each timed course_lib step
+    def bnb_dequantize(state: quant.QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+        weight, bnb_state = kernel[state.packed.data_ptr()]
+        return bnbF.dequantize_4bit(weight, bnb_state).to(dtype or state.dtype)
 
-    def timed_dequantize(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return quant.dequantize_blockwise(*args, **kwargs)
-        finally:
-            dequantizing[0] += time.perf_counter() - start
+    dequantize = {"course_lib": quant.dequantize_blockwise, "course_lib_bnb_dequantize": bnb_dequantize}
+    dequantizing = [0.0]  # seconds the current step has spent in its dequantize calls (CPU)
+    in_step = {name: [] for name in dequantize}  # on CPU: that, for each timed step of a course_lib model
 
-    def step(name: str, batch) -> float:
+    def timed(fn):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dequantizing[0] += time.perf_counter() - start
+        return run
+
+    def step(name: str, batch) -> tuple[float, float]:  # seconds, loss
         sync(device)
         dequantizing[0] = 0.0
-        instrument = name == "course_lib" and device == "cpu"  # (on CUDA timing a call needs a sync)
-        with mock.patch.object(linear4bit, "dequantize_blockwise", timed_dequantize if instrument else
-                               quant.dequantize_blockwise):
+        fn = dequantize.get(name, quant.dequantize_blockwise)  # (bnb_peft calls neither)
+        with mock.patch.object(linear4bit, "dequantize_blockwise", timed(fn) if device == "cpu" else fn):
             history = train.train(contenders[name], lambda m, b: instruct.answer_loss(m, tokenizer, b), [batch],
                                   steps=1, optimizer=optimizers[name], seed=0, progress=False)
-        return history.seconds[0]
+        return history.seconds[0], history.loss[0]
 
+    orders = list(itertools.permutations(contenders))
     for i in range(rounds + 1):
         batch = next(stream)
         if device == "cuda":
             for name in contenders:
                 step(name, batch)
-        for name in (list(contenders) if i % 2 == 0 else list(contenders)[::-1]):
-            seconds = step(name, batch)
-            if i:  # round 0 warms both up
+        losses = {}
+        for name in orders[i % len(orders)]:
+            seconds, losses[name] = step(name, batch)
+            if i:  # round 0 warms all up
                 step_seconds[name].append(seconds)
-                if name == "course_lib" and device == "cpu":
-                    in_step.append(dequantizing[0])
+                if name in in_step and device == "cpu":
+                    in_step[name].append(dequantizing[0])
+        if device == "cpu" and len(set(losses.values())) != 1:  # (on CUDA, bfloat16 kernels may differ)
+            raise RuntimeError(f"round {i}: the three models' losses differ ({losses}): they no longer compute "
+                               "the same step, so their times are not comparable")
     # what dequantization contributes: every 4-bit layer of each model dequantized once (a step does
     # it twice per layer: in forward, and again in backward), in rounds as above
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbF
-
     def dequantize_all(layers):
         def run():
             for layer in layers:
@@ -239,9 +261,36 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
                             REPEATS["dequantize"], device)
     return {"seconds": step_seconds,
             "course_lib_over_bnb_peft": time_ratio(step_seconds["course_lib"], step_seconds["bnb_peft"]),
+            "course_lib_over_course_lib_bnb_dequantize": time_ratio(step_seconds["course_lib"],
+                                                                    step_seconds["course_lib_bnb_dequantize"]),
+            "course_lib_bnb_dequantize_over_bnb_peft": time_ratio(step_seconds["course_lib_bnb_dequantize"],
+                                                                  step_seconds["bnb_peft"]),
             "dequantize_every_layer_once": {"layers": [len(ours_layers), len(bnb_layers)],
                                             "median_seconds": {k: statistics.median(v) for k, v in times.items()}},
-            **({"course_lib_dequantize_seconds_in_step": in_step} if device == "cpu" else {})}
+            **({"dequantize_seconds_in_step": in_step} if device == "cpu" else {})}
+
+
+def _bnb_kernels(model: nn.Module, bnb_model: nn.Module) -> dict:
+    """For each `linear4bit.Linear4bit` of ``model``, keyed by its packed weight's address: the
+    bitsandbytes layer of the same name in ``bnb_model`` (its packed weight and ``QuantState``),
+    checked to dequantize to exactly our layer's weight."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    theirs = {name: m for name, m in bnb_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    kernels = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, linear4bit.Linear4bit):
+            matches = [m for n, m in theirs.items() if n == name or n.endswith("." + name)]  # peft's names end in ours
+            if len(matches) != 1:
+                raise RuntimeError(f"{name}: {len(matches)} bitsandbytes layers of that name")
+            weight, state = matches[0].weight, matches[0].weight.quant_state
+            if not torch.equal(layer.dequantize(), bnbF.dequantize_4bit(weight, state).to(layer.weight_dtype)):
+                raise RuntimeError(f"{name}: bitsandbytes' layer of that name holds another weight")
+            kernels[layer.weight.data_ptr()] = (weight, state)
+    if len(kernels) != len(theirs):
+        raise RuntimeError(f"{len(kernels)} course_lib 4-bit layers against {len(theirs)} of bitsandbytes")
+    return kernels
 
 
 def figures(record: dict) -> list[str]:
@@ -314,13 +363,22 @@ def main() -> None:
             step = result["qlora_step"]["course_lib_over_bnb_peft"]
             print(f"  QLoRA step, course_lib / bitsandbytes + peft (mean seconds, {step['rounds']} paired rounds): "
                   f"{step['ratio']:.3f} [95% CI {step['low']:.3f}, {step['high']:.3f}] ({step['verdict']})")
+            parts = {"course_lib_over_course_lib_bnb_dequantize":
+                     "course_lib / course_lib with bitsandbytes' dequantize (its share)",
+                     "course_lib_bnb_dequantize_over_bnb_peft":
+                     "course_lib with bitsandbytes' dequantize / bitsandbytes + peft (the rest)"}
+            for key, label in parts.items():
+                if key in result["qlora_step"]:
+                    part = result["qlora_step"][key]
+                    print(f"    {label}: {part['ratio']:.3f} [95% CI {part['low']:.3f}, {part['high']:.3f}] "
+                          f"({part['verdict']})")
             every = result["qlora_step"]["dequantize_every_layer_once"]
             print(f"  dequantizing all {every['layers'][0]} 4-bit layers once: " + "  ".join(
                 f"{k} {v * 1000:.1f} ms" for k, v in every["median_seconds"].items()))
-            if "course_lib_dequantize_seconds_in_step" in result["qlora_step"]:
-                in_step = result["qlora_step"]["course_lib_dequantize_seconds_in_step"]
-                print(f"  course_lib's step spends {statistics.mean(in_step) * 1000:.0f} ms dequantizing (mean of "
-                      f"{len(in_step)} steps; {statistics.mean(result['qlora_step']['seconds']['course_lib']):.2f} s a step)")
+            seconds = result["qlora_step"]["seconds"]
+            for name, in_step in result["qlora_step"].get("dequantize_seconds_in_step", {}).items():
+                print(f"  {name}'s step spends {statistics.mean(in_step) * 1000:.0f} ms in its dequantize calls "
+                      f"(mean of {len(in_step)} steps; {statistics.mean(seconds[name]):.2f} s a step)")
     print("\n".join(lines))
 
 

@@ -296,3 +296,29 @@ def test_time_ratio_keeps_the_rounds_paired():
     mixed = report.time_ratio([1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 0.5, 2.0])
     assert mixed["ratio"] == pytest.approx(0.8)
     assert mixed["low"] < 1 < mixed["high"] and mixed["verdict"] == "within noise"
+
+
+def test_the_hybrid_qlora_model_gets_bitsandbytes_kernel_for_exactly_its_own_weights():
+    """quant_vs_bnb's third model (course_lib's, with bitsandbytes' ``dequantize_4bit`` where ours
+    is called) pairs each of its 4-bit layers with bitsandbytes' layer of the same name, whose
+    kernel must give our layer's weight bit for bit (bitsandbytes quantizes the same float weight
+    to the same codes and constants); a pairing that would hand a layer another weight is refused."""
+    import bitsandbytes.functional as bnbF
+    from torch import nn
+
+    from benchmarks.quant_vs_bnb import _bnb_kernels, bnb_linear
+    from course_lib import linear4bit
+
+    torch.manual_seed(0)
+    floats = nn.ModuleDict({"q_proj": nn.Linear(128, 64, bias=False), "v_proj": nn.Linear(128, 64, bias=False)})
+    ours = nn.ModuleDict({name: linear4bit.Linear4bit.from_linear(layer) for name, layer in floats.items()})
+    theirs = nn.ModuleDict({"model": nn.ModuleDict({name: bnb_linear(layer) for name, layer in floats.items()})})
+    kernels = _bnb_kernels(ours, theirs)  # bitsandbytes' names end in ours ("model.q_proj" / "q_proj")
+    assert set(kernels) == {layer.weight.data_ptr() for layer in ours.values()}
+    for layer in ours.values():
+        weight, state = kernels[layer.weight.data_ptr()]
+        assert torch.equal(bnbF.dequantize_4bit(weight, state), layer.dequantize())
+    swapped = nn.ModuleDict({"model": nn.ModuleDict({"q_proj": theirs["model"]["v_proj"],
+                                                     "v_proj": theirs["model"]["q_proj"]})})
+    with pytest.raises(RuntimeError, match="q_proj: bitsandbytes' layer of that name holds another weight"):
+        _bnb_kernels(ours, swapped)

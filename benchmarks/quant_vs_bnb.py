@@ -17,7 +17,7 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
    ``prepare_model_for_kbit_training``, ``get_peft_model``), each step run by `train.train` on the
    same batch in the same round: the ratio of the mean step times, with a 95% bootstrap interval
    over rounds (`report.time_ratio`)                                    (target <= 1.0)
-   and beside it, where the difference lies: a third model, course_lib's with bitsandbytes'
+   and beside it, where the difference lies: on CPU a third model, course_lib's with bitsandbytes'
    ``dequantize_4bit`` kernel in place of our dequantize, stepped in the same rounds, splits the
    ratio into the dequantize's share and the rest; each model's every 4-bit layer dequantized once
    (a step does it twice per layer); and on CPU the seconds the two course_lib models' timed steps
@@ -164,15 +164,17 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
 
 
 def qlora_step(rounds: int, device: str = "cpu") -> dict:
-    """Seconds of one QLoRA training step in ``rounds`` rounds after one warm-up round, for three
-    models with the same initial adapters: course_lib's, bitsandbytes + peft's, and course_lib's with
-    bitsandbytes' ``dequantize_4bit`` kernel called where ours is (``course_lib_bnb_dequantize``:
-    the same 4-bit weights, so the same tensors and losses; what differs is how the weight is
-    decoded). Each round gives all three the same batch, in one of the six orders, taken in turn.
-    The step is `train.train`'s (forward, backward, gradient clipping, AdamW), timed by it. The third
-    model splits course_lib's step time over bitsandbytes + peft's into the dequantize's share (ours
-    over the hybrid) and the rest (the hybrid over bitsandbytes + peft: the autograd function, the
-    LoRA wrapper).
+    """Seconds of one QLoRA training step in ``rounds`` rounds after one warm-up round, for models
+    with the same initial adapters: course_lib's, bitsandbytes + peft's, and on CPU a third,
+    course_lib's with bitsandbytes' ``dequantize_4bit`` kernel called where ours is
+    (``course_lib_bnb_dequantize``: the same 4-bit weights, so the same tensors and losses, checked
+    every round; what differs is how the weight is decoded). Each round gives every model the same
+    batch, in one of their orders (six for three models), taken in turn. The step is
+    `train.train`'s (forward, backward, gradient clipping, AdamW), timed by it. The third model
+    splits course_lib's step time over bitsandbytes + peft's into the dequantize's share (ours over
+    the hybrid) and the rest (the hybrid over bitsandbytes + peft: the autograd function, the LoRA
+    wrapper). Not on CUDA: there both models quantize bfloat16 weights, and that bitsandbytes' CUDA
+    kernels then decode exactly our weights (which the pairing checks) has not been tried on a GPU.
 
     On CUDA the device is synchronized before each step, so no queued work of one model's step is
     counted in another's, and each round first steps every model once on its batch, untimed: a
@@ -194,10 +196,13 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)
     theirs = bnb_peft_qlora(device)  # the set-ups of benchmarks/qlora_training, the same initial adapters
     base, tokenizer = models.load_smollm2(device)
-    ours, hybrid = (course_lib_lora(base, True, adapter_state(theirs)) for _ in range(2))
+    ours = course_lib_lora(base, True, adapter_state(theirs))
+    contenders = {"course_lib": ours, "bnb_peft": theirs}
+    if device == "cpu":
+        contenders["course_lib_bnb_dequantize"] = course_lib_lora(base, True, adapter_state(theirs))
+        # each of its packed weights' address -> bitsandbytes' packed weight and QuantState
+        kernel = _bnb_kernels(contenders["course_lib_bnb_dequantize"], theirs)
     del base
-    contenders = {"course_lib": ours, "bnb_peft": theirs, "course_lib_bnb_dequantize": hybrid}
-    kernel = _bnb_kernels(hybrid, theirs)  # packed weight's address -> bitsandbytes' weight and state
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
                   for name, m in contenders.items()}
     stream = train.batches(data.load_instruct("train"), BATCH, seed=0)
@@ -209,7 +214,7 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
 
     dequantize = {"course_lib": quant.dequantize_blockwise, "course_lib_bnb_dequantize": bnb_dequantize}
     dequantizing = [0.0]  # seconds the current step has spent in its dequantize calls (CPU)
-    in_step = {name: [] for name in dequantize}  # on CPU: that, for each timed step of a course_lib model
+    in_step = {name: [] for name in dequantize if name in contenders}  # on CPU: that, per timed step
 
     def timed(fn):
         def run(*args, **kwargs):
@@ -243,8 +248,8 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
                 if name in in_step and device == "cpu":
                     in_step[name].append(dequantizing[0])
         if device == "cpu" and len(set(losses.values())) != 1:  # (on CUDA, bfloat16 kernels may differ)
-            raise RuntimeError(f"round {i}: the three models' losses differ ({losses}): they no longer compute "
-                               "the same step, so their times are not comparable")
+            raise RuntimeError(f"round {i}: the models' losses differ ({losses}): they no longer compute the "
+                               "same step, so their times are not comparable")
     # what dequantization contributes: every 4-bit layer of each model dequantized once (a step does
     # it twice per layer: in forward, and again in backward), in rounds as above
     def dequantize_all(layers):
@@ -259,12 +264,13 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
     with torch.no_grad():
         times = interleaved({"course_lib": dequantize_all(ours_layers), "bnb_peft": dequantize_all(bnb_layers)},
                             REPEATS["dequantize"], device)
+    split = {} if "course_lib_bnb_dequantize" not in contenders else {
+        "course_lib_over_course_lib_bnb_dequantize": time_ratio(step_seconds["course_lib"],
+                                                                step_seconds["course_lib_bnb_dequantize"]),
+        "course_lib_bnb_dequantize_over_bnb_peft": time_ratio(step_seconds["course_lib_bnb_dequantize"],
+                                                              step_seconds["bnb_peft"])}
     return {"seconds": step_seconds,
-            "course_lib_over_bnb_peft": time_ratio(step_seconds["course_lib"], step_seconds["bnb_peft"]),
-            "course_lib_over_course_lib_bnb_dequantize": time_ratio(step_seconds["course_lib"],
-                                                                    step_seconds["course_lib_bnb_dequantize"]),
-            "course_lib_bnb_dequantize_over_bnb_peft": time_ratio(step_seconds["course_lib_bnb_dequantize"],
-                                                                  step_seconds["bnb_peft"]),
+            "course_lib_over_bnb_peft": time_ratio(step_seconds["course_lib"], step_seconds["bnb_peft"]), **split,
             "dequantize_every_layer_once": {"layers": [len(ours_layers), len(bnb_layers)],
                                             "median_seconds": {k: statistics.median(v) for k, v in times.items()}},
             **({"dequantize_seconds_in_step": in_step} if device == "cpu" else {})}

@@ -5,7 +5,9 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
    layer-0 ``mlp.down_proj`` weight (576 x 1536) and of a random 4096 x 4096 tensor:
    throughput ours / bitsandbytes' ``quantize_4bit``                   (target >= 1.0)
 2. dequantization of the same: ours / bitsandbytes' ``dequantize_4bit`` (target >= 1.0), and beside
-   it the floor of our formulation: its gather and multiply alone (`two_passes_only`) / bitsandbytes'
+   it the floor of our formulation: its gather and multiply alone (`two_passes_only`) / bitsandbytes';
+   on CPU also the gather alone in each of PyTorch's gather operations (`gathers`) / bitsandbytes'
+   whole dequantize: the fastest bounds any look-up formulation made of PyTorch operations
 3. ``Linear4bit`` forward (that down_proj, float32 compute) over the float32 ``nn.Linear``,
    batch 8 x 128 tokens, no grad                                        (target <= 1.5)
    (bitsandbytes' ``Linear4bit`` is timed beside it for reference, in train mode so that on CPU it
@@ -115,6 +117,43 @@ def two_passes_only(state: quant.QuantState):
     return run
 
 
+def gathers(state: quant.QuantState) -> dict:
+    """The first pass alone, what each byte of codes stands for looked up in the 256-entry byte
+    table (`quant._byte_table`), in each of PyTorch's gathers, on one thread, the indices widened
+    beforehand: ``index_select`` (what `quant.dequantize_blockwise` calls, int32 indices; int64
+    beside it), ``take``, advanced indexing, ``gather`` and ``embedding`` (the table as 256 rows of
+    two floats). Each is checked to give the same tensor. Which PyTorch operation is fastest here
+    bounds every formulation built from them: its time alone is spent before any multiply.
+    ``index_select`` writes into a buffer allocated once, as `two_passes_only` does; the others
+    return a fresh tensor, as `quant.dequantize_blockwise` does, so on a large tensor the gap
+    between ``index_select`` and ``gather`` (the same look-up) is the cost of fresh memory."""
+    import torch.nn.functional as F
+
+    table = quant._byte_table(state.quant_type, state.packed.device)
+    index32, index64 = state.packed.int(), state.packed.long()
+    out = torch.empty(index32.numel(), dtype=table.dtype, device=table.device)
+    rows = table.view(torch.float32).view(-1, 2)
+    formulations = {
+        "index_select": lambda: torch.index_select(table, 0, index32, out=out),
+        "index_select_int64": lambda: torch.index_select(table, 0, index64, out=out),
+        "take": lambda: torch.take(table, index64),
+        "indexing": lambda: table[index64],
+        "gather": lambda: torch.gather(table, 0, index64),
+        "embedding": lambda: F.embedding(index64, rows).view(torch.complex64).view(-1),
+    }
+    expected = torch.index_select(table, 0, index32)
+    for name, fn in formulations.items():
+        if not torch.equal(fn(), expected):
+            raise RuntimeError(f"{name} looks up other values than index_select")
+
+    def one_thread(fn):
+        def run():
+            with quant._one_thread():  # as dequantize_blockwise runs
+                fn()
+        return run
+    return {name: one_thread(fn) for name, fn in formulations.items()}
+
+
 def run_device(device: str, down_proj: torch.Tensor) -> dict:
     import bitsandbytes.functional as bnbF
 
@@ -142,6 +181,12 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
         result["ratios"][f"dequantize_{label}_throughput_ours_over_bnb"] = ratio
         result["ratios"][f"dequantize_{label}_two_passes_limit_ours_over_bnb"] = paired_ratio(
             times, "bnb", "two_passes_only")
+        if device == "cpu":  # PyTorch's gathers, each alone, against bitsandbytes' whole dequantize
+            times = interleaved({**gathers(ours_state), "bnb": partial(bnbF.dequantize_4bit, packed, bnb_state)},
+                                REPEATS["dequantize"], device)
+            result.setdefault("gathers", {})[label] = {
+                "median_seconds": {k: statistics.median(v) for k, v in times.items()},
+                "bnb_dequantize_over_gather": {k: paired_ratio(times, "bnb", k) for k in times if k != "bnb"}}
 
     linear = nn.Linear(down_proj.shape[1], down_proj.shape[0], bias=False, device=device).requires_grad_(False)
     linear.weight.copy_(down_proj)
@@ -364,6 +409,9 @@ def main() -> None:
         print(f"[{device}] median seconds")
         for name, medians in result["median_seconds"].items():
             print(f"  {name:24s} " + "  ".join(f"{k} {v * 1000:8.2f} ms" for k, v in medians.items()))
+        for label, gathered in result.get("gathers", {}).items():
+            print(f"  {label}: the gather alone, bitsandbytes' whole dequantize time / its time: " + "  ".join(
+                f"{k} {v:.2f}" for k, v in gathered["bnb_dequantize_over_gather"].items()))
         print(f"  bitsandbytes Linear4bit forward / float: {result['ratios']['forward_bnb_over_float']:.3f}")
         if "qlora_step" in result:
             step = result["qlora_step"]["course_lib_over_bnb_peft"]

@@ -322,3 +322,25 @@ def test_the_hybrid_qlora_model_gets_bitsandbytes_kernel_for_exactly_its_own_wei
                                                      "v_proj": theirs["model"]["q_proj"]})})
     with pytest.raises(RuntimeError, match="q_proj: bitsandbytes' layer of that name holds another weight"):
         _bnb_kernels(ours, swapped)
+
+
+def test_every_gather_formulation_looks_up_the_same_values(monkeypatch):
+    """quant_vs_bnb's `gathers`: the byte-table look-up in each of PyTorch's gathers, checked at set-up
+    to give what ``index_select`` gives (an odd number of codes, so the last byte's pair is half
+    padding), a formulation that looks up other values refused; each timed callable leaves torch's
+    thread count as it was."""
+    import torch.nn.functional as F
+
+    from benchmarks.quant_vs_bnb import gathers
+    from course_lib import quant
+
+    state = quant.quantize_blockwise(torch.randn(3, 77, generator=torch.Generator().manual_seed(0)), "nf4", 64, True)
+    formulations = gathers(state)
+    assert list(formulations) == ["index_select", "index_select_int64", "take", "indexing", "gather", "embedding"]
+    threads = torch.get_num_threads()
+    for run in formulations.values():
+        run()
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(F, "embedding", lambda index, rows: rows[index.flip(0)])  # the right rows, wrong order
+    with pytest.raises(RuntimeError, match="embedding looks up other values than index_select"):
+        gathers(state)

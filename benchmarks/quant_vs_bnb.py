@@ -145,13 +145,7 @@ def gathers(state: quant.QuantState) -> dict:
     for name, fn in formulations.items():
         if not torch.equal(fn(), expected):
             raise RuntimeError(f"{name} looks up other values than index_select")
-
-    def one_thread(fn):
-        def run():
-            with quant._one_thread():  # as dequantize_blockwise runs
-                fn()
-        return run
-    return {name: one_thread(fn) for name, fn in formulations.items()}
+    return {name: quant._one_thread()(fn) for name, fn in formulations.items()}  # one thread, as dequantize_blockwise
 
 
 def run_device(device: str, down_proj: torch.Tensor) -> dict:

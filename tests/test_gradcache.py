@@ -3,6 +3,12 @@
 The references are independent of the implementation: the ordinary full-batch backward pass
 (`naive_step`, which keeps every chunk's graph) and sentence-transformers'
 ``CachedMultipleNegativesRankingLoss``. Dropout stays **on** in the gradient tests.
+
+The equalities with the full-batch pass are arithmetic that holds for any encoder, so they run on a
+randomly initialised 2-layer BERT (`tiny_encoder`: MiniLM's architecture, tokenizer and dropout,
+hidden size 32), where a step takes milliseconds instead of seconds. The real MiniLM runs where the
+real model is what is checked: against sentence-transformers' loss (dropout off and on) and in
+`code_search_step`, the step the chapters train with.
 """
 
 import copy
@@ -14,6 +20,7 @@ from conftest import st_preprocess
 from course_lib import data, gradcache, lora, retrieval
 
 MAX_TOKENS = 32  # short sequences keep a batch-64 step of the real MiniLM to a few seconds
+TINY_LAYERS = 2
 
 
 
@@ -23,11 +30,35 @@ def pairs():
     return [r["query"] for r in rows], [r["document"] for r in rows]
 
 
+def tiny_encoder(tokenizer, seed: int = 0):
+    """MiniLM's architecture (BertModel, its module names, dropout 0.1 on hidden states and attention
+    probabilities, its tokenizer's vocabulary) at hidden size 32 with `TINY_LAYERS` layers, randomly
+    initialised: the math of these tests does not depend on the weights."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=TINY_LAYERS,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=MAX_TOKENS,
+                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    return BertModel(config)
+
+
 @pytest.fixture()
 def encoder(minilm):
-    model, tokenizer = minilm
-    model = copy.deepcopy(model).train()          # dropout on (hidden and attention, p=0.1)
+    _, tokenizer = minilm
+    model = tiny_encoder(tokenizer).train()          # dropout on (hidden and attention, p=0.1)
     return model, lambda texts: retrieval.encode_batch(model, tokenizer, texts, MAX_TOKENS)
+
+
+def test_tiny_encoder_has_minilms_dropout_and_module_names(minilm):
+    """What the tests below rely on when they use `tiny_encoder` instead of MiniLM."""
+    base, tokenizer = minilm
+    tiny = tiny_encoder(tokenizer)
+    assert type(tiny) is type(base)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "vocab_size", "hidden_act"):
+        assert getattr(tiny.config, key) == getattr(base.config, key), key
+    in_first_layers = lambda name: not name.startswith("encoder.layer.") or int(name.split(".")[2]) < TINY_LAYERS
+    assert [n for n, _ in tiny.named_parameters()] == [n for n, _ in base.named_parameters() if in_first_layers(n)]
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -88,10 +119,10 @@ def test_without_restoring_the_random_state_the_gradient_is_wrong(encoder, pairs
 
 
 def test_lora_encoder_and_accumulation(minilm, pairs):
-    """LoRA-wrapped MiniLM (lora_dropout on too), two GradCache steps accumulated with
+    """LoRA-wrapped encoder (lora_dropout on too), two GradCache steps accumulated with
     loss_scale 1/2 equal two accumulated ordinary steps."""
-    base, tokenizer = minilm
-    model = copy.deepcopy(base).train()
+    _, tokenizer = minilm
+    model = tiny_encoder(tokenizer).train()
     lora.inject_lora(model, target_modules=["query", "value"], r=8, lora_alpha=16, lora_dropout=0.1)
     with torch.no_grad():   # B = 0 at init would make A's gradient zero: give B values
         for name, p in model.named_parameters():
@@ -107,7 +138,7 @@ def test_lora_encoder_and_accumulation(minilm, pairs):
     for half in (slice(0, 32), slice(32, 64)):
         gradcache.gradcache_step(encode, queries[half], docs[half], 8, loss_scale=0.5)
     got = grads(model)
-    assert all("lora_" in k for k in got) and len(got) == 2 * 2 * 6   # A and B, q and v, 6 layers
+    assert all("lora_" in k for k in got) and len(got) == 2 * 2 * TINY_LAYERS   # A and B, q and v, per layer
     assert relative_gap(got, expected) < 1e-5
 
 
@@ -141,8 +172,8 @@ def test_symmetric_loss_option(encoder, pairs, symmetric):
 
 
 def test_separate_query_and_document_encoders(minilm, pairs):
-    base, tokenizer = minilm
-    q_model, d_model = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
+    _, tokenizer = minilm
+    q_model, d_model = tiny_encoder(tokenizer, seed=0).eval(), tiny_encoder(tokenizer, seed=1).eval()
     q_enc = lambda t: retrieval.encode_batch(q_model, tokenizer, t, MAX_TOKENS)
     d_enc = lambda t: retrieval.encode_batch(d_model, tokenizer, t, MAX_TOKENS)
     queries, docs = pairs[0][:16], pairs[1][:16]

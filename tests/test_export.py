@@ -251,14 +251,17 @@ def test_onnx_minilm_embeddings_equal_pytorch(minilm, minilm_onnx):
 
 
 def test_int8_minilm_keeps_recall_at_10_within_2_points(minilm, minilm_onnx):
-    """The whole code-search test split (506 queries against their 506 documents)."""
+    """The first 256 code-search test queries against their 256 documents (a query that crosses
+    rank 10 moves recall by 0.4 points). Chapter 06 checks the same bound on the whole split, 506
+    queries, for its fine-tuned MiniLM, under nbval in make test; repeating the whole split here
+    took 26 s."""
     _, tokenizer = minilm
     fp32, int8 = minilm_onnx
     assert int8.stat().st_size < 0.3 * fp32.stat().st_size  # ~23 MB against ~90 MB
-    pairs = data.load_code_search("test")
+    pairs = data.load_code_search("test")[:256]
     full = retrieval.evaluate_code_search(export.OnnxEncoder(fp32), tokenizer, pairs)
     quantized = retrieval.evaluate_code_search(export.OnnxEncoder(int8), tokenizer, pairs)
-    assert full["n_docs"] == quantized["n_docs"] == len(pairs) > 500
+    assert full["n_docs"] == quantized["n_docs"] == len(pairs) == 256
     assert full["recall@10"] > 0.6  # the pretrained model's quality, not a broken export
     assert abs(quantized["recall@10"] - full["recall@10"]) <= 0.02
 

@@ -424,13 +424,17 @@ def gguf_tensor_summary(path: Path | None = None) -> dict:
     return summary
 
 
-def tiny_bert(seed: int = 0):
-    """A randomly initialised 2-layer BERT with MiniLM's module names, for fast unit tests only."""
+def tiny_bert(seed: int = 0, *, vocab_size: int = 128, num_hidden_layers: int = 2,
+              max_position_embeddings: int = 64):
+    """A randomly initialised BERT (2 layers, hidden size 32) with MiniLM's module names and dropout
+    (BertConfig's 0.1 on hidden states and attention probabilities), for fast unit tests only.
+    `vocab_size=tokenizer.vocab_size` makes it accept MiniLM's tokenizer's ids. Returned in eval mode."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=num_hidden_layers,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=max_position_embeddings)
     return BertModel(config).eval()
 
 

@@ -17,11 +17,10 @@ import pytest
 import torch
 from conftest import st_preprocess
 
-from course_lib import data, gradcache, lora, retrieval
+from course_lib import data, gradcache, lora, models, retrieval
 
 MAX_TOKENS = 32  # short sequences keep a batch-64 step of the real MiniLM to a few seconds
 TINY_LAYERS = 2
-
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +33,8 @@ def tiny_encoder(tokenizer, seed: int = 0):
     """MiniLM's architecture (BertModel, its module names, dropout 0.1 on hidden states and attention
     probabilities, its tokenizer's vocabulary) at hidden size 32 with `TINY_LAYERS` layers, randomly
     initialised: the math of these tests does not depend on the weights."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=TINY_LAYERS,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=MAX_TOKENS,
-                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    return BertModel(config)
+    return models.tiny_bert(seed, vocab_size=tokenizer.vocab_size, num_hidden_layers=TINY_LAYERS,
+                            max_position_embeddings=MAX_TOKENS)
 
 
 @pytest.fixture()

@@ -3,8 +3,9 @@
 SmolLM2 on the course's instruction task, each method trained from the same base for the same
 number of steps on the same batches (`course_lib.peft_methods.run_method`): prompt tuning, prefix
 tuning, bottleneck adapters (course_lib), IA³, LoRA, DoRA (peft) and full fine-tuning. Reported
-per method: trainable parameters, AdamW state, the memory of one training step (chapter 03's
-tensor accounting), seconds per step, first / last loss, test exact match and answer perplexity.
+per method: trainable parameters, AdamW state, the memory of the run's first training step (chapter
+03's tensor accounting; results committed before 2026-12-05 measured an extra step on the first
+rows instead), seconds per step, first / last loss, test exact match and answer perplexity.
 
 Every model's per-instruction scores are kept (the base model's too), and the JSON records each
 method minus the base model and minus LoRA: perplexity and exact match with 95% paired bootstrap

@@ -160,40 +160,14 @@ def generate_with_virtual_tokens(self, input_ids: torch.Tensor, attention_mask: 
 # ---------------------------------------------------------------------------------------------
 # Measuring and scoring one method on the instruction task
 # ---------------------------------------------------------------------------------------------
-def measure_training_step(model: nn.Module, loss_fn, batch, lr: float = 1e-3) -> dict:
-    """The memory of one AdamW training step of ``model`` on ``batch``, in bytes, by
-    `memory.measure_step` (parameters + gradients + optimizer state + peak saved activations; on
-    CUDA also the allocator's peak). The step is undone: the trainable parameters are restored and
-    the gradients dropped, so the model trains afterwards from where it was."""
-    params = train.trainable_parameters(model)
-    saved = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    was_training = model.training
-    model.train()
-
-    def step() -> None:
-        loss_fn(model, batch).backward()
-        optimizer.step()
-
-    try:
-        result = memory.measure_step(step, model, optimizer)
-    finally:
-        with torch.no_grad():
-            for p, value in zip(params, saved, strict=True):
-                p.copy_(value)
-                p.grad = None
-        model.train(was_training)
-    return result
-
-
 def run_method(base: nn.Module, tokenizer, method: str, train_rows: Sequence[dict], test_rows: Sequence[dict],
                steps: int, batch_size: int = 8, lr: float | None = None, warmup_steps: int | None = None,
                grad_accum: int = 1, seed: int = 0, measure_memory: bool = True, progress: bool = True,
                keep_model: bool = False, init_text: str | None = INIT_TEXT, **method_kwargs) -> dict:
     """Train a copy of ``base`` with ``method`` for ``steps`` steps on the instruction task
     (`instruct.answer_loss`) and report, in one dict: ``trainable`` / ``total`` parameters,
-    ``optimizer_state_bytes`` (AdamW after training), ``step_memory`` (`measure_training_step`,
-    measured before training; its ``total`` is the peak to compare), ``seconds_per_step``, the
+    ``optimizer_state_bytes`` (AdamW after training), ``step_memory`` (the first training step's,
+    `course_lib.train.train` with ``measure_memory``: its ``total`` is the peak to compare), ``seconds_per_step``, the
     first and last loss, the test ``exact_match`` (greedy answers) and answer ``perplexity``, and
     per test item ``correct`` (`instruct.exact_matches`) and ``answer_nll`` (`instruct.answer_nll`),
     what a paired comparison of two methods needs (`course_lib.stats`).
@@ -216,19 +190,18 @@ def run_method(base: nn.Module, tokenizer, method: str, train_rows: Sequence[dic
     def loss_fn(m, rows):
         return instruct.answer_loss(m, tokenizer, rows)
 
-    step_memory = measure_training_step(model, loss_fn, list(train_rows[:batch_size]), lr) if measure_memory else None
     optimizer = torch.optim.AdamW(train.trainable_parameters(model), lr=lr)
     started = time.perf_counter()
     history = train.train(model, loss_fn, train.batches(train_rows, batch_size, seed=seed), steps=steps,
                           optimizer=optimizer, warmup_steps=warmup_steps, grad_accum=grad_accum, seed=seed,
-                          progress=progress, desc=method)
+                          progress=progress, desc=method, measure_memory=measure_memory)
     train_seconds = time.perf_counter() - started
     instructions = [r["instruction"] for r in test_rows]
     answers = [r["answer"] for r in test_rows]
     predictions = instruct.generate_answers(model, tokenizer, instructions)
     nll = instruct.answer_nll(model, tokenizer, instructions, answers)   # per answer: [nll, tokens]
     result = {"method": method, "trainable": trainable, "total": total, "lr": lr,
-              "optimizer_state_bytes": memory.optimizer_state_bytes(optimizer), "step_memory": step_memory,
+              "optimizer_state_bytes": memory.optimizer_state_bytes(optimizer), "step_memory": history.step_memory,
               "seconds_per_step": history.seconds_per_step, "train_seconds": train_seconds,
               "loss_first": history.loss[0], "loss_last": history.loss[-1], "history": history,
               "exact_match": instruct.exact_match(predictions, answers),

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .checks import positive_int
+from .memory import measure_step
 from .models import cuda_half_dtype, gradient_checkpointing_enabled, set_gradient_checkpointing
 from .progress import progress as _progress
 
@@ -96,6 +97,7 @@ class History:
     lr: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     evals: list[tuple[int, dict]] = field(default_factory=list)
+    step_memory: dict | None = None   # the first step's memory (``train(measure_memory=True)``)
 
     @property
     def seconds_per_step(self) -> float:
@@ -152,6 +154,7 @@ def train(
     desc: str = "training",
     loss_fn_does_backward: bool = False,
     gradient_checkpointing: bool = False,
+    measure_memory: bool = False,
 ) -> History:
     """Train ``model`` for ``steps`` optimizer steps of ``grad_accum`` micro-batches each.
 
@@ -162,7 +165,10 @@ def train(
     ``grad_accum`` so accumulated gradients average over micro-batches. ``eval_fn(model)`` runs
     every ``eval_every`` steps and at the end. ``gradient_checkpointing`` turns on a transformers
     model's activation checkpointing (recompute each layer in backward instead of keeping its
-    activations) for the run, off again after it.
+    activations) for the run, off again after it. ``measure_memory`` measures the first optimizer
+    step (`course_lib.memory.measure_step`: parameters, gradients, optimizer state, peak saved
+    activations) into ``history.step_memory``: the memory of a step of this very run, without a
+    separate step to measure it (the first step is left out of ``seconds_per_step`` anyway).
     A NaN or infinite loss stops the run with ``ValueError`` before its optimizer step, so the
     weights are those after the last good step. Whether the run ends or fails, checkpointing is
     switched back; a finished run leaves the model in eval mode, a failed one in the train/eval
@@ -219,8 +225,10 @@ def train(
         wrapped = accelerator.prepare_model(model, device_placement=False) if world > 1 else model
         model.train()
         bar = _progress(range(steps), desc, disable=not progress or not accelerator.is_local_main_process)
-        for step in bar:
-            start = time.perf_counter()
+
+        def one_step(step: int) -> float:
+            """The micro-batches' forward and backward passes, clipping and the optimizer step:
+            the mean loss (the gradients stay, for the caller to measure and then drop)."""
             total = 0.0
             for micro in range(grad_accum):
                 try:
@@ -254,6 +262,16 @@ def train(
                 scaler.update()
             else:
                 optimizer.step()
+            return total
+
+        for step in bar:
+            start = time.perf_counter()
+            if measure_memory and step == 0:
+                first_loss = []
+                history.step_memory = measure_step(lambda: first_loss.append(one_step(0)), model, optimizer)  # noqa: B023 (called here, at once)
+                total = first_loss[0]
+            else:
+                total = one_step(step)
             optimizer.zero_grad(set_to_none=True)
             history.lr.append(scheduler.get_last_lr()[0])
             scheduler.step()

@@ -185,23 +185,37 @@ def test_virtual_tokens_initialised_from_text_act_as_that_text(method):
         peft_methods.init_virtual_tokens(model, text[:3])
 
 
-def test_measure_training_step_leaves_the_model_as_it_was():
-    model = peft_methods.make_method(models.tiny_llama(), "lora", r=2, lora_alpha=4)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = peft_methods.measure_training_step(model, _lm_loss, _token_rows(4), lr=1e-2)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert all(p.grad is None for p in model.parameters())
+def test_the_first_steps_memory_is_measured_in_the_run_without_changing_it():
+    """`train.train(measure_memory=True)` (what `run_method` reports as ``step_memory``) measures its
+    first optimizer step as `memory.measure_step` measures the same step written out by hand, with
+    AdamW's two float32 moments and one float32 gradient per trainable number; the measured run takes
+    the same steps as an unmeasured one (losses and weights equal)."""
+    from course_lib import memory, train
+
+    rows = _token_rows(8)
+    batches = [rows[:4], rows[4:]]
+    runs = {}
+    for measure in (False, True):
+        model = peft_methods.make_method(models.tiny_llama(), "lora", r=2, lora_alpha=4)
+        optimizer = torch.optim.AdamW(train.trainable_parameters(model), lr=1e-2)
+        history = train.train(model, _lm_loss, batches, steps=2, optimizer=optimizer, max_grad_norm=None,
+                              progress=False, measure_memory=measure)
+        runs[measure] = (history, model.state_dict())
+    assert runs[False][0].step_memory is None
+    assert runs[True][0].loss == runs[False][0].loss
+    assert all(torch.equal(v, runs[False][1][k]) for k, v in runs[True][1].items())
+
+    model = peft_methods.make_method(models.tiny_llama(), "lora", r=2, lora_alpha=4).train()
+    optimizer = torch.optim.AdamW(train.trainable_parameters(model), lr=1e-2)
+    by_hand = memory.measure_step(lambda: (_lm_loss(model, batches[0]).backward(), optimizer.step()), model, optimizer)
+    measured = runs[True][0].step_memory
+    assert measured == by_hand
     trainable, _ = lora.count_parameters(model)
-    assert result["optimizer_state"] == 8 * trainable          # AdamW's two float32 moments
-    assert result["gradients"] == 4 * trainable
-    assert result["activations_peak"] > 0
-    assert result["total"] == sum(result[k] for k in ("parameters", "gradients", "optimizer_state",
-                                                      "activations_peak"))
+    assert measured["optimizer_state"] == 8 * trainable and measured["gradients"] == 4 * trainable
+    assert measured["activations_peak"] > 0
+    assert measured["total"] == sum(measured[k] for k in ("parameters", "gradients", "optimizer_state", "activations_peak"))
 
 
-# ---------------------------------------------------------------------------------------------
-# the real model: SmolLM2 (GQA with 3 KV heads), prefix tuning and the task's scoring
-# ---------------------------------------------------------------------------------------------
 def test_prefix_tuning_and_scoring_on_smollm2(smollm2):
     from course_lib import data, instruct
 

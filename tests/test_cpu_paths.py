@@ -73,26 +73,41 @@ def test_the_avx2_path_is_what_the_libraries_see():
     assert "gemm_4bit_forward" not in result.stderr  # the AVX-512-BF16-only warning
 
 
+@pytest.fixture(scope="module")
+def setup_cell_on_avx2(tmp_path_factory):
+    """``run(notebook)``: the chapter's set-up cell run on the AVX2 path in a fresh interpreter, once
+    per chapter (the tests below share the runs). A temporary folder the cell makes (chapter 06's,
+    removed by its last cell) goes into a pytest temporary directory."""
+    runs = {}
+
+    def run(notebook: Path) -> subprocess.CompletedProcess:
+        if notebook not in runs:
+            tmp = tmp_path_factory.mktemp(notebook.stem)
+            runs[notebook] = _run("".join(_setup_cell(notebook)["source"]), {**avx2_env(), "TMPDIR": str(tmp)},
+                                  cwd=notebook.parent)
+        return runs[notebook]
+    return run
+
+
 @pytest.mark.parametrize("notebook", CHAPTERS, ids=lambda p: p.stem)
-def test_setup_cell_prints_the_committed_output_on_an_avx2_cpu(notebook, tmp_path):
+def test_setup_cell_prints_the_committed_output_on_an_avx2_cpu(notebook, setup_cell_on_avx2):
     """Each chapter's first code cell (its imports: transformers, peft, bitsandbytes, ...) prints on
-    the AVX2 path exactly what its committed output holds (stdout and stderr). A temporary folder
-    the cell makes (chapter 06's, removed by its last cell) goes into pytest's ``tmp_path``."""
+    the AVX2 path exactly what its committed output holds (stdout and stderr)."""
     if _native_path_is_avx2():
         pytest.skip("this CPU runs the AVX2 path natively: make test's chapters under nbval run each set-up "
                     "cell on it, in the chapter's own kernel, and compare it with the committed output")
     cell = _setup_cell(notebook)
-    source = "".join(cell["source"])
-    assert "import" in source
-    result = _run(source, {**avx2_env(), "TMPDIR": str(tmp_path)}, cwd=notebook.parent)
+    assert "import" in "".join(cell["source"])
+    result = setup_cell_on_avx2(notebook)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _without_progress_bars(result.stderr) == _committed(cell, "stderr")
     assert result.stdout == _committed(cell, "stdout")
 
 
-def test_a_cpu_dependent_warning_in_a_committed_output_is_caught(tmp_path):
+def test_a_cpu_dependent_warning_in_a_committed_output_is_caught(tmp_path, setup_cell_on_avx2):
     """The check above fails where it should: a set-up cell whose committed output carries the
-    warning that only an AVX-512-BF16 CPU prints (the defect this file guards against)."""
+    warning that only an AVX-512-BF16 CPU prints (the defect this file guards against). The cell's
+    run on the AVX2 path is the one the check above made for that chapter."""
     warning = ("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. "
                "Please make sure you already `pip install kernels` and the kernels >= 0.11.1\n")
     notebook = json.loads(CHAPTERS[-1].read_text())
@@ -100,9 +115,9 @@ def test_a_cpu_dependent_warning_in_a_committed_output_is_caught(tmp_path):
     cell["outputs"] = [{"output_type": "stream", "name": "stderr", "text": [warning]}]
     path = tmp_path / CHAPTERS[-1].name
     path.write_text(json.dumps(notebook))
-    result = _run("".join(cell["source"]), {**avx2_env(), "TMPDIR": str(tmp_path)}, cwd=CHAPTERS[-1].parent)
+    result = setup_cell_on_avx2(CHAPTERS[-1])
     assert result.returncode == 0
-    assert result.stderr != _committed(_setup_cell(path), "stderr")
+    assert _without_progress_bars(result.stderr) != _committed(_setup_cell(path), "stderr")
 
 
 _FOUR_BIT_LOGITS = """

@@ -22,7 +22,7 @@ import torch
 
 from course_lib import data, distributed, lora, models, processes, retrieval
 
-MAX_TOKENS = 32        # short sequences keep MiniLM's steps to a fraction of a second
+MAX_TOKENS = 32        # tokens per text in the contrastive tests
 PAIRS = 16             # the global contrastive batch: 8 pairs per process
 SEQ, ROWS, STEPS = 16, 8, 3
 
@@ -45,14 +45,21 @@ def torch_all_gather(t):
 
 
 # ---------------------------------------------------------------------------------------------
-# The contrastive loss across processes, with the real all-MiniLM-L6-v2
+# The contrastive loss across processes, on MiniLM's tokenizer and architecture
 # ---------------------------------------------------------------------------------------------
 def contrastive_worker(rank, world):
     """Runs in each process: the full-batch reference gradient (no communication), then this rank's
-    share with GradCache, sentence-transformers' loss, and the gathered and local losses under DDP."""
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as ST_MNRL
+    share with GradCache, sentence-transformers' loss, and the gathered and local losses under DDP.
 
-    model, tokenizer = models.load_minilm("cpu")       # eval mode: no dropout, so the masks cannot differ
+    The encoder is `models.tiny_bert` at MiniLM's vocabulary (2 layers, hidden size 32, random
+    weights): what is checked is arithmetic across processes, which does not depend on the weights
+    (tests/test_gradcache.py checks the same step against sentence-transformers on the real MiniLM)."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss as ST_MNRL
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models.minilm_path()))
+    model = models.tiny_bert(vocab_size=tokenizer.vocab_size, max_position_embeddings=MAX_TOKENS)
+    # eval mode (tiny_bert's): no dropout, so the masks cannot differ between the passes
     model.pooler = None                                 # unused by mean pooling (DDP wants every parameter used)
 
     def encode(texts, module=model):

@@ -317,8 +317,7 @@ def timed_step(micro, checkpointing):
     return time.perf_counter() - start
 
 settings = [(STUDY_BATCH, False), (STUDY_BATCH, True), (4, False), (2, False), (1, False), (1, True)]
-timed_step(STUDY_BATCH, False)  # warm-up
-study = {}
+study = {}   # each setting's measured step (below) also warms up the timed one that follows it
 for micro, ck in settings:
     peak = memory.measure_causal_lm_step(model, optimizer, study_ids[:micro], "reentrant" if ck else None)["activations_peak"]
     est = estimate(smol, "lora", r=LORA_R, target_modules=TARGETS["lora"], gradient_checkpointing=ck,

@@ -216,6 +216,9 @@ def test_the_first_steps_memory_is_measured_in_the_run_without_changing_it():
     assert measured["total"] == sum(measured[k] for k in ("parameters", "gradients", "optimizer_state", "activations_peak"))
 
 
+# ---------------------------------------------------------------------------------------------
+# the real model: SmolLM2 (GQA with 3 KV heads), prefix tuning and the task's scoring
+# ---------------------------------------------------------------------------------------------
 def test_prefix_tuning_and_scoring_on_smollm2(smollm2):
     from course_lib import data, instruct
 

@@ -264,11 +264,11 @@ def train(
                 optimizer.step()
             return total
 
+        first_loss: list[float] = []   # filled by the measured first step
         for step in bar:
             start = time.perf_counter()
             if measure_memory and step == 0:
-                first_loss = []
-                history.step_memory = measure_step(lambda: first_loss.append(one_step(0)), model, optimizer)  # noqa: B023 (called here, at once)
+                history.step_memory = measure_step(lambda: first_loss.append(one_step(0)), model, optimizer)
                 total = first_loss[0]
             else:
                 total = one_step(step)

@@ -7,12 +7,17 @@ Every chapter that fine-tunes SmolLM2 scores it with these functions on the same
   greedily; `normalize_answer` reduces an answer to a bare name and `exact_match` scores it.
 * `answer_batch` tokenises prompt + answer with labels on the answer only; `answer_loss` is the
   training loss on it and `perplexity` the held-out answer perplexity, both prompt-excluded.
+  Both run the prompt start every instruction shares (the chat template's system turn and the
+  task's first words, 32 of SmolLM2's ~78 prompt tokens) once, and each row from there on with
+  its KV cache; the loss and its gradient, and each answer's NLL, stay the same up to float
+  rounding (`shared_prefix_length`, `length_groups`).
 * `text_perplexity` is the perplexity of plain text (chapter 02 compares quantized copies by it).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 
@@ -104,15 +109,57 @@ def answer_batch(tokenizer, instructions: Sequence[str], answers: Sequence[str],
     }
 
 
-def answer_loss(model, tokenizer, rows: Sequence[dict]) -> torch.Tensor:
+def answer_loss(model, tokenizer, rows: Sequence[dict], share_prefix: bool = True) -> torch.Tensor:
     """The training loss of one batch of instruction rows: next-token cross-entropy on the
-    answer tokens only (the prompt is context, not target)."""
+    answer tokens only (the prompt is context, not target), the mean over all answer tokens of
+    the batch.
+
+    With ``share_prefix`` (the default) the work is cut twice, the loss and its gradient staying
+    the same up to float rounding: the prompt start all rows share (`shared_prefix_length`, 32
+    tokens on the course's task) runs once, as one sequence whose KV cache, repeated for each row,
+    carries the rest of every row (the repeat passes each row's gradient back to the one prefix);
+    and rows of similar length go in together (`length_groups`), each group padded to its own
+    longest row instead of the batch's, the groups' summed token losses divided by the batch's
+    answer tokens. Over the first 50 batches of the training split that leaves 0.57 of the
+    positions a step computes in batches of 8 (0.67 in batches of 4); a step on a batch of 8 with
+    one 245-token row took 6.0 s instead of 15.4 s on one CPU thread. ``share_prefix=False``, a model that cannot take the cache (`_transformers_model`) or
+    a prefix under `MIN_SHARED_PREFIX` tokens: the whole padded batch in one pass."""
     device = next(model.parameters()).device
     batch = answer_batch(tokenizer, [r["instruction"] for r in rows], [r["answer"] for r in rows])
-    return model(**{k: v.to(device) for k, v in batch.items()}).loss
+    batch = {k: v.to(device) for k, v in batch.items()}
+    runner = _transformers_model(model) if share_prefix else None
+    shared = shared_prefix_length(batch) if runner is not None else 0
+    if shared < MIN_SHARED_PREFIX:
+        return model(**batch).loss
+    lengths = batch["attention_mask"].sum(1).tolist()
+    keyword = _cache_keyword(runner)
+    summed = 0.0
+    for group in length_groups(lengths):
+        end = max(lengths[i] for i in group)
+        labels = batch["labels"][group, shared:end]
+        positions = torch.arange(shared, end, device=device).expand(len(group), -1)
+        out = model(input_ids=batch["input_ids"][group, shared:end], attention_mask=batch["attention_mask"][group, :end],
+                    position_ids=positions, labels=labels, use_cache=True,
+                    **{keyword: _prefix_cache(model, batch["input_ids"][:1, :shared], len(group))})
+        # transformers' loss is the group's mean over its answer tokens (position t against token t + 1)
+        summed = summed + out.loss * (labels[:, 1:] != -100).sum()
+    return summed / (batch["labels"][:, 1:] != -100).sum()
 
 
-def _scored_logits(model, batch: dict, scored: torch.Tensor) -> torch.Tensor:
+def length_groups(lengths: Sequence[int], spread: float = 1.25) -> list[list[int]]:
+    """Row indices grouped by length, shortest first: a group takes rows up to ``spread`` times
+    its shortest row's length, so padding to the group's longest row wastes at most that much.
+    A batch of prompts of about 80 tokens with one of 245 pads that one alone."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and lengths[i] <= spread * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _scored_logits(model, batch: dict, scored: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     """The logits of ``batch`` at the positions ``scored`` marks (``(B, T-1)``: those whose next
     token is an answer token), shape ``(scored.sum(), vocabulary)``.
 
@@ -122,7 +169,8 @@ def _scored_logits(model, batch: dict, scored: torch.Tensor) -> torch.Tensor:
     the same computation either way, so the result is bit-identical to slicing the full logits
     (checked for the course's models in tests/test_instruct.py). A model without an output layer
     to hook (onnxruntime's `course_lib.export.OnnxCausalLM`), or one whose head the hook did not
-    reach, gives full logits, sliced here.
+    reach, gives full logits, sliced here. ``forward_kwargs`` go to the model as they are (a KV
+    cache and the positions after it, `_answer_nll_after_shared_prefix`).
     """
     ids = batch["input_ids"]
 
@@ -137,29 +185,123 @@ def _scored_logits(model, batch: dict, scored: torch.Tensor) -> torch.Tensor:
         handle = head.register_forward_pre_hook(
             lambda module, args: (at_scored(args[0]), *args[1:]) if args and args[0].dim() == 3 else None)
     try:
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], **forward_kwargs).logits
     finally:
         if handle is not None:
             handle.remove()
     return logits if logits.dim() == 2 else at_scored(logits)
 
 
+MIN_SHARED_PREFIX = 8   # tokens: a shorter common prompt start is not worth a pass of its own
+
+
+def _transformers_model(model):
+    """The transformers model that takes a KV cache of a prompt start, or None: a peft model that
+    adds virtual tokens (prompt or prefix tuning) puts its own in front, onnxruntime's
+    `course_lib.export.OnnxCausalLM` is no transformers model, and a model training with
+    activation checkpointing turns the cache off."""
+    from transformers import PreTrainedModel
+
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None:
+        if peft_config.is_prompt_learning:
+            return None
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        return None
+    if model.training and any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        return None
+    return model
+
+
+def shared_prefix_length(batch: dict) -> int:
+    """How many tokens every row of an `answer_batch` starts with, up to the position before the
+    earliest answer token's (that position predicts it, so it must be scored after the prefix).
+    SmolLM2's chat template and the course's task give 32: the system turn and the user turn's
+    first words up to the module name."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    rows = [batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]
+    first_answer = (batch["labels"] != -100).int().argmax(1)   # index of each row's first answer token
+    return max(0, min(len(os.path.commonprefix(rows)), int(first_answer.min()) - 1))
+
+
+def _cache_keyword(runner) -> str:
+    from .generation import cache_keyword
+
+    return cache_keyword(runner)
+
+
+def _prefix_cache(model, prefix_ids: torch.Tensor, rows: int):
+    """The KV cache of one prefix sequence ``(1, P)``, repeated for ``rows`` rows (differentiable:
+    in training each row's gradient flows back into the one prefix pass)."""
+    from .generation import returned_cache
+
+    # logits_to_keep=1: the prefix's own logits are not needed, so the output layer runs on one position
+    cache = returned_cache(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1))
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def _answer_nll_after_shared_prefix(model, tokenizer, instructions, answers, batch_size) -> torch.Tensor | None:
+    """`answer_nll` with the prompt start all rows share run once: its KV cache, repeated for each
+    batch, holds positions ``0 .. P-1`` and the rows go in from position ``P`` on, shortest first
+    (less padding). Mathematically the same logits as one pass over each whole row; numerically
+    they differ in the last float32 digits (other matrix shapes). None when it does not apply
+    (`_transformers_model`, or fewer than `MIN_SHARED_PREFIX` shared tokens before the first
+    scored position): then the rows are scored whole."""
+    runner = _transformers_model(model)
+    if runner is None:
+        return None
+    full = answer_batch(tokenizer, instructions, answers)      # right padding: a row's positions are 0 .. n-1
+    shared = shared_prefix_length(full)
+    if shared < MIN_SHARED_PREFIX:
+        return None
+    device = model_device(model)
+    lengths = full["attention_mask"].sum(1).tolist()
+    full = {k: v.to(device) for k, v in full.items()}
+    keyword = _cache_keyword(runner)
+    result = torch.zeros(len(answers), 2, dtype=torch.float64)
+    order = sorted(range(len(answers)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        end = max(lengths[i] for i in index)
+        batch = {"input_ids": full["input_ids"][index, shared:end], "attention_mask": full["attention_mask"][index, :end]}
+        targets = full["labels"][index, shared + 1:end]        # position t predicts token t + 1
+        scored = targets != -100
+        cache = _prefix_cache(model, full["input_ids"][:1, :shared], len(index))
+        positions = torch.arange(shared, end, device=device).expand(len(index), -1)
+        nll = torch.zeros(targets.shape, dtype=torch.float32, device=device)
+        logits = _scored_logits(model, batch, scored, position_ids=positions, use_cache=True, **{keyword: cache})
+        nll[scored] = F.cross_entropy(logits.float(), targets[scored], reduction="none")
+        result[index] = torch.stack([nll.double().sum(1), scored.sum(1).double()], dim=1).cpu()
+    return result
+
+
 @torch.no_grad()
 def answer_nll(model, tokenizer, instructions: Sequence[str], answers: Sequence[str],
-               batch_size: int = 16) -> torch.Tensor:
+               batch_size: int = 16, share_prefix: bool = True) -> torch.Tensor:
     """Per answer: ``[summed negative log-likelihood of its tokens, number of its tokens]``, shape
     ``(len(answers), 2)`` float64, prompt tokens excluded. `perplexity` is
     ``exp(Σ nll / Σ tokens)`` over these rows; a paired comparison of two models resamples them
     (`course_lib.stats.paired_bootstrap` with ``stats.corpus_perplexity``).
 
-    Only the answer positions' logits are computed (`_scored_logits`). A prompt-tuned peft model
-    has positions for its virtual tokens in front of the input's; those are skipped, so the answer
-    tokens are scored as for any other model (chapter 07 compares the methods by this).
+    Only the answer positions' logits are computed (`_scored_logits`). With ``share_prefix`` (the
+    default) the prompt start every instruction shares is run once and the rest of each row after
+    it with its KV cache (`_answer_nll_after_shared_prefix`): SmolLM2's 128-instruction scoring
+    of chapters 00 and 01 takes about 0.6 of the time, with the same NLL to about 1e-6 relative.
+    ``share_prefix=False`` scores each row whole, bit for bit the NLL of a full forward pass. A
+    prompt-tuned peft model has positions for its virtual tokens in front of the input's; those
+    are skipped, so the answer tokens are scored as for any other model (chapter 07 compares the
+    methods by this); such a model, and onnxruntime's, is always scored whole.
     """
     if not answers:
         raise ValueError("perplexity of zero examples is undefined")
     if len(instructions) != len(answers):
         raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers: give one answer per instruction")
+    if share_prefix:
+        rows = _answer_nll_after_shared_prefix(model, tokenizer, instructions, answers, batch_size)
+        if rows is not None:
+            return rows
     device = model_device(model)
     rows = []
     for start in range(0, len(answers), batch_size):

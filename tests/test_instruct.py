@@ -165,11 +165,111 @@ def test_answer_nll_computes_the_output_layer_at_answer_positions_only_and_bit_i
         head = (prompt_tuned if runner is prompt_tuned else model).get_output_embeddings()
         handle = head.register_forward_hook(lambda m, args, out, seen=head_rows: seen.append(tuple(args[0].shape[:-1])))
         try:
-            fast = instruct.answer_nll(runner, tok, instructions, answers, batch_size=4)
+            fast = instruct.answer_nll(runner, tok, instructions, answers, batch_size=4, share_prefix=False)
         finally:
             handle.remove()
         assert torch.equal(fast, _nll_from_full_logits(runner, tok, instructions, answers))
+        if runner is not model:   # virtual tokens / no transformers model: scored whole even by default
+            assert torch.equal(instruct.answer_nll(runner, tok, instructions, answers, batch_size=4), fast)
         if isinstance(runner, _WithoutOutputLayer):   # nothing to hook: every position, as before
             assert head_rows[0][1] == instruct.answer_batch(tok, instructions[:4], answers[:4])["input_ids"].shape[1]
         else:
             assert head_rows == [(int(fast[:4, 1].sum()),), (int(fast[4:, 1].sum()),)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared prompt start, run once (answer_nll and answer_loss with share_prefix=True)
+# ---------------------------------------------------------------------------------------------
+def test_length_groups_pad_each_group_to_its_own_longest_row():
+    # prompts of about 80 tokens and two long ones (a 245-token row is in the course's training data)
+    assert instruct.length_groups([80, 245, 78, 157, 84]) == [[2, 0, 4], [3], [1]]
+    assert instruct.length_groups([8, 10, 10, 9]) == [[0, 3, 1, 2]]         # 10 <= 1.25 x 8: one group
+    assert instruct.length_groups([10, 13]) == [[0], [1]]
+    assert instruct.length_groups([]) == []
+
+
+def _tokens_seen(model):
+    """A hook on the input embedding that adds up the token positions each forward pass computes."""
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    return seen, handle
+
+
+def test_shared_prefix_gives_the_same_loss_gradient_and_nll_for_less_work():
+    """Four rows that share the prompt start '<find the name of ' (18 characters, one token each)
+    and differ in length: the loss, every parameter's gradient and each row's NLL equal those of
+    one pass over the padded batch (to float rounding), while the model computes fewer positions:
+    the prefix once plus each length group padded to its own longest row."""
+    tokenizer, model = _chat_tokenizer(), tiny_llama()
+    instructions = ["find the name of x", "find the name of yy", "find the name of a longer thing here", "find the name of z"]
+    answers = ["ab", "c", "parse", "split"]
+    rows = [{"instruction": i, "answer": a} for i, a in zip(instructions, answers)]
+    batch = instruct.answer_batch(tokenizer, instructions, answers)
+    assert instruct.shared_prefix_length(batch) == len("<find the name of ")
+    model.train()
+    results = {}
+    for share in (False, True):
+        seen, handle = _tokens_seen(model)
+        try:
+            loss = instruct.answer_loss(model, tokenizer, rows, share_prefix=share)
+        finally:
+            handle.remove()
+        loss.backward()
+        results[share] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(seen))
+        model.zero_grad(set_to_none=True)
+    (plain_loss, plain_grads, plain_tokens), (loss, grads, tokens) = results[False], results[True]
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, g in plain_grads.items():
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-7), name
+    lengths = batch["attention_mask"].sum(1).tolist()
+    groups = instruct.length_groups(lengths)
+    assert len(groups) == 2 and plain_tokens == batch["input_ids"].numel()
+    shared = len("<find the name of ")
+    assert tokens == sum(shared + len(g) * (max(lengths[i] for i in g) - shared) for g in groups) < plain_tokens
+    model.eval()
+    whole = instruct.answer_nll(model, tokenizer, instructions, answers, batch_size=3, share_prefix=False)
+    assert torch.allclose(instruct.answer_nll(model, tokenizer, instructions, answers, batch_size=3), whole, rtol=1e-5)
+
+
+def test_no_shared_prefix_or_checkpointing_scores_the_whole_rows():
+    """Under MIN_SHARED_PREFIX tokens in common, or a model training with activation checkpointing
+    (transformers then keeps no cache), the rows go in whole: the same numbers bit for bit, and no
+    warning."""
+    import warnings
+
+    tokenizer, model = _chat_tokenizer(), tiny_llama()
+    rows = [{"instruction": "find the name", "answer": "ab"}, {"instruction": "split it", "answer": "c"}]
+    instructions, answers = [r["instruction"] for r in rows], [r["answer"] for r in rows]
+    assert instruct.shared_prefix_length(instruct.answer_batch(tokenizer, instructions, answers)) < instruct.MIN_SHARED_PREFIX
+    assert torch.equal(instruct.answer_nll(model, tokenizer, instructions, answers),
+                       instruct.answer_nll(model, tokenizer, instructions, answers, share_prefix=False))
+    long_rows = [{"instruction": "find the name of " + x, "answer": "ab"} for x in ("x", "yy")]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shared = instruct.answer_loss(model, tokenizer, long_rows)
+    assert shared.item() == instruct.answer_loss(model, tokenizer, long_rows, share_prefix=False).item()
+
+
+def test_smollm2_nll_with_the_shared_prefix_equals_whole_rows(smollm2):
+    """SmolLM2 on the course's task: its chat template and the task's wording give every prompt the
+    same first 32 tokens; the NLL rows match scoring each row whole to 1e-5 relative (measured
+    2e-6 over 128 test instructions) while the model computes about half the positions."""
+    from course_lib import data
+
+    model, tok = smollm2
+    test = data.load_instruct("test")[:8]
+    instructions, answers = [r["instruction"] for r in test], [r["answer"] for r in test]
+    assert instruct.shared_prefix_length(instruct.answer_batch(tok, instructions, answers)) == 32
+    counts = {}
+    for share in (False, True):
+        seen, handle = _tokens_seen(model)
+        try:
+            counts[share] = (instruct.answer_nll(model, tok, instructions, answers, batch_size=4, share_prefix=share), sum(seen))
+        finally:
+            handle.remove()
+    (whole, whole_tokens), (shared, shared_tokens) = counts[False], counts[True]
+    assert torch.equal(shared[:, 1], whole[:, 1])
+    assert torch.allclose(shared[:, 0], whole[:, 0], rtol=1e-5)
+    assert shared_tokens < 0.75 * whole_tokens

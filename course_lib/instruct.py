@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .generation import cache_keyword, returned_cache
 from .progress import progress as _progress
 from .retrieval import model_device
 
@@ -122,8 +123,9 @@ def answer_loss(model, tokenizer, rows: Sequence[dict], share_prefix: bool = Tru
     longest row instead of the batch's, the groups' summed token losses divided by the batch's
     answer tokens. Over the first 50 batches of the training split that leaves 0.57 of the
     positions a step computes in batches of 8 (0.67 in batches of 4); a step on a batch of 8 with
-    one 245-token row took 6.0 s instead of 15.4 s on one CPU thread. ``share_prefix=False``, a model that cannot take the cache (`_transformers_model`) or
-    a prefix under `MIN_SHARED_PREFIX` tokens: the whole padded batch in one pass."""
+    one 245-token row took 6.0 s instead of 15.4 s on one CPU thread. ``share_prefix=False``, a
+    model that cannot take the cache (`_transformers_model`) or a prefix under `MIN_SHARED_PREFIX`
+    tokens: the whole padded batch in one pass."""
     device = next(model.parameters()).device
     batch = answer_batch(tokenizer, [r["instruction"] for r in rows], [r["answer"] for r in rows])
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -132,7 +134,7 @@ def answer_loss(model, tokenizer, rows: Sequence[dict], share_prefix: bool = Tru
     if shared < MIN_SHARED_PREFIX:
         return model(**batch).loss
     lengths = batch["attention_mask"].sum(1).tolist()
-    keyword = _cache_keyword(runner)
+    keyword = cache_keyword(runner)
     summed = 0.0
     for group in length_groups(lengths):
         end = max(lengths[i] for i in group)
@@ -225,17 +227,9 @@ def shared_prefix_length(batch: dict) -> int:
     return max(0, min(len(os.path.commonprefix(rows)), int(first_answer.min()) - 1))
 
 
-def _cache_keyword(runner) -> str:
-    from .generation import cache_keyword
-
-    return cache_keyword(runner)
-
-
 def _prefix_cache(model, prefix_ids: torch.Tensor, rows: int):
     """The KV cache of one prefix sequence ``(1, P)``, repeated for ``rows`` rows (differentiable:
     in training each row's gradient flows back into the one prefix pass)."""
-    from .generation import returned_cache
-
     # logits_to_keep=1: the prefix's own logits are not needed, so the output layer runs on one position
     cache = returned_cache(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1))
     cache.batch_repeat_interleave(rows)
@@ -259,7 +253,7 @@ def _answer_nll_after_shared_prefix(model, tokenizer, instructions, answers, bat
     device = model_device(model)
     lengths = full["attention_mask"].sum(1).tolist()
     full = {k: v.to(device) for k, v in full.items()}
-    keyword = _cache_keyword(runner)
+    keyword = cache_keyword(runner)
     result = torch.zeros(len(answers), 2, dtype=torch.float64)
     order = sorted(range(len(answers)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):

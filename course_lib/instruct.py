@@ -117,15 +117,14 @@ def answer_loss(model, tokenizer, rows: Sequence[dict], share_prefix: bool = Tru
 
     With ``share_prefix`` (the default) the work is cut twice, the loss and its gradient staying
     the same up to float rounding: the prompt start all rows share (`shared_prefix_length`, 32
-    tokens on the course's task) runs once, as one sequence whose KV cache, repeated for each row,
-    carries the rest of every row (the repeat passes each row's gradient back to the one prefix);
-    and rows of similar length go in together (`length_groups`), each group padded to its own
-    longest row instead of the batch's, the groups' summed token losses divided by the batch's
-    answer tokens. Over the first 50 batches of the training split that leaves 0.57 of the
-    positions a step computes in batches of 8 (0.67 in batches of 4); a step on a batch of 8 with
-    one 245-token row took 6.0 s instead of 15.4 s on one CPU thread. ``share_prefix=False``, a
-    model that cannot take the cache (`_transformers_model`) or a prefix under `MIN_SHARED_PREFIX`
-    tokens: the whole padded batch in one pass."""
+    tokens on the course's task) runs once, as one sequence whose keys and values every row then
+    attends to (`_cache_for_rows`: each row's gradient flows back into that one prefix pass); and
+    rows of similar length go in together (`length_groups`), each group padded to its own longest
+    row instead of the batch's, the groups' summed token losses divided by the batch's answer
+    tokens. How many groups is a trade: each one more pass costs the step about `PASS_COST`
+    positions (`PASS_COST_4BIT` in a 4-bit model, whose layers dequantize their weights on every
+    pass). ``share_prefix=False``, a model that cannot take the cache (`_transformers_model`) or a
+    prefix under `MIN_SHARED_PREFIX` tokens: the whole padded batch in one pass."""
     device = next(model.parameters()).device
     batch = answer_batch(tokenizer, [r["instruction"] for r in rows], [r["answer"] for r in rows])
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -135,30 +134,65 @@ def answer_loss(model, tokenizer, rows: Sequence[dict], share_prefix: bool = Tru
         return model(**batch).loss
     lengths = batch["attention_mask"].sum(1).tolist()
     keyword = cache_keyword(runner)
+    prefix = _prefix_states(model, batch["input_ids"][:1, :shared])   # one pass, its graph shared by every group
     summed = 0.0
-    for group in length_groups(lengths):
+    for group in length_groups(lengths, shared, _pass_cost(model)):
         end = max(lengths[i] for i in group)
         labels = batch["labels"][group, shared:end]
         positions = torch.arange(shared, end, device=device).expand(len(group), -1)
         out = model(input_ids=batch["input_ids"][group, shared:end], attention_mask=batch["attention_mask"][group, :end],
                     position_ids=positions, labels=labels, use_cache=True,
-                    **{keyword: _prefix_cache(model, batch["input_ids"][:1, :shared], len(group))})
+                    **{keyword: _cache_for_rows(runner, prefix, len(group))})
         # transformers' loss is the group's mean over its answer tokens (position t against token t + 1)
         summed = summed + out.loss * (labels[:, 1:] != -100).sum()
     return summed / (batch["labels"][:, 1:] != -100).sum()
 
 
-def length_groups(lengths: Sequence[int], spread: float = 1.25) -> list[list[int]]:
-    """Row indices grouped by length, shortest first: a group takes rows up to ``spread`` times
-    its shortest row's length, so padding to the group's longest row wastes at most that much.
-    A batch of prompts of about 80 tokens with one of 245 pads that one alone."""
-    groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if groups and lengths[i] <= spread * lengths[groups[-1][0]]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
+# What one more forward and backward pass costs a training step beyond its positions, counted in
+# positions (`length_groups`): every weight is read once going forward and once going back, and a
+# 4-bit layer dequantizes its whole weight each time. Measured on SmolLM2 batches of 8, see
+# `length_groups`.
+PASS_COST = 32
+PASS_COST_4BIT = 128
+
+
+def _pass_cost(model) -> float:
+    """`PASS_COST_4BIT` for a model with 4-bit layers (course_lib's `Linear4bit` or bitsandbytes'),
+    which dequantize their weights on every pass, `PASS_COST` otherwise."""
+    return PASS_COST_4BIT if any(type(m).__name__ == "Linear4bit" for m in model.modules()) else PASS_COST
+
+
+def length_groups(lengths: Sequence[int], shared: int = 0, pass_cost: float = PASS_COST) -> list[list[int]]:
+    """Row indices in groups, each to be padded to its own longest row and run as one pass after
+    the ``shared`` prompt start: the grouping that computes the fewest positions,
+    ``Σ rows x (group's longest - shared)``, counting each pass as ``pass_cost`` positions more.
+
+    A pass has a cost of its own beyond its positions (`PASS_COST`). With it at 0 each length would
+    get a pass of its own; unbounded, the batch is one group. Rows are taken shortest first and a
+    group is a run of them (a longer row never waits in a shorter row's group), so the best
+    grouping of the first ``j`` rows is the best of the first ``i`` plus one group ``i .. j-1``,
+    found by trying every ``i`` for every ``j``. A batch of prompts of about 80 tokens after a
+    32-token start, with one of 245, pads that one alone.
+
+    The costs are measured: SmolLM2 with LoRA on q_proj and v_proj, 11 training batches of 8, two
+    threads, a step's loss and backward against one group after the prefix: 1.10 times as long
+    at cost 0, 0.82 at 12, 0.79 at 24, 0.78 at 48, 0.81 at 96 (float weights: `PASS_COST` 32);
+    with NF4 weights (two runs) 1.83 at 0, 1.10 at 24, 0.95 at 64, 0.92 at 96, 0.91 at 128, 0.92 at 192
+    (`PASS_COST_4BIT` 128)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = [0.0] + [math.inf] * len(order)      # best[j]: the cost of the first j rows
+    start = [0] * (len(order) + 1)              # where the last group of that best grouping starts
+    for j in range(1, len(order) + 1):
+        width = lengths[order[j - 1]] - shared     # the group's longest row is its last
+        for i in range(j):
+            cost = best[i] + (j - i) * width + pass_cost
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[start[j]:j])
+        j = start[j]
+    return groups[::-1]
 
 
 def _scored_logits(model, batch: dict, scored: torch.Tensor, **forward_kwargs) -> torch.Tensor:
@@ -227,13 +261,22 @@ def shared_prefix_length(batch: dict) -> int:
     return max(0, min(len(os.path.commonprefix(rows)), int(first_answer.min()) - 1))
 
 
-def _prefix_cache(model, prefix_ids: torch.Tensor, rows: int):
-    """The KV cache of one prefix sequence ``(1, P)``, repeated for ``rows`` rows (differentiable:
-    in training each row's gradient flows back into the one prefix pass)."""
-    # logits_to_keep=1: the prefix's own logits are not needed, so the output layer runs on one position
+def _prefix_states(model, prefix_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values for one prefix sequence ``(1, P)``: one pass whose output layer
+    runs on one position only (``logits_to_keep=1``: the prefix's own logits are not needed)."""
     cache = returned_cache(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1))
-    cache.batch_repeat_interleave(rows)
-    return cache
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_for_rows(runner, prefix: list[tuple[torch.Tensor, torch.Tensor]], rows: int):
+    """A fresh KV cache holding the prefix's keys and values for each of ``rows`` rows: views
+    (``expand``), copied only when a pass appends its own positions, so every group starts from
+    the same prefix without running it again. Differentiable: in training, each row's gradient
+    flows back into the one prefix pass (expand's backward sums over the rows)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix],
+                        config=runner.config)
 
 
 def _answer_nll_after_shared_prefix(model, tokenizer, instructions, answers, batch_size) -> torch.Tensor | None:
@@ -254,6 +297,7 @@ def _answer_nll_after_shared_prefix(model, tokenizer, instructions, answers, bat
     lengths = full["attention_mask"].sum(1).tolist()
     full = {k: v.to(device) for k, v in full.items()}
     keyword = cache_keyword(runner)
+    prefix = _prefix_states(model, full["input_ids"][:1, :shared])
     result = torch.zeros(len(answers), 2, dtype=torch.float64)
     order = sorted(range(len(answers)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
@@ -262,7 +306,7 @@ def _answer_nll_after_shared_prefix(model, tokenizer, instructions, answers, bat
         batch = {"input_ids": full["input_ids"][index, shared:end], "attention_mask": full["attention_mask"][index, :end]}
         targets = full["labels"][index, shared + 1:end]        # position t predicts token t + 1
         scored = targets != -100
-        cache = _prefix_cache(model, full["input_ids"][:1, :shared], len(index))
+        cache = _cache_for_rows(runner, prefix, len(index))
         positions = torch.arange(shared, end, device=device).expand(len(index), -1)
         nll = torch.zeros(targets.shape, dtype=torch.float32, device=device)
         logits = _scored_logits(model, batch, scored, position_ids=positions, use_cache=True, **{keyword: cache})

@@ -8,9 +8,10 @@ Every chapter that fine-tunes SmolLM2 scores it with these functions on the same
 * `answer_batch` tokenises prompt + answer with labels on the answer only; `answer_loss` is the
   training loss on it and `perplexity` the held-out answer perplexity, both prompt-excluded.
   Both run the prompt start every instruction shares (the chat template's system turn and the
-  task's first words, 32 of SmolLM2's ~78 prompt tokens) once, and each row from there on with
-  its KV cache; the loss and its gradient, and each answer's NLL, stay the same up to float
-  rounding (`shared_prefix_length`, `length_groups`).
+  task's first words, 32 of SmolLM2's ~78 prompt tokens) once: the loss packs the rows after it
+  into one sequence (`pack_after_prefix`), the perplexity runs each row from there on with the
+  prefix's KV cache. The loss and its gradient, and each answer's NLL, stay the same up to float
+  rounding (`shared_prefix_length`).
 * `text_perplexity` is the perplexity of plain text (chapter 02 compares quantized copies by it).
 """
 
@@ -115,84 +116,61 @@ def answer_loss(model, tokenizer, rows: Sequence[dict], share_prefix: bool = Tru
     answer tokens only (the prompt is context, not target), the mean over all answer tokens of
     the batch.
 
-    With ``share_prefix`` (the default) the work is cut twice, the loss and its gradient staying
-    the same up to float rounding: the prompt start all rows share (`shared_prefix_length`, 32
-    tokens on the course's task) runs once, as one sequence whose keys and values every row then
-    attends to (`_cache_for_rows`: each row's gradient flows back into that one prefix pass); and
-    rows of similar length go in together (`length_groups`), each group padded to its own longest
-    row instead of the batch's, the groups' summed token losses divided by the batch's answer
-    tokens. How many groups is a trade: each one more pass costs the step about `PASS_COST`
-    positions (`PASS_COST_4BIT` in a 4-bit model, whose layers dequantize their weights on every
-    pass). ``share_prefix=False``, a model that cannot take the cache (`_transformers_model`) or a
-    prefix under `MIN_SHARED_PREFIX` tokens: the whole padded batch in one pass."""
+    With ``share_prefix`` (the default) the batch goes in as one packed sequence
+    (`pack_after_prefix`): the prompt start all rows share (`shared_prefix_length`, 32 tokens on
+    the course's task) once, then each row's own tokens, no padding, and an attention mask
+    (`prefix_sharing_mask`) that lets every row see the prefix and its own earlier tokens and
+    nothing of the other rows. Each row's positions are those it has alone, so the loss and its
+    gradient are the padded batch's up to float rounding, from one forward and one backward pass
+    over fewer positions (on the course's training split about half). ``share_prefix=False``, a
+    model that cannot take it (`_transformers_model`, or attention other than transformers'
+    ``sdpa`` and ``eager``, which take a prepared mask) or a prefix under `MIN_SHARED_PREFIX`
+    tokens: the whole padded batch."""
     device = next(model.parameters()).device
     batch = answer_batch(tokenizer, [r["instruction"] for r in rows], [r["answer"] for r in rows])
-    batch = {k: v.to(device) for k, v in batch.items()}
     runner = _transformers_model(model) if share_prefix else None
-    shared = shared_prefix_length(batch) if runner is not None else 0
+    attention = getattr(runner.config, "_attn_implementation", None) if runner is not None else None
+    shared = shared_prefix_length(batch) if attention in ("sdpa", "eager") else 0
     if shared < MIN_SHARED_PREFIX:
-        return model(**batch).loss
+        return model(**{k: v.to(device) for k, v in batch.items()}).loss
+    packed = pack_after_prefix(batch, shared)
+    mask = prefix_sharing_mask(packed["row"])
+    if attention == "eager":   # eager attention adds the mask to the scores; sdpa takes True = may attend
+        mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    # transformers' loss is the mean over the labelled tokens (position t against token t + 1)
+    return model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
+                 attention_mask=mask[None, None].to(device), labels=packed["labels"].to(device)).loss
+
+
+def pack_after_prefix(batch: dict, shared: int) -> dict:
+    """An `answer_batch` as one sequence: its first ``shared`` tokens (the same in every row), then
+    each row's tokens after them, padding left out. ``input_ids``, ``labels`` and ``position_ids``
+    have shape ``(1, T)`` with ``T = shared + Σ (row length - shared)``; a row's tokens keep the
+    positions they have in the row; ``row`` (shape ``(T,)``) says whose each token is: -1 for the
+    prefix, else the row's index. No label points across rows: a row's first token after the
+    prefix is never an answer token (`shared_prefix_length` stops before the earliest one's
+    predecessor), so the label the previous row's last token would be scored on is -100."""
     lengths = batch["attention_mask"].sum(1).tolist()
-    keyword = cache_keyword(runner)
-    prefix = _prefix_states(model, batch["input_ids"][:1, :shared])   # one pass, its graph shared by every group
-    summed = 0.0
-    for group in length_groups(lengths, shared, _pass_cost(model)):
-        end = max(lengths[i] for i in group)
-        labels = batch["labels"][group, shared:end]
-        positions = torch.arange(shared, end, device=device).expand(len(group), -1)
-        out = model(input_ids=batch["input_ids"][group, shared:end], attention_mask=batch["attention_mask"][group, :end],
-                    position_ids=positions, labels=labels, use_cache=True,
-                    **{keyword: _cache_for_rows(runner, prefix, len(group))})
-        # transformers' loss is the group's mean over its answer tokens (position t against token t + 1)
-        summed = summed + out.loss * (labels[:, 1:] != -100).sum()
-    return summed / (batch["labels"][:, 1:] != -100).sum()
+    pieces = {"input_ids": [batch["input_ids"][0, :shared]], "labels": [batch["labels"][0, :shared]],
+              "position_ids": [torch.arange(shared)], "row": [torch.full((shared,), -1)]}
+    for i, n in enumerate(lengths):
+        pieces["input_ids"].append(batch["input_ids"][i, shared:n])
+        pieces["labels"].append(batch["labels"][i, shared:n])
+        pieces["position_ids"].append(torch.arange(shared, n))
+        pieces["row"].append(torch.full((n - shared,), i))
+    if (torch.cat([p[:1] for p in pieces["labels"][1:]]) != -100).any():
+        raise ValueError(f"a row's first token after the {shared}-token prefix is labelled: the prefix must end "
+                         "before the position that predicts the first answer token (use shared_prefix_length)")
+    packed = {k: torch.cat(v) for k, v in pieces.items()}
+    return {k: v if k == "row" else v[None] for k, v in packed.items()}
 
 
-# What one more forward and backward pass costs a training step beyond its positions, counted in
-# positions (`length_groups`): every weight is read once going forward and once going back, and a
-# 4-bit layer dequantizes its whole weight each time. Measured on SmolLM2 batches of 8, see
-# `length_groups`.
-PASS_COST = 32
-PASS_COST_4BIT = 128
-
-
-def _pass_cost(model) -> float:
-    """`PASS_COST_4BIT` for a model with 4-bit layers (course_lib's `Linear4bit` or bitsandbytes'),
-    which dequantize their weights on every pass, `PASS_COST` otherwise."""
-    return PASS_COST_4BIT if any(type(m).__name__ == "Linear4bit" for m in model.modules()) else PASS_COST
-
-
-def length_groups(lengths: Sequence[int], shared: int = 0, pass_cost: float = PASS_COST) -> list[list[int]]:
-    """Row indices in groups, each to be padded to its own longest row and run as one pass after
-    the ``shared`` prompt start: the grouping that computes the fewest positions,
-    ``Σ rows x (group's longest - shared)``, counting each pass as ``pass_cost`` positions more.
-
-    A pass has a cost of its own beyond its positions (`PASS_COST`). With it at 0 each length would
-    get a pass of its own; unbounded, the batch is one group. Rows are taken shortest first and a
-    group is a run of them (a longer row never waits in a shorter row's group), so the best
-    grouping of the first ``j`` rows is the best of the first ``i`` plus one group ``i .. j-1``,
-    found by trying every ``i`` for every ``j``. A batch of prompts of about 80 tokens after a
-    32-token start, with one of 245, pads that one alone.
-
-    The costs are measured: SmolLM2 with LoRA on q_proj and v_proj, 11 training batches of 8, two
-    threads, a step's loss and backward against one group after the prefix: 1.10 times as long
-    at cost 0, 0.82 at 12, 0.79 at 24, 0.78 at 48, 0.81 at 96 (float weights: `PASS_COST` 32);
-    with NF4 weights (two runs) 1.83 at 0, 1.10 at 24, 0.95 at 64, 0.92 at 96, 0.91 at 128, 0.92 at 192
-    (`PASS_COST_4BIT` 128)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    best = [0.0] + [math.inf] * len(order)      # best[j]: the cost of the first j rows
-    start = [0] * (len(order) + 1)              # where the last group of that best grouping starts
-    for j in range(1, len(order) + 1):
-        width = lengths[order[j - 1]] - shared     # the group's longest row is its last
-        for i in range(j):
-            cost = best[i] + (j - i) * width + pass_cost
-            if cost < best[j]:
-                best[j], start[j] = cost, i
-    groups, j = [], len(order)
-    while j:
-        groups.append(order[start[j]:j])
-        j = start[j]
-    return groups[::-1]
+def prefix_sharing_mask(row: torch.Tensor) -> torch.Tensor:
+    """``(T, T)`` boolean attention mask of a `pack_after_prefix` sequence, True where query ``q``
+    may attend to key ``k``: ``k <= q`` (causal) and key ``k`` is the prefix's (``row == -1``) or
+    the same row's as ``q``. So each row sees exactly what it would see alone."""
+    causal = torch.ones(len(row), len(row), dtype=torch.bool).tril()
+    return causal & ((row[None, :] == -1) | (row[None, :] == row[:, None]))
 
 
 def _scored_logits(model, batch: dict, scored: torch.Tensor, **forward_kwargs) -> torch.Tensor:
@@ -270,9 +248,8 @@ def _prefix_states(model, prefix_ids: torch.Tensor) -> list[tuple[torch.Tensor, 
 
 def _cache_for_rows(runner, prefix: list[tuple[torch.Tensor, torch.Tensor]], rows: int):
     """A fresh KV cache holding the prefix's keys and values for each of ``rows`` rows: views
-    (``expand``), copied only when a pass appends its own positions, so every group starts from
-    the same prefix without running it again. Differentiable: in training, each row's gradient
-    flows back into the one prefix pass (expand's backward sums over the rows)."""
+    (``expand``), copied only when a pass appends its own positions, so every batch starts from
+    the same prefix without running it again."""
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix],

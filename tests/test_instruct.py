@@ -3,7 +3,6 @@ transformers computes, and the virtual tokens of a prompt-tuned model."""
 
 import copy
 import math
-import random
 
 import pytest
 import torch
@@ -181,61 +180,32 @@ def test_answer_nll_computes_the_output_layer_at_answer_positions_only_and_bit_i
 # ---------------------------------------------------------------------------------------------
 # The shared prompt start, run once (answer_nll and answer_loss with share_prefix=True)
 # ---------------------------------------------------------------------------------------------
-def test_length_groups_pad_each_group_to_its_own_longest_row():
-    # prompts of about 80 tokens after a 32-token start, and two long rows (a 245-token row is in
-    # the course's training data). Rows 78, 80, 84 together: 3 x 52 + 24 = 180 positions' worth,
-    # against 196 for {78, 80} and {84}; the 157 joining them would pad 4 rows to 125 (500 + 24)
-    # instead of one pass of its own (125 + 24); likewise the 245 (2 x 213 + 24 against 237 + 149).
-    assert instruct.length_groups([80, 245, 78, 157, 84], 32, pass_cost=24) == [[2, 0, 4], [3], [1]]
-    # two rows of 10 and 13 positions: one pass costs 26 + c, two cost 23 + 2c, fewer when c < 3
-    assert instruct.length_groups([10, 13], 0, pass_cost=2) == [[0], [1]]
-    assert instruct.length_groups([10, 13], 0, pass_cost=4) == [[0, 1]]
-    assert instruct.length_groups([8, 10, 10, 9], 0, pass_cost=0) == [[0], [3], [1, 2]]   # a tie stays together
-    assert instruct.length_groups([8, 10, 10, 9], 0, pass_cost=math.inf) == [[0, 3, 1, 2]]
-    assert instruct.length_groups([]) == []
+def _two_row_batch():
+    """Rows 5 6 7 8 9 and 5 6 7 3 4 2 (padded with 0), answers 9 and 4 2: a 3-token common start."""
+    return {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 7, 3, 4, 2]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
+            "labels": torch.tensor([[-100, -100, -100, -100, 9, -100], [-100, -100, -100, -100, 4, 2]])}
 
 
-def test_pass_cost_is_higher_for_4bit_layers():
-    """A model whose layers dequantize 4-bit weights on every pass, course_lib's or bitsandbytes',
-    gets the higher cost per pass; both the same one, so the two group a batch alike (the QLoRA
-    benchmark checks their losses are equal)."""
-    import bitsandbytes as bnb
-
-    from course_lib.linear4bit import Linear4bit
-
-    assert instruct.PASS_COST_4BIT > instruct.PASS_COST
-    assert instruct._pass_cost(tiny_llama()) == instruct.PASS_COST
-    ours = torch.nn.Sequential(Linear4bit.from_linear(torch.nn.Linear(64, 64)))
-    theirs = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64, quant_type="nf4"))
-    assert instruct._pass_cost(ours) == instruct._pass_cost(theirs) == instruct.PASS_COST_4BIT
+def test_pack_after_prefix_by_hand():
+    batch = _two_row_batch()
+    assert instruct.shared_prefix_length(batch) == 3    # the first answer token is at 4, predicted from 3
+    packed = instruct.pack_after_prefix(batch, 3)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 3, 4, 2]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
+    assert packed["labels"].tolist() == [[-100, -100, -100, -100, 9, -100, 4, 2]]
+    assert packed["row"].tolist() == [-1, -1, -1, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="shared_prefix_length"):   # row 0's token 9 would be predicted by row -1's 7
+        instruct.pack_after_prefix(batch, 4)
 
 
-def _grouping_cost(lengths, groups, shared, pass_cost):
-    return sum(len(g) * (max(lengths[i] for i in g) - shared) + pass_cost for g in groups)
-
-
-def _set_partitions(items):
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for partition in _set_partitions(rest):
-        yield [[first], *partition]
-        for k in range(len(partition)):
-            yield partition[:k] + [[first, *partition[k]]] + partition[k + 1:]
-
-
-def test_length_groups_finds_the_cheapest_of_all_groupings():
-    """Against every way of splitting the rows into groups (203 for 6 rows), not only runs of the
-    sorted rows: none costs less than `length_groups`' choice, and each row is in exactly one group."""
-    rng = random.Random(0)
-    for _ in range(40):
-        lengths = [rng.randint(34, 120) for _ in range(rng.randint(1, 6))]
-        cost = rng.choice([0, 8, 24, 60])
-        groups = instruct.length_groups(lengths, 32, cost)
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-        cheapest = min(_grouping_cost(lengths, p, 32, cost) for p in _set_partitions(list(range(len(lengths)))))
-        assert _grouping_cost(lengths, groups, 32, cost) == cheapest
+def test_prefix_sharing_mask_by_hand():
+    mask = instruct.prefix_sharing_mask(torch.tensor([-1, -1, 0, 0, 1]))
+    assert mask.int().tolist() == [[1, 0, 0, 0, 0],
+                                   [1, 1, 0, 0, 0],
+                                   [1, 1, 1, 0, 0],
+                                   [1, 1, 1, 1, 0],
+                                   [1, 1, 0, 0, 1]]   # row 1 sees the prefix and itself, not row 0
 
 
 def _tokens_seen(model):
@@ -245,17 +215,21 @@ def _tokens_seen(model):
     return seen, handle
 
 
-def test_shared_prefix_gives_the_same_loss_gradient_and_nll_for_less_work():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prefix_gives_the_same_loss_gradient_and_nll_for_less_work(attention):
     """Four rows that share the prompt start '<find the name of ' (18 characters, one token each)
     and differ in length: the loss, every parameter's gradient and each row's NLL equal those of
-    one pass over the padded batch (to float rounding), while the model computes fewer positions:
-    the prefix once, then each length group padded to its own longest row."""
+    one pass over the padded batch (to float rounding), with either attention that takes a
+    prepared mask, while the model computes fewer positions: in training the prefix once and
+    each row's own tokens, no padding."""
     tokenizer, model = _chat_tokenizer(), tiny_llama()
+    model.set_attn_implementation(attention)
     instructions = ["find the name of x", "find the name of yy", "find the name of a longer thing here", "find the name of z"]
     answers = ["ab", "c", "parse", "split"]
     rows = [{"instruction": i, "answer": a} for i, a in zip(instructions, answers)]
     batch = instruct.answer_batch(tokenizer, instructions, answers)
-    assert instruct.shared_prefix_length(batch) == len("<find the name of ")
+    shared = len("<find the name of ")
+    assert instruct.shared_prefix_length(batch) == shared
     model.train()
     results = {}
     for share in (False, True):
@@ -272,10 +246,8 @@ def test_shared_prefix_gives_the_same_loss_gradient_and_nll_for_less_work():
     for name, g in plain_grads.items():
         assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-7), name
     lengths = batch["attention_mask"].sum(1).tolist()
-    groups = instruct.length_groups(lengths, len("<find the name of "))
-    assert len(groups) == 2 and plain_tokens == batch["input_ids"].numel()
-    shared = len("<find the name of ")
-    assert tokens == shared + sum(len(g) * (max(lengths[i] for i in g) - shared) for g in groups) < plain_tokens
+    assert plain_tokens == batch["input_ids"].numel()
+    assert tokens == shared + sum(n - shared for n in lengths) < sum(lengths) < plain_tokens
     model.eval()
     whole = instruct.answer_nll(model, tokenizer, instructions, answers, batch_size=3, share_prefix=False)
     assert torch.allclose(instruct.answer_nll(model, tokenizer, instructions, answers, batch_size=3), whole, rtol=1e-5)

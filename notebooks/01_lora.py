@@ -348,8 +348,12 @@ assert [d.verdict() for run in diffs.values() for d in run.values()] == ["within
 # ## Fine-tuning SmolLM2 to name functions
 #
 # The instruction task from chapter 00: given a docstring summary, answer the function's name.
-# The loss is next-token cross-entropy on the answer tokens only (`instruct.answer_loss`). LoRA
-# r = 8 on `q_proj` and `v_proj` trains 460,800 of SmolLM2's 134.5M parameters, at a learning rate
+# The loss is next-token cross-entropy on the answer tokens only (`instruct.answer_loss`). Every
+# prompt starts with the same 32 tokens (the chat template's system turn and the task's first
+# words), so a batch goes in as one sequence: those tokens once, then each row's own, with an
+# attention mask that lets each row see the shared start and itself only
+# (`instruct.pack_after_prefix`): the loss a padded batch would give, for about half the positions,
+# in one pass. LoRA r = 8 on `q_proj` and `v_proj` trains 460,800 of SmolLM2's 134.5M parameters, at a learning rate
 # of 2e-3. Full fine-tuning of SmolLM2 does not fit this notebook's time budget (and it needs 1 GiB
 # of AdamW state); the benchmark below runs it.
 

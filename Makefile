@@ -46,12 +46,13 @@ unexport PYTHONDONTWRITEBYTECODE
 TEST_WORKERS := 2
 # The order make test hands the chapters to its two workers (--no-loadscope-reorder keeps it; each
 # chapter goes to whichever worker is free next). Chosen from the chapters' times under nbval with
-# one thread, two at a time (README, "Two commands"). Simulated with two runs' chapter times it
-# takes 879 s and 892 s (the second run measured 894 s), pytest-xdist's own order (most cells
-# first) 895 s and 929 s, a perfect split 868 s and 878 s: a chapter is the unit of work, and its
-# time moves between runs (chapter 08: 80 s, then 124 s). A chapter missing from the list runs
-# after the listed ones.
-CHAPTER_ORDER := 06 02 05 04 01 03 08 07 00
+# one thread, two at a time, in the clean-clone runs of 00d48d0 and fcd6f59 (README, "Two
+# commands"), by simulating every order: this one takes 824 s and 823 s with their times, the order
+# before it 846 s and 862 s (fcd6f59 measured 864 s), a perfect split 820 s and 819 s; with each
+# chapter's time moved by up to 10% at random it averages 831 s against 848 s. A chapter is the
+# unit of work, and its time moves between runs (chapter 08: 80 s, then 124 s). A chapter missing
+# from the list runs after the listed ones.
+CHAPTER_ORDER := 03 07 04 00 06 01 02 05 08
 ORDERED_NOTEBOOKS := $(foreach n,$(CHAPTER_ORDER),$(wildcard notebooks/$(n)_*.ipynb))
 ORDERED_NOTEBOOKS += $(filter-out $(ORDERED_NOTEBOOKS),$(NOTEBOOKS))
 WORKER_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n / $(TEST_WORKERS) > 0 ? n / $(TEST_WORKERS) : 1 )))

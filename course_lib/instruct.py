@@ -206,7 +206,7 @@ def _scored_logits(model, batch: dict, scored: torch.Tensor, **forward_kwargs) -
     return logits if logits.dim() == 2 else at_scored(logits)
 
 
-MIN_SHARED_PREFIX = 8   # tokens: a shorter common prompt start is not worth a pass of its own
+MIN_SHARED_PREFIX = 8   # tokens: with a shorter common prompt start, rows are scored and trained whole as before
 
 
 def _transformers_model(model):

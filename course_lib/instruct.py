@@ -149,8 +149,12 @@ def pack_after_prefix(batch: dict, shared: int) -> dict:
     positions they have in the row; ``row`` (shape ``(T,)``) says whose each token is: -1 for the
     prefix, else the row's index. No label points across rows: a row's first token after the
     prefix is never an answer token (`shared_prefix_length` stops before the earliest one's
-    predecessor), so the label the previous row's last token would be scored on is -100."""
+    predecessor), so the label the previous row's last token would be scored on is -100. A
+    ``shared`` that breaks either (rows that differ in their first ``shared`` tokens, or a labelled
+    first token) raises ValueError."""
     lengths = batch["attention_mask"].sum(1).tolist()
+    if shared > min(lengths) or (batch["input_ids"][:, :shared] != batch["input_ids"][:1, :shared]).any():
+        raise ValueError(f"the rows do not all start with the same {shared} tokens: pass shared_prefix_length(batch)")
     pieces = {"input_ids": [batch["input_ids"][0, :shared]], "labels": [batch["labels"][0, :shared]],
               "position_ids": [torch.arange(shared)], "row": [torch.full((shared,), -1)]}
     for i, n in enumerate(lengths):

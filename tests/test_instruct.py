@@ -195,8 +195,12 @@ def test_pack_after_prefix_by_hand():
     assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]]
     assert packed["labels"].tolist() == [[-100, -100, -100, -100, 9, -100, 4, 2]]
     assert packed["row"].tolist() == [-1, -1, -1, 0, 0, 1, 1, 1]
-    with pytest.raises(ValueError, match="shared_prefix_length"):   # row 0's token 9 would be predicted by row -1's 7
+    with pytest.raises(ValueError, match="same 4 tokens"):   # the rows differ at their 4th token (8, 3)
         instruct.pack_after_prefix(batch, 4)
+    same_start = {k: v.clone() for k, v in batch.items()}
+    same_start["input_ids"][1, 3] = 8
+    with pytest.raises(ValueError, match="labelled"):   # row 0's answer 9 would be scored at the previous piece's end
+        instruct.pack_after_prefix(same_start, 4)
 
 
 def test_prefix_sharing_mask_by_hand():

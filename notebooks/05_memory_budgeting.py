@@ -654,7 +654,7 @@ claim("004", "full fine-tuning of 1.5B stores 12 GB of gradients; LoRA 67 MB (18
       f"12 GB = 8 bytes x 1.5B: AdamW's two moments, not gradients ({gb(p15 * 4)} in fp32)", "**mislabelled**: the figures are optimizer state")
 claim("004", "LoRA trains 15-20x faster (1.5B: 2-3 s vs 0.1-0.2 s per step)",
       f"SmolLM2, chapter 01's benchmark (40 steps, 8 x 64): full / LoRA = {speed_lora:.1f}x",
-      "**wrong**: LoRA still runs every layer's forward and backward (4PT against 6PT multiply-adds, 1.5x)")
+      "**wrong**: LoRA still runs every layer's forward and backward (4PT against 6PT multiply-adds, 1.5x, plus full fine-tuning's optimizer update of every weight)")
 claim("001", "LoRA: memory -80-95%, speed 2-5x",
       f"memory: SmolLM2 4 x 128 measured {1 - lora_m / full_m:.0%} less; LLaMA-3-8B 1 x 512 estimated {saving8:.0%} less; speed {speed_lora:.1f}x",
       "memory **holds** for large models at short sequences, not for small ones; speed **wrong**")
@@ -702,7 +702,8 @@ assert torch8_4x512.total < 80e9 < mixed8.model_states and torch8.optimizer_stat
 assert 3.0e6 < lora8.trainable_parameters < 4.5e6
 assert small7.peak < 8 * GiB < lora7w
 assert not plan13.fits and plan13.budget.peak < 8 * GiB
-assert speed_lora < 1.5 and peft_bench["ratios"]["runtime_inference_over_base"] < 1.1
+# full / LoRA: 6PT against 4PT multiply-adds (1.5x), plus full fine-tuning's AdamW update of every weight; nowhere near 15-20x
+assert speed_lora < 2 and peft_bench["ratios"]["runtime_inference_over_base"] < 1.1
 assert abs(mem["LoRA + MRL"] / mem["LoRA"] - 1) < 0.02 and r32.peak / r16.peak - 1 < 0.05
 assert edge.peak < 8 * GiB
 

@@ -9,8 +9,8 @@ more run with ``PYTHONPROFILEIMPORTTIME=1`` records the slowest imports and whet
 among them (the budget needs arithmetic, not torch).
 
 Run:  .venv/bin/python -m benchmarks.cli_startup [--repeats 10]   (a few seconds)
-Writes benchmarks/results/cli_startup.json and ends with its FIGURE lines; ``--figures-only``
-recomputes them from that JSON, measuring nothing.
+Writes benchmarks/runs/cli_startup.json (``--save``: the committed benchmarks/results/cli_startup.json)
+and ends with its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
 """
 
 from __future__ import annotations

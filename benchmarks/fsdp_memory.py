@@ -11,9 +11,9 @@
    processes, and gathered with GradCache chunks, against the single process's 16-pair gradient.
 
 Run:  .venv/bin/python -m benchmarks.fsdp_memory [--processes 1 2 4] [--steps 3]
-(about 10 minutes on 2 CPU cores: 4 processes share 2 cores, so their seconds per step show the
+(about 3 minutes on 2 CPU cores: 4 processes share 2 cores, so their seconds per step show the
 cost of communication and of a crowded machine, not what 4 GPUs would do). Writes
-benchmarks/results/fsdp_memory.json and ends with its FIGURE lines; ``--figures-only``
+benchmarks/runs/fsdp_memory.json (``--save``: benchmarks/results/) and ends with its FIGURE lines; ``--figures-only``
 recomputes them from that JSON, measuring nothing.
 """
 

@@ -16,7 +16,7 @@ the smallest: recall@10 and MRR with seeded 95% paired bootstrap intervals
 (`report.compare_rankings`), printed after the results, before the FIGURE lines.
 
 Run:  .venv/bin/python -m benchmarks.gradcache [--batch 256] [--chunk 32] [--repeats 3]
-(about 25 minutes on 2 CPU cores; ``--n-test`` scores only the first test queries, for a quick
+(about 35 minutes on 2 CPU cores; ``--n-test`` scores only the first test queries, for a quick
 try). Writes benchmarks/runs/gradcache.json (``--save``: the committed
 benchmarks/results/gradcache.json) and ends with its FIGURE lines; ``--figures-only``
 recomputes them from that JSON, measuring nothing (a JSON written before the per-query ranks

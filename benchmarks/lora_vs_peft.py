@@ -11,8 +11,8 @@ Run:  .venv/bin/python -m benchmarks.lora_vs_peft   (about 2 minutes on 2 CPU co
 Each callable gets two warm-up calls, then the callables run interleaved (ours, peft, peft, ours,
 ...); a ratio is the median over rounds of the two times measured in the same round, so a slow
 moment of a shared machine hits both sides alike or spoils one round, which the median drops.
-The number of threads is torch's default. Writes benchmarks/results/lora_vs_peft.json and ends
-with its FIGURE lines; ``--figures-only`` recomputes them from the ratios recorded there,
+The number of threads is torch's default. Writes benchmarks/runs/lora_vs_peft.json (``--save``: the
+committed benchmarks/results/lora_vs_peft.json) and ends with its FIGURE lines; ``--figures-only`` recomputes them from the ratios recorded there,
 measuring nothing.
 """
 

@@ -2,8 +2,8 @@
 
 Run:  .venv/bin/python -m benchmarks.model_loading
 Both loads happen in this one run, in a fresh temporary cache, so the ratio is side by side.
-Writes benchmarks/results/model_loading.json and ends with its FIGURE line; ``--figures-only``
-recomputes it from that JSON, measuring nothing.
+Writes benchmarks/runs/model_loading.json (``--save``: the committed benchmarks/results/model_loading.json)
+and ends with its FIGURE line; ``--figures-only`` recomputes it from that JSON, measuring nothing.
 """
 
 import json

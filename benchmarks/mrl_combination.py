@@ -19,9 +19,9 @@ recall@10, recall@1 and MRR with seeded 95% paired bootstrap intervals (`report.
 each with its ``dim``.
 
 Run:  .venv/bin/python -m benchmarks.mrl_combination [--pairs 2048] [--batch 64] [--distractors 2000]
-(about 20 minutes on 2 CPU cores). ``--n-test N`` scores only the first N test queries (a quick
-check; the default is all of them). Writes benchmarks/results/mrl_combination.json and ends with
-its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing (a JSON
+(about 40 minutes on 2 CPU cores). ``--n-test N`` scores only the first N test queries (a quick
+check; the default is all of them). Writes benchmarks/runs/mrl_combination.json (``--save``: the committed
+benchmarks/results/mrl_combination.json) and ends with its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing (a JSON
 written before the ranks were kept, without ``items`` and ``comparisons``, works too).
 """
 

@@ -15,8 +15,8 @@ paired comparisons (95% bootstrap intervals, McNemar's p): each training against
 model, QLoRA against 32-bit LoRA, and bitsandbytes + peft against course_lib.
 
 Run:  .venv/bin/python -m benchmarks.qlora_training [--steps 40] [--n-instruct 100]
-(about 25 minutes on 2 CPU cores). Writes benchmarks/results/qlora_training.json and ends with
-its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
+(about 7 minutes on 2 CPU cores). Writes benchmarks/runs/qlora_training.json (``--save``: the committed
+benchmarks/results/qlora_training.json) and ends with its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
    (a step does it twice per layer); and on CPU the seconds the two course_lib models' timed steps
    spent in their dequantize calls (each call timed inside the step, where the caches are cold).
 
-Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 7 minutes on 2 CPU cores)
+Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 5 minutes on 2 CPU cores)
       .venv/bin/python -m benchmarks.quant_vs_bnb --device cuda   (a GPU run: quant_vs_bnb.cuda.json)
 Each round calls every contender once, in rotating order, after one warm-up call; a ratio of 1-3
 is the median over rounds of the two times measured in the same round, so a slow spell of a shared

@@ -112,9 +112,11 @@ def _worker(index, fn, args, world_size, port, backend, folder, timeout, environ
         dist.destroy_process_group()     # only on success: after a failure the peers may be stuck mid-collective
         _save_record(folder, index, {"result": result})
     except BaseException as error:
-        # plain strings, so that launch reads the record back with weights_only=True
+        # plain strings, so that launch reads the record back with weights_only=True; the time (one clock
+        # for every process of the machine) tells launch which rank failed first
         _save_record(folder, index, {"error_type": f"{type(error).__module__}:{type(error).__qualname__}",
-                                     "message": str(error), "traceback": traceback.format_exc()})
+                                     "message": str(error), "traceback": traceback.format_exc(),
+                                     "failed_at": time.monotonic()})
         raise
     # Saved, group gone: leave without the interpreter's shutdown, whose C++ destructors (gloo's threads,
     # OpenMP's pool) once aborted a rank (SIGABRT) after it had saved a correct result.
@@ -129,6 +131,23 @@ def _exception_type(name: str) -> type:
     except (ImportError, AttributeError, ValueError):
         return RuntimeError
     return found if isinstance(found, type) and issubclass(found, BaseException) else RuntimeError
+
+
+def _first_failure(folder: Path, world: int, noticed: int) -> int:
+    """The rank whose exception came first. When one rank raises, its peers' collectives fail too
+    ("Connection closed by peer"), and the rank torch notices first (``noticed``) may be one of
+    those: on a busy machine several have ended before launch looks. Every rank that raised saved
+    the time it did; the earliest is the cause. ``noticed`` if no rank saved one (it died without a
+    Python exception)."""
+    times = {}
+    for rank in range(world):
+        try:
+            record = torch.load(folder / f"rank{rank}", weights_only=True)
+        except (OSError, pickle.UnpicklingError, EOFError, RuntimeError):
+            continue
+        if "failed_at" in record:
+            times[rank] = record["failed_at"]
+    return min(times, key=times.get) if times else noticed
 
 
 def _child_error(folder: Path, rank: int, world: int, failure: Exception) -> Exception:
@@ -187,7 +206,7 @@ def launch(fn, nprocs: int, *args, timeout: float = 300.0, backend: str | None =
     module, not in a notebook cell) and return tensors, numbers, strings, dtypes, or lists, tuples and
     dicts of them (read back with ``weights_only=True``); tensors come back on the CPU. If a process
     raises, the others are stopped and its exception is raised here, naming its rank (its traceback
-    attached as a note). If they have not all finished after ``timeout`` seconds they are killed and
+    attached as a note; of several that raised, the first, whose failure made the others' fail). If they have not all finished after ``timeout`` seconds they are killed and
     ``TimeoutError`` is raised: a hang fails instead of blocking.
     """
     positive_int("nprocs", nprocs)
@@ -212,5 +231,6 @@ def launch(fn, nprocs: int, *args, timeout: float = 300.0, backend: str | None =
                                        f"within {timeout:g} s and were killed: usually one rank waits in a collective "
                                        "that another never reaches (e.g. ranks given different numbers of batches)")
         except ProcessException as failure:
-            raise _child_error(folder, failure.error_index, nprocs, failure) from None
+            rank = _first_failure(folder, nprocs, failure.error_index)
+            raise _child_error(folder, rank, nprocs, failure) from None
         return [_load_result(folder, r) for r in range(nprocs)]

@@ -353,6 +353,23 @@ def test_a_crash_in_clean_up_at_exit_cannot_fail_a_finished_rank():
     assert torch.equal(results[1]["value"], torch.ones(2))
 
 
+def test_the_rank_that_failed_first_is_reported_not_the_one_noticed_first(tmp_path):
+    """Rank 1 raised; rank 0's barrier then failed because rank 1 was gone. On a loaded machine both
+    had ended when launch looked, and torch named rank 0 (a CI run reported its "Connection closed
+    by peer" instead of rank 1's KeyError). launch reports the earliest saved failure."""
+    def record(kind, message, at):
+        return {"error_type": kind, "message": message, "traceback": "...", "failed_at": at}
+    torch.save(record("builtins:RuntimeError", "Connection closed by peer", 12.5), tmp_path / "rank0")
+    torch.save(record("builtins:KeyError", "no such column", 12.0), tmp_path / "rank1")
+    assert processes._first_failure(tmp_path, 2, noticed=0) == 1
+    error = processes._child_error(tmp_path, processes._first_failure(tmp_path, 2, noticed=0), 2, RuntimeError("exit 1"))
+    assert isinstance(error, KeyError) and "rank 1 of 2 raised KeyError" in str(error)
+    torch.save(record("builtins:KeyError", "no such column", 13.0), tmp_path / "rank1")   # now rank 0 was first
+    assert processes._first_failure(tmp_path, 2, noticed=1) == 0
+    (tmp_path / "rank0").unlink(), (tmp_path / "rank1").unlink()     # no rank saved an exception
+    assert processes._first_failure(tmp_path, 2, noticed=1) == 1
+
+
 def test_a_rank_that_died_after_saving_its_result_is_named(tmp_path):
     torch.save({"result": 3}, tmp_path / "rank1")
     error = processes._child_error(tmp_path, 1, 2, RuntimeError("process 1 terminated with signal SIGABRT"))

@@ -164,14 +164,23 @@ def brute_force(q: torch.Tensor, docs: torch.Tensor) -> tuple[torch.Tensor, torc
 @pytest.mark.parametrize("index", ["float32", "int8", "binary"])
 @pytest.mark.parametrize("shortlist_dim", [8, 64])
 def test_whole_corpus_shortlist_is_brute_force(index, shortlist_dim):
-    q, docs = torch.randn(7, 64), torch.randn(50, 64)
+    """A shortlist of the whole corpus, re-ranked at full size, is brute force's ranking. Stage 2
+    scores with an einsum over the shortlist, brute force with one matmul: two documents whose
+    scores differ only by float rounding may swap (an unseeded run once failed on such a pair, in a
+    clean clone beside other work), so the check is that every position holds a document whose
+    true score is brute force's score at that position, to 1e-6, and each document once."""
+    gen = torch.Generator().manual_seed(0)
+    q, docs = torch.randn(7, 64, generator=gen), torch.randn(50, 64, generator=gen)
     expected_scores, expected = brute_force(q, docs)
+    cosine = F.normalize(q, dim=-1) @ F.normalize(docs, dim=-1).T
     result = matryoshka.two_stage_search(q, docs, k=50, shortlist_dim=shortlist_dim, top=50, index=index)
-    assert torch.equal(result.ranking, expected)
-    assert torch.equal(result.indices, expected)
+    assert torch.equal(result.ranking.sort(dim=1).values, torch.arange(50).expand(7, 50))   # a permutation
+    torch.testing.assert_close(cosine.gather(1, result.ranking), expected_scores, rtol=0, atol=1e-6)
+    assert (result.ranking == expected).float().mean() > 0.9   # swaps are rare, not the rule
+    assert torch.equal(result.indices, result.ranking)
     torch.testing.assert_close(result.scores, expected_scores)
     top3 = matryoshka.two_stage_search(q, docs, k=50, shortlist_dim=shortlist_dim, top=3, index=index)
-    assert torch.equal(top3.indices, expected[:, :3])
+    torch.testing.assert_close(cosine.gather(1, top3.indices), expected_scores[:, :3], rtol=0, atol=1e-6)
 
 
 def test_shortlist_at_a_short_prefix_can_miss_the_best_document():

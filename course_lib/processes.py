@@ -139,22 +139,23 @@ def _first_failure(folder: Path, world: int, noticed: int) -> int:
     those: on a busy machine several have ended before launch looks. Every rank that raised saved
     the time it did; the earliest is the cause. ``noticed`` if no rank saved one (it died without a
     Python exception)."""
-    times = {}
-    for rank in range(world):
-        try:
-            record = torch.load(folder / f"rank{rank}", weights_only=True)
-        except (OSError, pickle.UnpicklingError, EOFError, RuntimeError):
-            continue
-        if "failed_at" in record:
-            times[rank] = record["failed_at"]
+    times = {rank: record["failed_at"] for rank in range(world)
+             if (record := _read_record(folder, rank)) is not None and "failed_at" in record}
     return min(times, key=times.get) if times else noticed
+
+
+def _read_record(folder: Path, rank: int) -> dict | None:
+    """What rank ``rank`` saved (`_save_record`), or None if it saved nothing readable."""
+    try:
+        return torch.load(folder / f"rank{rank}", weights_only=True)
+    except (OSError, pickle.UnpicklingError, EOFError, RuntimeError):
+        return None
 
 
 def _child_error(folder: Path, rank: int, world: int, failure: Exception) -> Exception:
     """The child's own exception, its message prefixed with the rank, its traceback as a note."""
-    try:
-        record = torch.load(folder / f"rank{rank}", weights_only=True)
-    except (OSError, pickle.UnpicklingError, EOFError, RuntimeError):
+    record = _read_record(folder, rank)
+    if record is None:
         return RuntimeError(f"rank {rank} of {world} died without a Python exception: {failure}")
     if "result" in record:
         return RuntimeError(f"rank {rank} of {world} returned its result, then its process died while exiting "

@@ -16,8 +16,8 @@ the smallest: recall@10 and MRR with seeded 95% paired bootstrap intervals
 (`report.compare_rankings`), printed after the results, before the FIGURE lines.
 
 Run:  .venv/bin/python -m benchmarks.gradcache [--batch 256] [--chunk 32] [--repeats 3]
-(about 35 minutes on 2 CPU cores; ``--n-test`` scores only the first test queries, for a quick
-try). Writes benchmarks/runs/gradcache.json (``--save``: the committed
+(21 to 35 minutes on 2 CPU cores, by the machine; ``--n-test`` scores only the first test
+queries, for a quick try). Writes benchmarks/runs/gradcache.json (``--save``: the committed
 benchmarks/results/gradcache.json) and ends with its FIGURE lines; ``--figures-only``
 recomputes them from that JSON, measuring nothing (a JSON written before the per-query ranks
 were kept has neither "items" nor "comparisons", and needs neither).
@@ -39,6 +39,7 @@ from benchmarks.report import (
     argument_parser,
     compare_rankings,
     figure,
+    interval_figure,
     paired_line,
     recompute_figures,
     save_result,
@@ -159,6 +160,10 @@ def figures(result: dict) -> list[str]:
     ]
     if len(sweep) >= 2:
         lines.append(figure("largest_minus_smallest_batch_recall10", sweep[-1]["recall@10"] - sweep[0]["recall@10"], ">", 0))
+        paired = {(c["a"], c["b"]): c for c in result.get("comparisons", [])}
+        key = (f"batch_{sweep[0]['batch']}", f"batch_{sweep[-1]['batch']}")
+        if key in paired:   # the same difference over the same test queries, with its interval
+            lines.append(interval_figure("largest_minus_smallest_batch_recall10", paired[key]["recall@10"], ">", 0))
     return lines
 
 

@@ -39,6 +39,7 @@ from benchmarks.report import (
     argument_parser,
     compare_answers,
     figure,
+    interval_figure,
     paired_line,
     recompute_figures,
     save_result,
@@ -113,8 +114,10 @@ def zero_shot(model, tokenizer, test: list) -> dict:
 def figures(result: dict) -> list[str]:
     """The FIGURE lines of a result of this script, from its recorded measurements alone."""
     lora32, ours4, bnb4 = result["runs"]
+    paired = next(c for c in result["comparisons"] if (c["a"], c["b"]) == ("lora_fp32", "qlora_course_lib"))
     return [
         figure("qlora_minus_lora_exact_match", ours4["exact_match"] - lora32["exact_match"], ">=", -0.05),
+        interval_figure("qlora_minus_lora_exact_match", paired["exact_match"], ">=", -0.05),   # the same instructions
         figure("qlora_over_lora_answer_perplexity", ours4["perplexity"] / lora32["perplexity"], "<=", 1.15),
         figure("qlora_course_lib_vs_bnb_max_loss_gap",
                max(abs(a - b) for a, b in zip(ours4["loss"], bnb4["loss"])), "<=", 1e-2),

@@ -52,6 +52,19 @@ def figure(name: str, value: float, op: str, target: float, fmt: str = ".3g") ->
     return format_figure(name, value, op, target, fmt)
 
 
+def interval_figure(name: str, measured: dict, op: str, target: float, fmt: str = ".3g") -> str:
+    """The ``FIGURE`` line of a figure's paired 95% interval, printed after the point estimate's
+    line: ``<name>_95pct_high`` for a target ``<=`` or ``<``, ``<name>_95pct_low`` for ``>=`` or
+    ``>``, the end of ``measured``'s interval (``{"low": ..., "high": ...}`` as `compare_rankings`,
+    `compare_answers` and `time_ratio` record it) farthest toward missing the target.
+
+    It is met only when the whole interval meets the target. Where the point estimate meets its
+    target and this line misses, the figure is within noise of the target: not shown to meet it.
+    """
+    end = "high" if op in ("<=", "<") else "low"
+    return figure(f"{name}_95pct_{end}", measured[end], op, target, fmt)
+
+
 def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
     fn()
@@ -108,6 +121,20 @@ def command(name: str, args: argparse.Namespace | None = None, skip: tuple[str, 
     return " ".join(words)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s first ``model name`` on Linux, else what
+    `platform.processor` says, else ``"unknown"``): two machines of one platform string can be
+    different CPUs, and their seconds differ by up to twice."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 class Run:
     """One run of a benchmark: its command, when it started, where it ran.
 
@@ -130,12 +157,15 @@ class Run:
     def fields(self, **machine) -> dict:
         """The run's fields, first in its results JSON: ``command``, ``date`` (UTC, at the start),
         ``seconds`` (wall time so far), ``device``, ``threads`` (torch's), and ``machine`` (CPU
-        count, platform, the 1-minute load average at the start and now, Python and torch versions,
-        the CPU's vector instructions torch uses, then the ``machine`` keywords: other libraries'
-        versions)."""
+        count, the CPU's model name, platform, the 1-minute load average at the start and now, the
+        OpenMP settings of the environment, Python and torch versions, the CPU's vector instructions
+        torch uses, then the ``machine`` keywords: other libraries' versions)."""
         fields = {"command": self.command, "date": self.date, "seconds": self.seconds()}
-        info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                "load_average_1min_at_start_and_end": [round(self.load_at_start, 2), round(os.getloadavg()[0], 2)]}
+        info = {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
+                "python": sys.version.split()[0],
+                "load_average_1min_at_start_and_end": [round(self.load_at_start, 2), round(os.getloadavg()[0], 2)],
+                # OMP_WAIT_POLICY moves timings (PASSIVE: idle threads sleep); unset is recorded as None
+                "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}}
         if self.device is not None:
             import torch
 

@@ -779,8 +779,9 @@ display(Markdown(table))
 #   exact match and perplexity. Time per step, measured side by side in
 #   `benchmarks/quant_vs_bnb.py` (30 rounds, each giving every model the same batch, in rotating
 #   order): ours took 0.996 times bitsandbytes + peft's mean step (2.61 s against 2.62 s), 95%
-#   interval 0.97 to 1.02, within noise. The target (at most 1.0) is met by the point estimate;
-#   the interval says the two steps are level, not that ours is faster. A third model in the same
+#   interval 0.97 to 1.02, within noise. The target (at most 1.0) is met by the point estimate
+#   and missed by the interval's upper end (the benchmark prints both lines, 0.996 met and 1.017
+#   missed): the two steps are level, not ours shown faster. A third model in the same
 #   rounds splits the difference: ours with bitsandbytes' `dequantize_4bit` kernel called where
 #   our dequantize is (the same codes give the same weights, and the three models the same loss at
 #   every step) took 2.54 s. Ours over it, the dequantize's share, 1.026 [95% CI 1.01, 1.05],
@@ -840,6 +841,7 @@ assert round(ours_b["seconds_per_step"] / bnb_b["seconds_per_step"], 2) == 0.97
 assert (round(qstep_ratio["ratio"], 3), round(qstep_ratio["low"], 2), round(qstep_ratio["high"], 2),
         qstep_ratio["verdict"], qstep_ratio["rounds"]) == (0.996, 0.97, 1.02, "within noise", 30)
 assert "FIGURE qlora_step_cpu_course_lib_over_bnb_peft: 0.996 (target <= 1.0) met" in qb["figures"]
+assert "FIGURE qlora_step_cpu_course_lib_over_bnb_peft_95pct_high: 1.017 (target <= 1.0) missed" in qb["figures"]
 assert [round(qstep_mean[k], 2) for k in ("course_lib", "bnb_peft", "course_lib_bnb_dequantize")] == [2.61, 2.62, 2.54]
 assert [(round(r["ratio"], 3), round(r["low"], 2), round(r["high"], 2), r["verdict"]) for r in (qstep_share, qstep_rest)
         ] == [(1.026, 1.01, 1.05, "slower"), (0.971, 0.94, 1.0, "faster")]

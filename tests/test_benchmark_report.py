@@ -3,8 +3,10 @@
 
 import argparse
 import importlib
+import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -28,6 +30,33 @@ def test_figure_line(value, op, target, verdict):
     line = report.figure("some_ratio", value, op, target)
     figure = parse_figure_line(line)
     assert (figure.name, figure.op, figure.target, figure.verdict) == ("some_ratio", op, target, verdict)
+
+
+@pytest.mark.parametrize("interval, op, target, line", [
+    # qlora_step's 30 paired rounds: the point 0.996 meets <= 1.0, the interval's upper end does not
+    ({"low": 0.973, "high": 1.017}, "<=", 1.0, "FIGURE r_95pct_high: 1.02 (target <= 1.0) missed"),
+    ({"low": 0.90, "high": 0.98}, "<", 1.0, "FIGURE r_95pct_high: 0.98 (target < 1.0) met"),
+    # a gain whose interval touches zero (recall@10 [+0.000, +0.028]) is not shown to be > 0
+    ({"low": 0.0, "high": 0.028}, ">", 0, "FIGURE r_95pct_low: 0 (target > 0) missed"),
+    ({"low": -0.04, "high": 0.01}, ">=", -0.05, "FIGURE r_95pct_low: -0.04 (target >= -0.05) met"),
+])
+def test_interval_figure_holds_the_whole_interval_to_the_target(interval, op, target, line):
+    assert report.interval_figure("r", interval, op, target) == line
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "results").glob("*.json")), ids=lambda p: p.name)
+def test_each_interval_line_follows_its_point_estimate(path):
+    """An interval's line comes right after its figure's point line, with the same target, and is
+    met only where the point is (the point lies inside its interval)."""
+    figures = [parse_figure_line(line) for line in json.loads(path.read_text(encoding="utf-8"))["figures"]]
+    for before, figure in itertools.pairwise(figures):
+        if "_95pct_" in figure.name:
+            stem, _, end = figure.name.rpartition("_95pct_")
+            assert (before.name, before.op, before.target) == (stem, figure.op, figure.target)
+            assert end == ("high" if figure.op in ("<=", "<") else "low")
+            assert before.met or not figure.met
+            assert (figure.value >= before.value) if end == "high" else (figure.value <= before.value)
+    assert not figures or "_95pct_" not in figures[0].name
 
 
 def test_unknown_comparison_is_refused():
@@ -69,6 +98,8 @@ def test_the_run_fields():
     assert fields["command"] == "python -m benchmarks.probe --steps 4"
     assert fields["device"] == "cpu" and fields["threads"] >= 1 and fields["seconds"] >= 0
     assert {"cpu_count", "platform", "python", "torch", "cpu_capability", "peft"} <= set(fields["machine"])
+    assert fields["machine"]["cpu_model"] == report.cpu_model() and fields["machine"]["cpu_model"].strip()
+    assert fields["machine"]["environment"] == {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     capabilities = {"DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512", "SVE256"}   # torch.backends.cpu's values
     assert fields["machine"]["cpu_capability"] in capabilities
     start, end = fields["machine"]["load_average_1min_at_start_and_end"]

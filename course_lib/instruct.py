@@ -184,8 +184,10 @@ def _scored_logits(model, batch: dict, scored: torch.Tensor, **forward_kwargs) -
     The output layer (the LM head, a 576 x 49,152 matrix for SmolLM2: about a quarter of a forward
     pass) runs on those positions only: a pre-hook on ``model.get_output_embeddings()`` hands it
     the hidden states there instead of at every prompt and padding position. Each logit row is
-    the same computation either way, so the result is bit-identical to slicing the full logits
-    (checked for the course's models in tests/test_instruct.py). A model without an output layer
+    the same dot products either way: bit-identical to slicing the full logits on the AMD EPYC
+    CPUs the course was first run on, the same to float32 rounding (about 1e-6 relative) on an
+    Intel Xeon whose matrix library sums some rows in another order when it multiplies fewer of
+    them (checked for the course's models in tests/test_instruct.py). A model without an output layer
     to hook (onnxruntime's `course_lib.export.OnnxCausalLM`), or one whose head the hook did not
     reach, gives full logits, sliced here. ``forward_kwargs`` go to the model as they are (a KV
     cache and the positions after it, `_answer_nll_after_shared_prefix`).
@@ -308,7 +310,8 @@ def answer_nll(model, tokenizer, instructions: Sequence[str], answers: Sequence[
     default) the prompt start every instruction shares is run once and the rest of each row after
     it with its KV cache (`_answer_nll_after_shared_prefix`): SmolLM2's 128-instruction scoring
     of chapters 00 and 01 takes about 0.6 of the time, with the same NLL to about 1e-6 relative.
-    ``share_prefix=False`` scores each row whole, bit for bit the NLL of a full forward pass. A
+    ``share_prefix=False`` scores each row whole: the NLL of a full forward pass of the same batch,
+    to float32 rounding (bit for bit where the output layer's sums do not depend on its row count). A
     prompt-tuned peft model has positions for its virtual tokens in front of the input's; those
     are skipped, so the answer tokens are scored as for any other model (chapter 07 compares the
     methods by this); such a model, and onnxruntime's, is always scored whole.

@@ -164,7 +164,10 @@ def test_4bit_inference_takes_the_same_path_on_every_cpu(tmp_path):
         training_path = model.train()(**batch).logits
     assert torch.equal(inference, training_path)
     if not already_avx2:
-        torch.testing.assert_close(inference, load_file(avx2)["logits"], rtol=1e-4, atol=1e-4)
+        # float32 sums in another order through 30 layers: on an Intel Xeon with AVX-512 and AMX up to
+        # 2.7e-4 on logits up to 37 in size (1e-4 was enough on AMD EPYC); bfloat16 weights (below) move
+        # them by whole units (4.4 there)
+        torch.testing.assert_close(inference, load_file(avx2)["logits"], rtol=1e-4, atol=1e-3)
     if bnbF.has_avx512bf16():  # what the setting prevents, on a CPU that has the other path
         assert models.use_one_cpu_path(model) == 30 * 7
         for layer in model.modules():
@@ -172,4 +175,4 @@ def test_4bit_inference_takes_the_same_path_on_every_cpu(tmp_path):
                 layer.support_avx512bf16_for_cpu = True
         with torch.no_grad():
             repacked = model.eval()(**batch).logits
-        assert (repacked - inference).abs().max() > 1e-4
+        assert (repacked - inference).abs().max() > 1e-2    # far beyond the AVX2 path's tolerance above

@@ -145,10 +145,15 @@ class _WithoutOutputLayer(torch.nn.Module):
         return self.model(**inputs)
 
 
-def test_answer_nll_computes_the_output_layer_at_answer_positions_only_and_bit_identically(smollm2):
+def test_answer_nll_computes_the_output_layer_at_answer_positions_only(smollm2):
     """SmolLM2, plain, prompt-tuned by peft (8 virtual tokens in front) and with no output layer to
-    hook: answer_nll equals, bit for bit, the NLL taken from every position's logits, and the
-    output layer sees only the answer positions' hidden states (one row per scored token)."""
+    hook: answer_nll equals the NLL taken from every position's logits of the same batches, and the
+    output layer sees only the answer positions' hidden states (one row per scored token).
+
+    Bit for bit where nothing is hooked (the full logits, sliced). With the hook the output layer
+    multiplies fewer rows, the same dot products: bit-identical on the AMD EPYC CPUs this was first
+    run on, but on an Intel Xeon with AVX-512 and AMX the matrix library sums some rows in another
+    order for another row count (up to 1.6e-6 relative there), so to float32 rounding (1e-5)."""
     from peft import PromptTuningConfig, get_peft_model
 
     from course_lib import data
@@ -168,7 +173,14 @@ def test_answer_nll_computes_the_output_layer_at_answer_positions_only_and_bit_i
             fast = instruct.answer_nll(runner, tok, instructions, answers, batch_size=4, share_prefix=False)
         finally:
             handle.remove()
-        assert torch.equal(fast, _nll_from_full_logits(runner, tok, instructions, answers))
+        # the definition on the same batches as answer_nll's (4 rows, then 2): a batch of another
+        # size, or other padding, can move float32 sums on some CPUs
+        reference = torch.cat([_nll_from_full_logits(runner, tok, instructions[s], answers[s])
+                               for s in (slice(0, 4), slice(4, None))])
+        if isinstance(runner, _WithoutOutputLayer):
+            assert torch.equal(fast, reference)
+        else:
+            torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
         if runner is not model:   # virtual tokens / no transformers model: scored whole even by default
             assert torch.equal(instruct.answer_nll(runner, tok, instructions, answers, batch_size=4), fast)
         if isinstance(runner, _WithoutOutputLayer):   # nothing to hook: every position, as before

@@ -226,13 +226,16 @@ for method, r in live.items():
     d, m = vs_base[method], em_vs_base[method]
     rows.append(f"| {method} | {r['trainable']:,} | {100 * r['trainable'] / base.num_parameters():.3f} | "
                 f"{r['optimizer_state_bytes'] / 2**20:.2f} | {r['step_memory']['total'] / 2**20:.0f} | "
-                f"{r['loss_first']:.2f} → {r['loss_last']:.2f} | {d.b:.3g} | {d.difference:+.4g} [{d.low:+.4g}, {d.high:+.4g}] | "
+                f"{r['loss_first']:.2f} → {r['loss_last']:.2f} | {d.b:.3g} | {stats.format_difference(d.difference, d.low, d.high, label='')} | "
                 f"{d.verdict(higher_is_better=False)} | {m.both + m.b_only}/{N_TEST} | {m.a_only} / {m.b_only}, p = {m.p_value:.3g} |")
 display(Markdown(f"Live: {LIVE_STEPS} steps of {LIVE_BATCH} rows, {N_TEST} test instructions; differences paired over the same "
                  "instructions (10,000 bootstrap resamples, seed 0)\n\n" + "\n".join(rows)))
 lora_ppl = vs_base["lora"]
-print(f"LoRA, answer perplexity {lora_ppl.a:.4g} -> {lora_ppl.b:.3g}: {lora_ppl.difference:+.4g} "
-      f"[95% CI {lora_ppl.low:+.4g}, {lora_ppl.high:+.4g}] ({lora_ppl.verdict(higher_is_better=False)})")
+# each interval to two significant digits of its half-width (stats.format_difference): a bootstrap
+# percentile's fourth digit moves with the CPU's float32 rounding of the answer scores
+print(f"LoRA, answer perplexity {lora_ppl.a:.4g} -> {lora_ppl.b:.3g}: "
+      f"{stats.format_difference(lora_ppl.difference, lora_ppl.low, lora_ppl.high)} "
+      f"({lora_ppl.verdict(higher_is_better=False)})")
 print("answer perplexity lower than the base model's beyond noise:",
       ", ".join(m for m in live if vs_base[m].verdict(higher_is_better=False) == "gain") or "none")
 print("exact match different from the base model's at p < 0.05:", ", ".join(m for m in live if em_vs_base[m].p_value < 0.05) or "none")

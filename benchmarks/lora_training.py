@@ -19,7 +19,7 @@ fine-tuning. Each comparison says which model it is about (``"model"``: ``"minil
 ``"smollm2"``); the run prints them all before its FIGURE lines.
 
 Run:  .venv/bin/python -m benchmarks.lora_training [--minilm-steps 40] [--smollm-steps 40]
-(about 20 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
+(15 to 20 minutes on 2 CPU cores, by the machine). Everything is measured in this one run, side by side.
 ``--ranks`` and ``--n-queries`` shorten a trial run (default: the whole sweep, all test queries).
 Writes benchmarks/runs/lora_training.json (``--save``: the committed benchmarks/results/lora_training.json)
 and ends with its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing (a JSON written before the items were recorded

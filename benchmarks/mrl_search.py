@@ -20,7 +20,7 @@
    one-at-a-time search.
 
 Run:  .venv/bin/python -m benchmarks.mrl_search [--pairs 2048] [--repeats 5]
-(about 10 minutes on 2 CPU cores). Writes its JSON under benchmarks/runs/ (``--save``: replaces
+(8 to 10 minutes on 2 CPU cores, by the machine). Writes its JSON under benchmarks/runs/ (``--save``: replaces
 benchmarks/results/mrl_search.json) and ends with its FIGURE lines; ``--figures-only``
 recomputes them from that JSON, measuring nothing.
 """

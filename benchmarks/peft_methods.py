@@ -17,7 +17,7 @@ Where LoRA goes, at equal trainable parameters: ``lora_attention`` (r=53 on q/k/
 that LoRA should not go on the feed-forward layers, against the QLoRA paper's all linear layers.
 
 Run:  .venv/bin/python -m benchmarks.peft_methods [--steps 24] [--batch 8] [--n-test 64]
-(about 15 minutes on 2 CPU cores). Everything is measured in this one run, side by side.
+(11 to 14 minutes on 2 CPU cores, by the machine). Everything is measured in this one run, side by side.
 Writes the JSON ``--out`` (benchmarks/runs/peft_methods.json; ``--save``: the committed
 benchmarks/results/peft_methods.json) and ends with its FIGURE lines;
 ``--figures-only`` recomputes them from that JSON, measuring nothing. A JSON written before the

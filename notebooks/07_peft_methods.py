@@ -359,7 +359,7 @@ right = {m: sum(bench["items"][m]["correct"]) for m in bench["items"]}
 assert best_peft == "bottleneck_adapter" and (round(by["bottleneck_adapter"]["exact_match"], 3), round(by["bottleneck_adapter"]["perplexity"], 1)) == (0.156, 11.0)
 assert round(by["lora"]["exact_match"], 3) == round(by["dora"]["exact_match"], 3) == 0.125 and round(by["lora"]["perplexity"], 1) == round(by["dora"]["perplexity"], 1) == 14.9
 assert (round(by["ia3"]["exact_match"], 3), round(by["ia3"]["perplexity"], 1), by["ia3"]["trainable"]) == (0.109, 14.4, 57_600)
-assert round(by["prompt_tuning"]["exact_match"], 3) == round(by["prefix_tuning"]["exact_match"], 3) == 0.031
+assert (round(by["prompt_tuning"]["exact_match"], 3), round(by["prefix_tuning"]["exact_match"], 3)) == (0.016, 0.031)
 assert (round(by["full"]["exact_match"], 3), round(by["full"]["perplexity"], 1), round(by["full"]["loss_last"], 2)) == (0.109, 13.2, 1.46)
 assert round(by["lora"]["step_memory"]["total"] / by["full"]["step_memory"]["total"], 2) == 0.39
 assert round(by["prompt_tuning"]["perplexity"] / by["lora"]["perplexity"], 2) == 1.75
@@ -367,18 +367,19 @@ assert (round(min(peft_memory)), round(max(peft_memory)), round(by["full"]["step
 packed = ("bottleneck_adapter", "ia3", "lora", "dora")   # on the packed batch; prompt and prefix tuning on the padded one
 assert [round(f(by[m]["step_memory"]["total"] for m in packed) / 2**20) for f in (min, max)] == [1090, 1172]
 assert [round(by[m]["step_memory"]["total"] / 2**20) for m in ("prefix_tuning", "prompt_tuning")] == [1652, 1779]
-assert [round(f(by[m]["seconds_per_step"] for m in packed), 1) for f in (min, max)] == [2.1, 2.4]
+assert [round(f(by[m]["seconds_per_step"] for m in packed), 1) for f in (min, max)] == [1.7, 1.9]
 assert (right["base"], right["bottleneck_adapter"], right["lora"], right["full"], right["ia3"]) == (2, 10, 8, 7, 7)
 assert all(paired["base", m]["perplexity"]["verdict"] == "gain" for m in by)                  # every method learned
 assert round(paired["base", "lora"]["perplexity"]["a"]) == 697 and sorted(by, key=lambda m: by[m]["perplexity"])[:2] == ["bottleneck_adapter", "full"]
 assert round(by["dora"]["step_memory"]["total"] / by["lora"]["step_memory"]["total"] - 1, 2) == 0.08
-assert round(by["dora"]["seconds_per_step"] / by["lora"]["seconds_per_step"] - 1, 2) == 0.12
-assert ppl_vs_lora["prompt_tuning"] == (11.16, 6.25, 19.41) and ppl_vs_lora["prefix_tuning"] == (5.14, 2.91, 8.8)
-assert ppl_vs_lora["bottleneck_adapter"] == (-3.9, -6.75, -2.22) and ppl_vs_lora["full"] == (-1.68, -3.63, -0.29)
+assert round(by["dora"]["seconds_per_step"] / by["lora"]["seconds_per_step"] - 1, 2) == 0.06
+assert ppl_vs_lora["prompt_tuning"] == (11.12, 6.25, 19.27) and ppl_vs_lora["prefix_tuning"] == (5.14, 2.91, 8.8)
+assert ppl_vs_lora["bottleneck_adapter"] == (-3.9, -6.75, -2.21) and ppl_vs_lora["full"] == (-1.68, -3.63, -0.29)
 assert ppl_vs_lora["ia3"] == (-0.51, -1.61, 0.52) and ppl_vs_lora["dora"] == (-0.03, -0.11, 0.03)
 assert em_p["base", "bottleneck_adapter"] == 0.021 and em_p["base", "lora"] == em_p["base", "dora"] == 0.07
-assert em_p["base", "full"] == em_p["base", "ia3"] == 0.125 and min(em_p["lora", m] for m in by if m != "lora") == 0.07
-assert [round(by[m]["seconds_per_step"], 2) for m in ("prefix_tuning", "lora", "prompt_tuning", "dora", "full")] == [3.51, 2.14, 3.70, 2.39, 3.39]
+assert em_p["base", "full"] == em_p["base", "ia3"] == 0.125 and em_p["lora", "prompt_tuning"] == 0.016
+assert min(em_p["lora", m] for m in by if m not in ("lora", "prompt_tuning")) == 0.07
+assert [round(by[m]["seconds_per_step"], 2) for m in ("prefix_tuning", "lora", "prompt_tuning", "dora", "full")] == [2.51, 1.83, 3.07, 1.94, 3.08]
 
 # %% [markdown]
 # **What the table says, and a recommendation.** At this budget: 24 steps of 8 rows, one task, one
@@ -397,10 +398,12 @@ assert [round(by[m]["seconds_per_step"], 2) for m in ("prefix_tuning", "lora", "
 #   gain, and **full fine-tuning** (134.5 M) 13.2, −1.68 [−3.63, −0.29], a gain. **IA³**, with
 #   58 K parameters (8 times fewer), is within noise of LoRA (−0.51 [−1.61, +0.52]), and so is
 #   **DoRA** (−0.03 [−0.11, +0.03]), whose magnitude vector cost 8% more step memory (1,172
-#   against 1,090 MiB) and 12% more time per step. **Prompt and prefix tuning** did worse: +11.16
-#   [+6.25, +19.41] and +5.14 [+2.91, +8.80], losses, and exact match 2 of 64 each. A few virtual
-#   tokens steer a 135M model poorly, as the seed itself warns for small models. No exact-match
-#   difference against LoRA is beyond noise (every McNemar p ≥ 0.07).
+#   against 1,090 MiB) and 6% more time per step. **Prompt and prefix tuning** did worse: +11.12
+#   [+6.25, +19.27] and +5.14 [+2.91, +8.80], losses, and exact match 1 and 2 of 64. A few virtual
+#   tokens steer a 135M model poorly, as the seed itself warns for small models. The one
+#   exact-match difference against LoRA beyond noise is prompt tuning's 1 of 64 against 8
+#   (McNemar p = 0.016; every other p ≥ 0.07), and it rests on one answer: in the run before, on
+#   another CPU, prompt tuning answered 2 right and the same test gave p = 0.07.
 # * **Full fine-tuning** reached the lowest training loss (1.46) but only the second-best test
 #   perplexity, after the bottleneck adapter's: 24 steps at a learning rate safe for all weights are few.
 # * **Memory and time per step** depend here on how the batch goes in as much as on the method.
@@ -409,8 +412,8 @@ assert [round(by[m]["seconds_per_step"], 2) for m in ("prefix_tuning", "lora", "
 #   without padding, about half the padded batch's positions). Prompt and prefix tuning put their
 #   virtual tokens in front of the prompt, which the packed batch does not provide for, so they
 #   train on the whole padded batch. On the packed batch the parameter-efficient methods needed
-#   1,090-1,172 MiB and 2.1-2.4 s for a step, full fine-tuning 2,797 MiB (LoRA / full = 0.39) and
-#   3.4 s; prompt and prefix tuning, on the padded batch, 1,652-1,779 MiB and 3.5-3.7 s. So in this
+#   1,090-1,172 MiB and 1.7-1.9 s for a step, full fine-tuning 2,797 MiB (LoRA / full = 0.39) and
+#   3.1 s; prompt and prefix tuning, on the padded batch, 1,652-1,779 MiB and 2.5-3.1 s. So in this
 #   run their time and memory do not compare with the other methods'. Every parameter-efficient
 #   method's optimizer state is negligible (under 9 MiB against 1,026); what remains is the frozen
 #   weights and the activations, which the method hardly changes on a model this small. Compare

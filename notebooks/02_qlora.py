@@ -288,11 +288,11 @@ assert f"{1000 * (dequant_layer['bnb'] - dequant_layer['two_passes_only']):.2f}"
 # The limit depends on the CPU: on the AMD EPYC of the run before (the benchmarks page compares
 # the two) the two passes alone stayed below bitsandbytes' whole kernel on the layer, before
 # anything else was done. On the large tensor the `gather` kernel falls to 0.64 while
-# `index_select` stays at 1.90: `index_select` writes into a buffer allocated once, `gather` into a fresh 64 MiB, whose
-# memory pages the operating system maps in as they are first written, 23 ms more here. Our
-# dequantize returns a fresh tensor too and writes it from one core; bitsandbytes' kernel writes
-# its own from both. What the difference costs a training step is measured below, with
-# bitsandbytes' kernel put in our layer's place.
+# `index_select` stays at 1.90: `index_select` writes into a buffer allocated once, `gather` into
+# a fresh 64 MiB, whose memory pages the operating system maps in as they are first written, 23 ms
+# more here. Our dequantize returns a fresh tensor too and writes it from one core; bitsandbytes'
+# kernel writes its own from both. What the difference costs a training step is measured below,
+# with bitsandbytes' kernel put in our layer's place.
 
 # %% [markdown]
 # <a id="claim-02-nf4-error"></a>
@@ -616,8 +616,8 @@ print(f"dequantize calls timed inside the steps: ours {1000 * qstep_in_step['cou
 # step and the same answers. A difference of one or two answers is run-to-run variation, as
 # McNemar's p says: rounding alone moves them (the benchmarks page compares this run with the one
 # before it on another CPU: the same first loss, then losses apart by up to 3% over the 40 steps,
-# and one answer more or less per model). The three runs' seconds
-# per step (1.9, 2.3 and 2.2) were measured in one run on an idle machine, as was the same 32-bit
+# and at most one answer moved per model). The three runs' seconds per step (1.9, 2.3 and 2.2)
+# were measured in one run on an idle machine, as was the same 32-bit
 # LoRA setting in `benchmarks/lora_training` printed below the comparisons; the file records the
 # machine's load average at the run's start and end. One run each cannot say whether 2.3 s and
 # 2.2 s differ; the lines after them can: `benchmarks/quant_vs_bnb.py` timed the two QLoRA steps,

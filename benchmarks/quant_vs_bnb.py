@@ -7,7 +7,12 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
 2. dequantization of the same: ours / bitsandbytes' ``dequantize_4bit`` (target >= 1.0), and beside
    it the floor of our formulation: its gather and multiply alone (`two_passes_only`) / bitsandbytes';
    on CPU also the gather alone in each of PyTorch's gather operations (`gathers`) / bitsandbytes'
-   whole dequantize: the fastest bounds any look-up formulation made of PyTorch operations
+   whole dequantize: the fastest bounds any look-up formulation made of PyTorch operations.
+   Ours runs on one thread (`quant._one_thread`), bitsandbytes' kernel on torch's thread count; on
+   CPU its kernel is timed on one thread too, in the same rounds, and both ratios are reported
+   (``one_thread``: the same work per core, target >= 1.0 as well). With the Makefile's
+   ``OMP_WAIT_POLICY=PASSIVE`` the second thread sleeps between calls, and waking it costs a small
+   tensor's call more than the second core saves
 3. ``Linear4bit`` forward (that down_proj, float32 compute) over the float32 ``nn.Linear``,
    batch 8 x 128 tokens, no grad                                        (target <= 1.5)
    (bitsandbytes' ``Linear4bit`` is timed beside it for reference, in train mode so that on CPU it
@@ -61,7 +66,7 @@ from benchmarks.report import (
 from course_lib import data, instruct, linear4bit, models, quant, train
 
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
-REPEATS = {"quantize": 9, "dequantize": 15, "forward": 15, "qlora_step": {"cpu": 30, "cuda": 30}}
+REPEATS = {"quantize": 9, "dequantize": 41, "forward": 15, "qlora_step": {"cpu": 30, "cuda": 30}}
 OUT = {"cpu": RESULTS_DIR / "quant_vs_bnb.json", "cuda": RESULTS_DIR / "quant_vs_bnb.cuda.json"}
 
 
@@ -166,9 +171,12 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
 
         ours_state = quant.quantize_blockwise(x, "nf4", BLOCKSIZE, double_quant=True)
         packed, bnb_state = bnbF.quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
+        bnb_dequantize = {"bnb": partial(bnbF.dequantize_4bit, packed, bnb_state)}
+        if device == "cpu":  # its kernel also on one thread, as ours runs: the same work per core
+            bnb_dequantize["bnb_one_thread"] = quant._one_thread()(bnb_dequantize["bnb"])
         times = interleaved({
             "ours": partial(quant.dequantize_blockwise, ours_state),
-            "bnb": partial(bnbF.dequantize_4bit, packed, bnb_state),
+            **bnb_dequantize,
             "two_passes_only": two_passes_only(ours_state),
         }, REPEATS["dequantize"], device)
         ratio = paired_ratio(times, "bnb", "ours")
@@ -176,12 +184,20 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
         result["ratios"][f"dequantize_{label}_throughput_ours_over_bnb"] = ratio
         result["ratios"][f"dequantize_{label}_two_passes_limit_ours_over_bnb"] = paired_ratio(
             times, "bnb", "two_passes_only")
-        if device == "cpu":  # PyTorch's gathers, each alone, against bitsandbytes' whole dequantize
-            times = interleaved({**gathers(ours_state), "bnb": partial(bnbF.dequantize_4bit, packed, bnb_state)},
-                                REPEATS["dequantize"], device)
+        if device == "cpu":
+            result["ratios"][f"dequantize_{label}_one_thread_throughput_ours_over_bnb"] = paired_ratio(
+                times, "bnb_one_thread", "ours")
+            result["ratios"][f"dequantize_{label}_one_thread_two_passes_limit_ours_over_bnb"] = paired_ratio(
+                times, "bnb_one_thread", "two_passes_only")
+            # bitsandbytes' time at torch's thread count (the record's "threads") over its time on one
+            result["ratios"][f"dequantize_{label}_bnb_time_threads_over_one_thread"] = paired_ratio(
+                times, "bnb", "bnb_one_thread")
+            # PyTorch's gathers, each alone, against bitsandbytes' whole dequantize (both thread settings)
+            times = interleaved({**gathers(ours_state), **bnb_dequantize}, REPEATS["dequantize"], device)
             result.setdefault("gathers", {})[label] = {
                 "median_seconds": {k: statistics.median(v) for k, v in times.items()},
-                "bnb_dequantize_over_gather": {k: paired_ratio(times, "bnb", k) for k in times if k != "bnb"}}
+                **{f"{name}_dequantize_over_gather": {k: paired_ratio(times, name, k) for k in times
+                                                      if k not in bnb_dequantize} for name in bnb_dequantize}}
 
     linear = nn.Linear(down_proj.shape[1], down_proj.shape[0], bias=False, device=device).requires_grad_(False)
     linear.weight.copy_(down_proj)
@@ -356,6 +372,13 @@ def figures(record: dict) -> list[str]:
                     lines.append(figure(f"nf4_dequantize_{label}_{device}_two_passes_alone_over_bnb",
                                         ratios[f"dequantize_{label}_two_passes_limit_ours_over_bnb"], ">=", 1.0,
                                         ".3f"))
+                if f"dequantize_{label}_one_thread_throughput_ours_over_bnb" in ratios:  # one thread each
+                    lines.append(figure(f"nf4_dequantize_{label}_{device}_one_thread_throughput_ours_over_bnb",
+                                        ratios[f"dequantize_{label}_one_thread_throughput_ours_over_bnb"], ">=",
+                                        1.0, ".3f"))
+                    lines.append(figure(f"nf4_dequantize_{label}_{device}_one_thread_two_passes_alone_over_bnb",
+                                        ratios[f"dequantize_{label}_one_thread_two_passes_limit_ours_over_bnb"],
+                                        ">=", 1.0, ".3f"))
         lines.append(figure(f"linear4bit_forward_{device}_over_float_linear", ratios["forward_ours_over_float"],
                             "<=", 1.5, ".3f"))
         if "qlora_step" in result:  # issue 22's target: course_lib's step no slower than bitsandbytes + peft's
@@ -406,8 +429,9 @@ def main() -> None:
         for name, medians in result["median_seconds"].items():
             print(f"  {name:24s} " + "  ".join(f"{k} {v * 1000:8.2f} ms" for k, v in medians.items()))
         for label, gathered in result.get("gathers", {}).items():
-            print(f"  {label}: the gather alone, bitsandbytes' whole dequantize time / its time: " + "  ".join(
-                f"{k} {v:.2f}" for k, v in gathered["bnb_dequantize_over_gather"].items()))
+            for name, threads in (("bnb", f"{torch.get_num_threads()} threads"), ("bnb_one_thread", "one thread")):
+                print(f"  {label}: the gather alone, bitsandbytes' whole dequantize ({threads}) time / its time: "
+                      + "  ".join(f"{k} {v:.2f}" for k, v in gathered[f"{name}_dequantize_over_gather"].items()))
         print(f"  bitsandbytes Linear4bit forward / float: {result['ratios']['forward_bnb_over_float']:.3f}")
         if "qlora_step" in result:
             step = result["qlora_step"]["course_lib_over_bnb_peft"]

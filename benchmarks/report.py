@@ -135,6 +135,30 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+_CACHE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def cpu_caches(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
+    """The first CPU's caches in bytes, by name (``"L1d"``, ``"L1i"``, ``"L2"``, ``"L3"``), from
+    Linux's sysfs (``index*/level``, ``type``, ``size`` such as ``48K``); empty where the system
+    does not say. Whether a search's index fits in the last-level cache decides whether it waits on
+    memory: two CPUs' same search differed sevenfold for that reason (chapter 04)."""
+    caches = {}
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        number, unit = size.rstrip("KMG"), size[len(size.rstrip("KMG")):]
+        if not number.isdigit() or unit not in _CACHE_UNITS:
+            continue
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        caches[f"L{level}{suffix}"] = int(number) * _CACHE_UNITS[unit]
+    return caches
+
+
 class Run:
     """One run of a benchmark: its command, when it started, where it ran.
 
@@ -157,11 +181,13 @@ class Run:
     def fields(self, **machine) -> dict:
         """The run's fields, first in its results JSON: ``command``, ``date`` (UTC, at the start),
         ``seconds`` (wall time so far), ``device``, ``threads`` (torch's), and ``machine`` (CPU
-        count, the CPU's model name, platform, the 1-minute load average at the start and now, the
-        OpenMP settings of the environment, Python and torch versions, the CPU's vector instructions
-        torch uses, then the ``machine`` keywords: other libraries' versions)."""
+        count, the CPU's model name and its caches' sizes (`cpu_caches`), platform, the 1-minute
+        load average at the start and now, the OpenMP settings of the environment, Python and
+        torch versions, the CPU's vector instructions torch uses, then the ``machine`` keywords:
+        other libraries' versions)."""
         fields = {"command": self.command, "date": self.date, "seconds": self.seconds()}
-        info = {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
+        info = {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "cpu_caches_bytes": cpu_caches(),
+                "platform": platform.platform(),
                 "python": sys.version.split()[0],
                 "load_average_1min_at_start_and_end": [round(self.load_at_start, 2), round(os.getloadavg()[0], 2)],
                 # OMP_WAIT_POLICY moves timings (PASSIVE: idle threads sleep); unset is recorded as None

@@ -99,6 +99,7 @@ def test_the_run_fields():
     assert fields["device"] == "cpu" and fields["threads"] >= 1 and fields["seconds"] >= 0
     assert {"cpu_count", "platform", "python", "torch", "cpu_capability", "peft"} <= set(fields["machine"])
     assert fields["machine"]["cpu_model"] == report.cpu_model() and fields["machine"]["cpu_model"].strip()
+    assert fields["machine"]["cpu_caches_bytes"] == report.cpu_caches()
     assert fields["machine"]["environment"] == {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     capabilities = {"DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512", "SVE256"}   # torch.backends.cpu's values
     assert fields["machine"]["cpu_capability"] in capabilities
@@ -375,3 +376,22 @@ def test_every_gather_formulation_looks_up_the_same_values(monkeypatch):
     monkeypatch.setattr(F, "embedding", lambda index, rows: rows[index.flip(0)])  # the right rows, wrong order
     with pytest.raises(RuntimeError, match="embedding looks up other values than index_select"):
         gathers(state)
+
+
+def test_cpu_caches_reads_sysfs_sizes(tmp_path):
+    """`report.cpu_caches` on a hand-made copy of Linux's sysfs cache folder (the layout of
+    /sys/devices/system/cpu/cpu0/cache: index<i>/level, type, size): sizes in K, M and plain bytes
+    become bytes (48K = 49,152; 480M = 503,316,480), data and instruction caches are told apart,
+    an entry missing a file or with an unreadable size is left out, and no folder gives {}."""
+    entries = {"index0": ("1", "Data", "48K"), "index1": ("1", "Instruction", "64K"),
+               "index2": ("2", "Unified", "2048K"), "index3": ("3", "Unified", "480M"),
+               "index4": ("4", "Unified", "12 MB"), "index5": ("2", "Unified", None)}
+    for name, (level, kind, size) in entries.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "level").write_text(level + "\n")
+        (folder / "type").write_text(kind + "\n")
+        if size is not None:
+            (folder / "size").write_text(size + "\n")
+    assert report.cpu_caches(tmp_path) == {"L1d": 49_152, "L1i": 65_536, "L2": 2_097_152, "L3": 503_316_480}
+    assert report.cpu_caches(tmp_path / "absent") == {}

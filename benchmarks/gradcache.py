@@ -39,13 +39,14 @@ from benchmarks.report import (
     argument_parser,
     compare_rankings,
     figure,
+    inject_seeded_lora,
     interval_figure,
     paired_line,
     recompute_figures,
     save_result,
     timed,
 )
-from course_lib import data, gradcache, lora, models, retrieval, train
+from course_lib import data, gradcache, models, retrieval, train
 from course_lib.memory import SavedActivations
 
 RESULTS = RESULTS_DIR / "gradcache.json"
@@ -58,7 +59,7 @@ def _preprocess(model, texts):
 
 def with_lora(base):
     model = copy.deepcopy(base)
-    lora.inject_lora(model, target_modules=["query", "value"], r=8, lora_alpha=16)
+    inject_seeded_lora(model, target_modules=["query", "value"], r=8, lora_alpha=16)
     return model.train()
 
 
@@ -94,7 +95,7 @@ def memory_and_time(base, tokenizer, st_model, batch: int, chunk: int, repeats: 
 
     # time: the same tokenized batch for all three, through the sentence-transformers model
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
-    lora.inject_lora(st_model[0].auto_model, target_modules=["query", "value"], r=8, lora_alpha=16)
+    inject_seeded_lora(st_model[0].auto_model, target_modules=["query", "value"], r=8, lora_alpha=16)
     st_model.train()
     st_model.max_seq_length = retrieval.DOC_MAX_TOKENS
     features = [_preprocess(st_model, queries), _preprocess(st_model, docs)]

@@ -45,6 +45,7 @@ from benchmarks.report import (
     compare_answers,
     compare_rankings,
     figure,
+    inject_seeded_lora,
     interval_figure,
     paired_line,
     recompute_figures,
@@ -85,7 +86,7 @@ def run_minilm(base, tokenizer, method: str, r: int | None, steps: int, batch: i
                test: list) -> tuple[dict, list[int]]:
     model = copy.deepcopy(base)
     if method == "lora":
-        lora.inject_lora(model, target_modules=["query", "value"], r=r, lora_alpha=2 * r)
+        inject_seeded_lora(model, target_modules=["query", "value"], r=r, lora_alpha=2 * r)
         lr = 1e-3
     else:
         lr = 2e-5
@@ -106,7 +107,7 @@ def run_minilm(base, tokenizer, method: str, r: int | None, steps: int, batch: i
 def run_smollm(base, tokenizer, method: str, steps: int, batch: int, test: list) -> tuple[dict, dict]:
     model = copy.deepcopy(base)
     if method == "lora":
-        lora.inject_lora(model, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
+        inject_seeded_lora(model, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16)
         lr = 2e-3
     else:
         lr = 2e-5

@@ -41,6 +41,7 @@ from benchmarks.report import (
     argument_parser,
     compare_rankings,
     figure,
+    inject_seeded_lora,
     interval_figure,
     paired_line,
     recompute_figures,
@@ -74,7 +75,7 @@ SEEDS = {
 def build(base, use_lora: bool, r: int):
     model = copy.deepcopy(base)
     if use_lora:
-        lora.inject_lora(model, target_modules=["query", "value"], r=r, lora_alpha=2 * r)
+        inject_seeded_lora(model, target_modules=["query", "value"], r=r, lora_alpha=2 * r)
     return model.train()
 
 

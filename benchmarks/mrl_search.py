@@ -38,8 +38,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result, timed
-from course_lib import data, gradcache, lora, matryoshka, models, retrieval, train
+from benchmarks.report import (
+    RESULTS_DIR,
+    Run,
+    argument_parser,
+    figure,
+    inject_seeded_lora,
+    recompute_figures,
+    save_result,
+    timed,
+)
+from course_lib import data, gradcache, matryoshka, models, retrieval, train
 
 RESULTS = RESULTS_DIR / "mrl_search.json"
 DIMS = (384, 256, 128, 64, 32)
@@ -107,7 +116,7 @@ def main() -> None:
     else:
         base, tokenizer = models.load_minilm("cpu")
         model = copy.deepcopy(base)
-        lora.inject_lora(model, target_modules=["query", "value"], r=16, lora_alpha=32)
+        inject_seeded_lora(model, target_modules=["query", "value"], r=16, lora_alpha=32)
         loss_fn = matryoshka.MatryoshkaLoss(matryoshka_dims=DIMS)
         train.train(model, gradcache.code_search_step(tokenizer, None, loss_fn),
                     train.batches(data.load_code_search("train"), args.batch, seed=0), steps=steps, lr=1e-3,

@@ -68,6 +68,7 @@ def bnb_peft_qlora(device: str = "cpu"):
                                 bnb_4bit_compute_dtype=models.default_dtype(device))
     model, _ = models.load_smollm2(device, quantization_config=config)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    train.seed_everything(0)   # peft draws lora_A from torch's generator, seeded at random per process
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
 

@@ -159,6 +159,18 @@ def cpu_caches(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> dict[
     return caches
 
 
+def inject_seeded_lora(model, target_modules, seed: int = 0, **lora_kwargs):
+    """`course_lib.lora.inject_lora` with Python's and torch's generators seeded first
+    (`course_lib.train.seed_everything`), so the adapters start from the same weights in every run.
+    torch seeds its default generator at random in each process, and `train.train` seeds only what
+    happens inside its loop: an adapter injected without a seed starts elsewhere in every run, and
+    the trained model lands test queries elsewhere with it. Returns ``model``, changed in place."""
+    from course_lib import lora, train
+
+    train.seed_everything(seed)
+    return lora.inject_lora(model, target_modules, **lora_kwargs)
+
+
 class Run:
     """One run of a benchmark: its command, when it started, where it ran.
 

@@ -632,9 +632,12 @@ print(f"dequantize calls timed inside the steps: ours {1000 * qstep_in_step['cou
 # 32-bit LoRA: exact match −0.04, within noise (p = 0.22), and answer perplexity 12.23 against 10.81,
 # +1.42 [95% CI +0.49, +2.55], a loss. Our QLoRA and bitsandbytes + peft gave the same loss at every
 # step and the same answers. A difference of one or two answers is run-to-run variation, as
-# McNemar's p says: rounding alone moves them (the benchmarks page compares this run with the one
-# before it on another CPU: the same first loss, then losses apart by up to 3% over the 40 steps,
-# and at most one answer moved per model). The three runs' seconds per step (1.9, 2.3 and 2.2)
+# McNemar's p says: the benchmarks page compares this run with the one before it on another CPU:
+# the same first loss (LoRA's B starts at zero, so the adapter's starting values do not show in
+# it), then losses apart by up to 3% over the 40 steps, and at most one answer moved per model.
+# Both runs drew the adapters' starting values at random (torch seeds its generator anew in every
+# process; the script seeds them since), so that spread is a fresh random start's as well as
+# another CPU's rounding. The three runs' seconds per step (1.9, 2.3 and 2.2)
 # were measured in one run on an idle machine, as was the same 32-bit
 # LoRA setting in `benchmarks/lora_training` printed below the comparisons; the file records the
 # machine's load average at the run's start and end. One run each cannot say whether 2.3 s and

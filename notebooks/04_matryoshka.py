@@ -398,9 +398,10 @@ print(f"on {syn['n_docs']:,d} synthetic vectors (timing only), shortlist at {syn
 # fastest setting within 1% (96 numbers, k = 100, which finds exactly brute force's 0.626) is
 # **0.89× as fast**, slower than brute force, far from the target we set (at least 4×). At 128
 # numbers and k = 20 the search finds 310 of the 317 queries brute force finds, four short of
-# the 1% line. The 1% line turns on a few queries, and the model the benchmark trains lands a
-# few queries differently from run to run: in the run before this one, on the same machine the
-# same day, brute force found 0.617, 128 numbers at k = 20 stayed within 1% and was 1.1× faster
+# the 1% line. The 1% line turns on a few queries, and the model the benchmark trains landed a
+# few queries differently in each run, as each drew its adapters' starting values at random
+# (torch seeds its generator anew in every process; the script seeds them since): in the run
+# before this one, on the same machine the same day, brute force found 0.617, 128 numbers at k = 20 stayed within 1% and was 1.1× faster
 # (the benchmarks page gives both runs, and the AMD EPYC's, where brute force read the corpus
 # from main memory and the same search was several times faster, past the target). On a
 # million synthetic vectors, 1.5 GB, which no cache holds, the saving comes back in part: 68.3 ms

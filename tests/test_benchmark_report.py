@@ -395,3 +395,60 @@ def test_cpu_caches_reads_sysfs_sizes(tmp_path):
             (folder / "size").write_text(size + "\n")
     assert report.cpu_caches(tmp_path) == {"L1d": 49_152, "L1i": 65_536, "L2": 2_097_152, "L3": 503_316_480}
     assert report.cpu_caches(tmp_path / "absent") == {}
+
+
+class _TwoLinears(torch.nn.Module):
+    """The smallest model with the layer names the MiniLM benchmarks adapt (``query``, ``value``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.value, self.key = (torch.nn.Linear(8, 8) for _ in range(3))
+
+
+def _adapter_weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for name, p in sorted(model.named_parameters()) if "lora_" in name]
+
+
+def test_benchmarks_start_their_adapters_alike_in_every_run():
+    """torch seeds its default generator at random in each process, so an adapter injected without
+    a seed starts from other weights in every run (a benchmark's first LoRA model then lands its
+    test queries elsewhere from run to run). `report.inject_seeded_lora`, and the model builders of
+    the gradcache and mrl_combination scripts that use it, give the same adapters whatever the
+    generator's state before; plain `lora.inject_lora` does not (the check could fail)."""
+    from benchmarks import gradcache, mrl_combination
+    from course_lib import lora
+
+    base = _TwoLinears()
+    builders = {
+        "inject_seeded_lora": lambda: report.inject_seeded_lora(_TwoLinears(), ["query", "value"], r=2, lora_alpha=4),
+        "gradcache.with_lora": lambda: gradcache.with_lora(base),
+        "mrl_combination.build": lambda: mrl_combination.build(base, True, 2),
+    }
+    for name, build in builders.items():
+        torch.manual_seed(1)
+        first = _adapter_weights(build())
+        torch.manual_seed(2)
+        torch.randn(100)
+        second = _adapter_weights(build())
+        assert len(first) == 4 and all(torch.equal(a, b) for a, b in zip(first, second, strict=True)), name
+    torch.manual_seed(1)
+    plain_first = _adapter_weights(lora.inject_lora(_TwoLinears(), ["query", "value"], r=2, lora_alpha=4))
+    torch.manual_seed(2)
+    plain_second = _adapter_weights(lora.inject_lora(_TwoLinears(), ["query", "value"], r=2, lora_alpha=4))
+    assert not all(torch.equal(a, b) for a, b in zip(plain_first, plain_second, strict=True))
+
+
+def test_no_benchmark_injects_an_unseeded_adapter_whose_scores_it_reports():
+    """Every benchmark that trains or scores an adapter injects it with `report.inject_seeded_lora`.
+    Two plain `lora.inject_lora` calls are left: lora_vs_peft's, a timing benchmark whose adapter
+    values do not enter its figures, and qlora_training's, whose adapters are then overwritten with
+    the peft model's initial ones, which it draws right after seeding (checked in its source)."""
+    import inspect
+
+    from benchmarks import qlora_training
+
+    plain = sorted(path.name for path in Path(report.__file__).parent.glob("*.py")
+                   if "lora.inject_lora(" in path.read_text(encoding="utf-8") and path.name != "report.py")
+    assert plain == ["lora_vs_peft.py", "qlora_training.py"]
+    source = inspect.getsource(qlora_training.bnb_peft_qlora)
+    assert source.index("train.seed_everything(0)") < source.index("get_peft_model(model")

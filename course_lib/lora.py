@@ -283,6 +283,9 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float 
     ``"all-linear"`` (every ``nn.Linear`` except the output layer ``lm_head``).
     Called again on an injected model, it adds the new adapter to the same ``LoRALinear`` layers.
     The new adapter becomes the active, trainable one. Returns ``model``, changed in place.
+    Each ``A`` is drawn from torch's default generator, as peft draws it: torch seeds that
+    generator at random in every process, so seed it first (``train.seed_everything``) for the
+    same starting adapter in every run.
     """
     names = _select(model, target_modules)
     return inject_adapter(model, dict.fromkeys(names, (r, lora_alpha, lora_dropout, use_rslora)), adapter_name)

@@ -545,8 +545,12 @@ for a, b, dim, k in compared:
 #   are drawn in another order (chunk by chunk), and the difference is within noise.
 # * **GradCache saves memory** (5 GB vs 8 GB, −37%): *holds, and more*: 520 MiB against 2,458 MiB
 #   (−79%) with chunk 16 of a batch of 64; the saving is set by the batch-to-chunk ratio, not a
-#   fixed percentage. It cost 28% more time per epoch in this run (one extra forward pass; the
-#   seeds: +10%).
+#   fixed percentage. Its time per epoch is less certain: 60% more than LoRA's in this run, 28% in
+#   the run before it on the same machine the same day, with the same scores to the last digit.
+#   One extra forward pass costs about a third of a step (the seeds: +10%); the rest is how much
+#   single runs timed one after the other move: here the three methods without GradCache took
+#   about a fifth less time per epoch than in the run before, the two with it the same. So the
+#   benchmark's figure for at most 1.5 times LoRA's time, met then, is missed in this run.
 # * **MRL adds accuracy at full dimension** (72.8% vs 71.0%): *wrong here*. At 384 numbers LoRA +
 #   MRL has R@1 0.371 against 0.399, −0.028 [−0.051, −0.004], a loss; R@10 0.785 against 0.790,
 #   within noise. With GradCache, MRL's R@10 at 384 numbers is lower too: 0.771 against 0.792,
@@ -559,14 +563,14 @@ for a, b, dim, k in compared:
 #   training budget (32 steps) MRL has only begun to reorganise the prefixes.
 # * **MRL costs memory** (10 GB vs 8 GB): *wrong*. 2,459 MiB against 2,458 MiB: the extra losses
 #   are computed on slices of embeddings already in memory.
-# * **MRL costs time** (2.5 h vs 2.0 h): *not here*. Our table has LoRA + MRL at 5.8 minutes per
-#   epoch against 5.5 for LoRA, 6% more, but the methods were timed one after the other on a
-#   shared machine, and timings vary that much from run to run: the run before (2026-12-02) had it
-#   the other way round, 9.4 against 10.1 minutes, with the same scores. MRL adds only five
+# * **MRL costs time** (2.5 h vs 2.0 h): *not here*. Our table has LoRA + MRL at 4.6 minutes per
+#   epoch against 4.5 for LoRA, 2% more (6% in the run before on the same machine, 5.8 against
+#   5.5; on 2026-12-02 the other way round, 9.4 against 10.1 minutes), with the same scores each
+#   time: the methods are timed one after the other, and timings vary that much from run to run. MRL adds only five
 #   cheap losses on prefixes of the same embeddings, nothing near the seeds' 25%; timed side by
 #   side (the live training above), the two take the same time per step up to noise.
 # * **All three together: 6 GB and the fastest of the MRL runs** (2.1 h vs 2.5 h): the memory
-#   *holds* (520 MiB, GradCache's), the time *does not*: 7.2 minutes per epoch against 5.8 for
+#   *holds* (520 MiB, GradCache's), the time *does not*: 7.2 minutes per epoch against 4.6 for
 #   LoRA + MRL; GradCache's extra forward pass cannot make a run faster than the same run without
 #   it.
 
@@ -580,13 +584,14 @@ assert f3(r("LoRA", 384, 10), r("full fine-tuning", 384, 10), r("LoRA", 384, 1),
 assert f3(combo["untrained"]["384"]["recall@10"]) == ["0.727"]
 assert [round(m[n]["memory"]["activations_peak"] / 2**20) for n in ("full fine-tuning", "LoRA")] == [3080, 2369]
 assert (mem("full fine-tuning"), mem("LoRA"), mem("LoRA + GradCache"), mem("LoRA + MRL"), mem("LoRA + GradCache + MRL")) == (3425, 2458, 520, 2459, 520)
-assert round(m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1, 2) == 0.28
+assert round(m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1, 2) == 0.60
+assert "FIGURE gradcache_over_lora_epoch_time: 1.6 (target <= 1.5) missed" in combo["figures"]
 assert f3(r("LoRA + GradCache", 384, 1), r("LoRA + MRL", 384, 1), r("LoRA + MRL", 384, 10)) == ["0.395", "0.371", "0.785"]
 assert f3(r("LoRA + GradCache", 384, 10), r("LoRA + GradCache + MRL", 384, 10)) == ["0.792", "0.771"]
 assert f3(*(r(n, 32, 10) for n in ("LoRA", "LoRA + MRL", "LoRA + GradCache", "LoRA + GradCache + MRL"))) == ["0.514", "0.547", "0.514", "0.555"]
 assert f3(r("LoRA + MRL", 64, 10), r("LoRA", 64, 10)) == ["0.672", "0.656"]
-assert [f'{m[n]["epoch_seconds"] / 60:.1f}' for n in ("LoRA", "LoRA + MRL", "LoRA + GradCache + MRL")] == ["5.5", "5.8", "7.2"]
-assert f'{m["LoRA + MRL"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1:.0%}' == "6%"
+assert [f'{m[n]["epoch_seconds"] / 60:.1f}' for n in ("LoRA", "LoRA + MRL", "LoRA + GradCache + MRL")] == ["4.5", "4.6", "7.2"]
+assert f'{m["LoRA + MRL"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1:.0%}' == "2%"
 f3s = lambda key: [f"{x:+.3f}" for x in diffs[key][:3]]   # a difference and its interval, as printed
 assert f3s(("pretrained", "LoRA", 384, 10)) == ["+0.063", "+0.038", "+0.091"]
 assert f3s(("full fine-tuning", "LoRA", 384, 10)) == ["-0.006", "-0.022", "+0.010"]

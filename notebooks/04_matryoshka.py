@@ -566,9 +566,10 @@ for a, b, dim, k in compared:
 # * **MRL costs time** (2.5 h vs 2.0 h): *not here*. Our table has LoRA + MRL at 4.6 minutes per
 #   epoch against 4.5 for LoRA, 2% more (6% in the run before on the same machine, 5.8 against
 #   5.5; on 2026-12-02 the other way round, 9.4 against 10.1 minutes), with the same scores each
-#   time: the methods are timed one after the other, and timings vary that much from run to run. MRL adds only five
-#   cheap losses on prefixes of the same embeddings, nothing near the seeds' 25%; timed side by
-#   side (the live training above), the two take the same time per step up to noise.
+#   time: the methods are timed one after the other, and timings vary that much from run to run.
+#   MRL adds only five cheap losses on prefixes of the same embeddings, nothing near the seeds'
+#   25%; timed side by side (the live training above), the two take the same time per step up to
+#   noise.
 # * **All three together: 6 GB and the fastest of the MRL runs** (2.1 h vs 2.5 h): the memory
 #   *holds* (520 MiB, GradCache's), the time *does not*: 7.2 minutes per epoch against 4.6 for
 #   LoRA + MRL; GradCache's extra forward pass cannot make a run faster than the same run without

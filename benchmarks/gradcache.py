@@ -4,7 +4,10 @@
    tokens): the peak of the activations saved for backward (`course_lib.memory.SavedActivations`)
    for GradCache with chunk 32, an ordinary step at batch 32 and at batch 256; seconds per step
    of GradCache, of the ordinary batch-256 step, and of sentence-transformers'
-   ``CachedMultipleNegativesRankingLoss`` (mini-batch 32) on the same tokenized batch.
+   ``CachedMultipleNegativesRankingLoss`` (mini-batch 32) on the same tokenized batch, timed side
+   by side: ``--rounds`` rounds of one step of each, in a rotating order (`report.interleaved`),
+   so GradCache's time over the other two is a ratio of times paired by round, with its 95%
+   interval (`report.time_ratio`).
 2. Recall@10 on the code-search test split after training on the same 2,048 training pairs
    (half an epoch) with batch 16, 64 and 256 (GradCache, chunk 16), LoRA r=8, the same
    learning rate: fewer, larger steps for larger batches.
@@ -15,12 +18,13 @@ pretrained model (``"pretrained"``) and each batch size of the sweep (``"batch_1
 the smallest: recall@10 and MRR with seeded 95% paired bootstrap intervals
 (`report.compare_rankings`), printed after the results, before the FIGURE lines.
 
-Run:  .venv/bin/python -m benchmarks.gradcache [--batch 256] [--chunk 32] [--repeats 3]
-(21 to 35 minutes on 2 CPU cores, by the machine; ``--n-test`` scores only the first test
+Run:  .venv/bin/python -m benchmarks.gradcache [--batch 256] [--chunk 32] [--rounds 7]
+(25 to 40 minutes on 2 CPU cores, by the machine; ``--n-test`` scores only the first test
 queries, for a quick try). Writes benchmarks/runs/gradcache.json (``--save``: the committed
 benchmarks/results/gradcache.json) and ends with its FIGURE lines; ``--figures-only``
 recomputes them from that JSON, measuring nothing (a JSON written before the per-query ranks
-were kept has neither "items" nor "comparisons", and needs neither).
+were kept has neither "items" nor "comparisons", and needs neither; one written before the steps
+were timed in rounds gives the time ratios of the medians, without intervals).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,11 +45,12 @@ from benchmarks.report import (
     compare_rankings,
     figure,
     inject_seeded_lora,
+    interleaved,
     interval_figure,
     paired_line,
     recompute_figures,
     save_result,
-    timed,
+    time_ratio,
 )
 from course_lib import data, gradcache, models, retrieval, train
 from course_lib.memory import SavedActivations
@@ -73,7 +79,7 @@ def scored(model, tokenizer, test: list[dict]) -> tuple[dict, list[int]]:
     return {k: v for k, v in metrics.items() if isinstance(v, float)}, ranks
 
 
-def memory_and_time(base, tokenizer, st_model, batch: int, chunk: int, repeats: int) -> dict:
+def memory_and_time(base, tokenizer, st_model, batch: int, chunk: int, rounds: int) -> dict:
     rows = data.load_code_search("train")[:batch]
     queries, docs = [r["query"] for r in rows], [r["document"] for r in rows]
     model = with_lora(base)
@@ -114,8 +120,13 @@ def memory_and_time(base, tokenizer, st_model, batch: int, chunk: int, repeats: 
         gradcache.naive_step(encode, dict(features[0]), dict(features[1]))
         st_model.zero_grad(set_to_none=True)
 
-    for name, fn in [("seconds_naive", naive), ("seconds_gradcache", ours), ("seconds_st_cached", st_step)]:
-        result[name] = round(timed(fn, repeats), 3)
+    times = interleaved({"naive": naive, "gradcache": ours, "st_cached": st_step}, rounds)
+    for name, seconds in times.items():
+        result[f"seconds_{name}"] = round(statistics.median(seconds), 3)   # the median over rounds
+    result["rounds"] = rounds
+    result["seconds"] = {name: [round(t, 3) for t in seconds] for name, seconds in times.items()}
+    result["gradcache_over_naive"] = time_ratio(times["gradcache"], times["naive"])
+    result["ours_over_st_cached"] = time_ratio(times["gradcache"], times["st_cached"])
     return result
 
 
@@ -151,14 +162,21 @@ def comparisons(items: dict[str, list[int]], batches: list[int]) -> list[dict]:
 def figures(result: dict) -> list[str]:
     """The FIGURE lines of a result of this script, from its recorded measurements alone."""
     step, sweep = result["step"], result["sweep"]
+    # times: the ratio over paired rounds and its interval; a JSON from before the rounds, the medians' ratio
+    over = {key: step[key] if "rounds" in step else {"ratio": step["seconds_gradcache"] / step[f"seconds_{den}"]}
+            for key, den in (("gradcache_over_naive", "naive"), ("ours_over_st_cached", "st_cached"))}
     lines = [
         figure("gradcache_over_naive_small_activation_peak",
                step["activations_gradcache"] / step["activations_naive_small"], "<=", 1.1),
         figure("naive_full_over_gradcache_activation_peak",
                step["activations_naive_full"] / step["activations_gradcache"], ">=", step["batch"] / step["chunk"] * 0.8),
-        figure("gradcache_over_naive_seconds_per_step", step["seconds_gradcache"] / step["seconds_naive"], "<=", 1.35),
-        figure("ours_over_st_cached_seconds_per_step", step["seconds_gradcache"] / step["seconds_st_cached"], "<=", 1.0),
+        figure("gradcache_over_naive_seconds_per_step", over["gradcache_over_naive"]["ratio"], "<=", 1.35),
     ]
+    if "rounds" in step:
+        lines.append(interval_figure("gradcache_over_naive_seconds_per_step", over["gradcache_over_naive"], "<=", 1.35))
+    lines.append(figure("ours_over_st_cached_seconds_per_step", over["ours_over_st_cached"]["ratio"], "<=", 1.0))
+    if "rounds" in step:
+        lines.append(interval_figure("ours_over_st_cached_seconds_per_step", over["ours_over_st_cached"], "<=", 1.0))
     if len(sweep) >= 2:
         lines.append(figure("largest_minus_smallest_batch_recall10", sweep[-1]["recall@10"] - sweep[0]["recall@10"], ">", 0))
         paired = {(c["a"], c["b"]): c for c in result.get("comparisons", [])}
@@ -172,7 +190,8 @@ def main() -> None:
     parser = argument_parser("gradcache", __doc__)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="paired rounds of the step timing, one step of each of the three (after a warm-up call each)")
     parser.add_argument("--sweep", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--sweep-chunk", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -192,7 +211,7 @@ def main() -> None:
     st_model = models.load_minilm_sentence_transformer("cpu")
     test = data.load_code_search("test")[:args.n_test]
     baseline, pretrained_ranks = scored(base, tokenizer, test)
-    step = memory_and_time(base, tokenizer, st_model, args.batch, args.chunk, args.repeats)
+    step = memory_and_time(base, tokenizer, st_model, args.batch, args.chunk, args.rounds)
     sweep, sweep_ranks = batch_sweep(base, tokenizer, args.sweep, args.sweep_chunk, args.lr, args.pairs, test)
     items = {"pretrained": pretrained_ranks, **sweep_ranks}
 

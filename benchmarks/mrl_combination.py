@@ -8,7 +8,11 @@ recall@1/@10 and MRR on the code-search test split against its 506 documents plu
 ``--distractors`` distractors, at every MRL dimension; trainable parameters; the memory of one
 training step by exact accounting (`course_lib.memory.measure_step`: parameters, gradients, AdamW
 state, peak saved activations); seconds per step and the time of one epoch of the training split
-(seconds per step × steps per epoch).
+(seconds per step × steps per epoch), from each method's own training run: five runs timed one after
+the other, so their ratios move with whatever the machine did meanwhile. ``step_times`` times the
+methods again side by side: fresh models, each round one step of every method on the same batch
+in a rotating order (``--rounds`` rounds after one warm-up round), and records each method's time
+per step over LoRA's as a ratio with a 95% interval over the paired rounds (`report.time_ratio`).
 
 Every model's per-query ranks are kept (the pretrained model's too): ``items[model][dim]`` is
 each test query's 1-based rank of its own document at that many numbers
@@ -19,7 +23,7 @@ recall@10, recall@1 and MRR with seeded 95% paired bootstrap intervals (`report.
 each with its ``dim``.
 
 Run:  .venv/bin/python -m benchmarks.mrl_combination [--pairs 2048] [--batch 64] [--distractors 2000]
-(20 to 40 minutes on 2 CPU cores, by the machine). ``--n-test N`` scores only the first N test queries (a quick
+(25 to 45 minutes on 2 CPU cores, by the machine). ``--n-test N`` scores only the first N test queries (a quick
 check; the default is all of them). Writes benchmarks/runs/mrl_combination.json (``--save``: the committed
 benchmarks/results/mrl_combination.json) and ends with its FIGURE lines; ``--figures-only`` recomputes them from that JSON, measuring nothing (a JSON
 written before the ranks were kept, without ``items`` and ``comparisons``, works too).
@@ -30,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,8 +51,10 @@ from benchmarks.report import (
     paired_line,
     recompute_figures,
     save_result,
+    time_ratio,
 )
 from course_lib import data, gradcache, lora, matryoshka, memory, models, retrieval, train
+from course_lib.progress import progress
 
 RESULTS = RESULTS_DIR / "mrl_combination.json"
 DIMS = (384, 256, 128, 64, 32)
@@ -77,6 +84,44 @@ def build(base, use_lora: bool, r: int):
     if use_lora:
         inject_seeded_lora(model, target_modules=["query", "value"], r=r, lora_alpha=2 * r)
     return model.train()
+
+
+def method_step(name: str, tokenizer, chunk: int):
+    """The training step of a method (`gradcache.code_search_step`): GradCache's chunk and the
+    Matryoshka loss where the method uses them."""
+    _, use_gc, use_mrl = METHODS[name]
+    loss_fn = matryoshka.MatryoshkaLoss(matryoshka_dims=DIMS) if use_mrl else None
+    return gradcache.code_search_step(tokenizer, chunk if use_gc else None, loss_fn)
+
+
+def step_times(base, tokenizer, train_rows, args) -> dict:
+    """Seconds of one training step of every method, measured side by side: a fresh model of each
+    (seeded as for training), then ``args.rounds`` rounds after one warm-up round, each giving every
+    method one step (`train.train`'s: forward, backward, clipping, AdamW) on the same batch, the
+    order rotated by one method per round, so each method runs in each position equally often.
+    A slow spell of the machine then falls on all methods of a round alike, and each method's time
+    over LoRA's is a ratio of times paired by round, with its 95% interval (`report.time_ratio`)."""
+    names = list(METHODS)
+    contenders = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = build(base, METHODS[name][0], args.r)
+        lr = args.lr_lora if METHODS[name][0] else args.lr_full
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        contenders[name] = model, method_step(name, tokenizer, args.chunk), optimizer
+    stream = train.batches(train_rows, args.batch, seed=0)
+    seconds = {name: [] for name in names}
+    for i in progress(range(args.rounds + 1), desc="step times, paired rounds"):
+        batch = next(stream)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            model, step, optimizer = contenders[name]
+            history = train.train(model, step, [batch], steps=1, optimizer=optimizer, progress=False,
+                                  loss_fn_does_backward=True)
+            if i:  # round 0 warms every method up
+                seconds[name].append(round(history.seconds[0], 4))
+    return {"rounds": args.rounds, "batch": args.batch, "seconds": seconds,
+            "median_seconds": {name: round(statistics.median(t), 3) for name, t in seconds.items()},
+            "over_lora": {name: time_ratio(seconds[name], seconds["LoRA"]) for name in names if name != "LoRA"}}
 
 
 def step_memory(model, step, rows, lr: float) -> dict:
@@ -142,7 +187,12 @@ def figures(result: dict) -> list[str]:
         interval_figure("mrl_minus_lora_recall10_at_384", paired["LoRA", "LoRA + MRL", 384]["recall@10"], ">=", -0.01),
         figure("gradcache_over_lora_epoch_time", m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"],
                "<=", 1.5),
-    ]
+    ] + ([] if "step_times" not in result else [  # the same target, from the steps timed side by side
+        figure("gradcache_over_lora_step_time_paired", result["step_times"]["over_lora"]["LoRA + GradCache"]["ratio"],
+               "<=", 1.5),
+        interval_figure("gradcache_over_lora_step_time_paired", result["step_times"]["over_lora"]["LoRA + GradCache"],
+                        "<=", 1.5),
+    ])
 
 
 def main() -> None:
@@ -154,6 +204,8 @@ def main() -> None:
     parser.add_argument("--lr-lora", type=float, default=1e-3)
     parser.add_argument("--lr-full", type=float, default=2e-5)
     parser.add_argument("--distractors", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="paired rounds of the step timing, one step of every method each (after a warm-up round)")
     parser.add_argument("--n-test", type=int, default=None,
                         help="score only the first N test queries (default: all of them)")
     args = parser.parse_args()
@@ -181,8 +233,7 @@ def main() -> None:
     for name, (use_lora, use_gc, use_mrl) in METHODS.items():
         torch.manual_seed(0)
         model = build(base, use_lora, args.r)
-        loss_fn = matryoshka.MatryoshkaLoss(matryoshka_dims=DIMS) if use_mrl else None
-        step = gradcache.code_search_step(tokenizer, args.chunk if use_gc else None, loss_fn)
+        step = method_step(name, tokenizer, args.chunk)
         lr = args.lr_lora if use_lora else args.lr_full
         mem = step_memory(model, step, first_batch, lr)
         history = train.train(model, step, train.batches(train_rows, args.batch, seed=0), steps=steps, lr=lr,
@@ -198,6 +249,7 @@ def main() -> None:
         }
         print(name, json.dumps(result["methods"][name]["scores"]["384"]), json.dumps(result["methods"][name]["scores"]["64"]))
         del model
+    result["step_times"] = step_times(base, tokenizer, train_rows, args)
     comparisons = [compare(a, items[a][str(dim)], b, items[b][str(dim)], dim)
                    for a, b in comparison_pairs(list(result["methods"])) for dim in DIMS]
     result["comparisons"] = comparisons
@@ -208,6 +260,9 @@ def main() -> None:
     print("paired over the same queries, 95% intervals:")
     for c in comparisons:
         print(f"{c['dim']:3d} numbers: {paired_line(c, 'recall@10')} | {paired_line(c, 'mrr')}")
+    print(f"seconds per step side by side ({args.rounds} paired rounds, batch {args.batch}), over LoRA's:")
+    for name, ratio in result["step_times"]["over_lora"].items():
+        print(f"  {name}: {ratio['ratio']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}] ({ratio['verdict']})")
     print("\n".join(lines))
 
 

@@ -58,9 +58,11 @@ from benchmarks.report import (
     Run,
     argument_parser,
     figure,
+    interleaved,
     interval_figure,
     recompute_figures,
     save_result,
+    sync,
     time_ratio,
 )
 from course_lib import data, instruct, linear4bit, models, quant, train
@@ -68,26 +70,6 @@ from course_lib import data, instruct, linear4bit, models, quant, train
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
 REPEATS = {"quantize": 9, "dequantize": 41, "forward": 15, "qlora_step": {"cpu": 30, "cuda": 30}}
 OUT = {"cpu": RESULTS_DIR / "quant_vs_bnb.json", "cuda": RESULTS_DIR / "quant_vs_bnb.cuda.json"}
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved(fns: dict, repeats: int, device: str) -> dict:
-    """Wall times of each callable over ``repeats`` rounds (after one warm-up call each), rotating the order."""
-    for fn in fns.values():
-        fn()
-    names, times = list(fns), {name: [] for name in fns}
-    for i in range(repeats):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def paired_ratio(times: dict, num: str, den: str) -> float:

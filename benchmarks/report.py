@@ -1,6 +1,6 @@
 """What every benchmark script shares: its command line, the fields that describe its run, the
 results JSON written atomically, the ``FIGURE`` lines it ends with, ``--figures-only``, ``--save``,
-and the median timing.
+the median timing and timing in paired rounds.
 
 Running a benchmark never changes the course by accident: the chapters assert the committed
 ``benchmarks/results/NAME.json`` exactly, so a run (``--figures-only`` too) writes its JSON to
@@ -74,6 +74,32 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         fn()
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
+
+
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work (nothing to wait for on the CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Wall seconds of each callable in ``rounds`` rounds, after one warm-up call each: every round
+    calls each callable once, the order rotated by one per round, so each runs in each position
+    about equally often and a slow spell of the machine falls on all of a round alike. The times of
+    one round are a pair (a set) for `time_ratio`."""
+    for fn in fns.values():
+        fn()
+    names, times = list(fns), {name: [] for name in fns}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 # ---------------------------------------------------------------------------------------------

@@ -524,6 +524,14 @@ for a, b, dim, k in compared:
     diffs[a, b, dim, k] = d["difference"], d["low"], d["high"], d["verdict"]
     print(f"{b:>22s} - {a:<16s} R@{k:<2d} at {dim:3d}: {score(a, dim, k):.3f} -> {score(b, dim, k):.3f}  "
           f"{stats.format_difference(d['difference'], d['low'], d['high'])}  {d['verdict']}")
+# time: the table's minutes per epoch are five runs timed one after the other; the benchmark also
+# stepped all five methods side by side, the same batch in each round, and kept each method's
+# time per step over LoRA's in the same round
+side = combo["step_times"]
+print(f"\nbenchmark: seconds per step over LoRA's, {side['rounds']} rounds of one step of each method on the same "
+      f"batch of {side['batch']}, with its 95% interval over rounds")
+for name, t in side["over_lora"].items():
+    print(f"{name:>22s}: {t['ratio']:.2f}x [{t['low']:.2f}, {t['high']:.2f}]  {t['verdict']}")
 
 # %% [markdown]
 # Every trained model is a gain over the pretrained one at 384 numbers (LoRA: recall@10 0.727 →
@@ -545,12 +553,14 @@ for a, b, dim, k in compared:
 #   are drawn in another order (chunk by chunk), and the difference is within noise.
 # * **GradCache saves memory** (5 GB vs 8 GB, −37%): *holds, and more*: 520 MiB against 2,458 MiB
 #   (−79%) with chunk 16 of a batch of 64; the saving is set by the batch-to-chunk ratio, not a
-#   fixed percentage. Its time per epoch is less certain: 60% more than LoRA's in this run, 28% in
-#   the run before it on the same machine the same day, with the same scores to the last digit.
-#   One extra forward pass costs about a third of a step (the seeds: +10%); the rest is how much
-#   single runs timed one after the other move: here the three methods without GradCache took
-#   about a fifth less time per epoch than in the run before, the two with it the same. So the
-#   benchmark's figure for at most 1.5 times LoRA's time, met then, is missed in this run.
+#   fixed percentage. It costs more time than the seeds say (+10%): timed side by side, a
+#   GradCache step takes 1.48 times LoRA's [1.45, 1.51]; the extra forward pass without gradients
+#   and the chunking (chapter 03) add about half a LoRA step, whose backward pass is light (no
+#   gradients for the frozen weights). The table's minutes per epoch, one run of each method after the other, say +51% in this run
+#   (6.7 against 4.4), and said +60% and +28% in two earlier runs on the same machine, with the
+#   same scores to the last digit each time: single runs move that much. The benchmark's target,
+#   at most 1.5 times LoRA's time, is met by the side-by-side ratio and missed by its interval's
+#   upper end: within noise of the target.
 # * **MRL adds accuracy at full dimension** (72.8% vs 71.0%): *wrong here*. At 384 numbers LoRA +
 #   MRL has R@1 0.371 against 0.399, −0.028 [−0.051, −0.004], a loss; R@10 0.785 against 0.790,
 #   within noise. With GradCache, MRL's R@10 at 384 numbers is lower too: 0.771 against 0.792,
@@ -563,17 +573,16 @@ for a, b, dim, k in compared:
 #   training budget (32 steps) MRL has only begun to reorganise the prefixes.
 # * **MRL costs memory** (10 GB vs 8 GB): *wrong*. 2,459 MiB against 2,458 MiB: the extra losses
 #   are computed on slices of embeddings already in memory.
-# * **MRL costs time** (2.5 h vs 2.0 h): *not here*. Our table has LoRA + MRL at 4.6 minutes per
-#   epoch against 4.5 for LoRA, 2% more (6% in the run before on the same machine, 5.8 against
-#   5.5; on 2026-12-02 the other way round, 9.4 against 10.1 minutes), with the same scores each
-#   time: the methods are timed one after the other, and timings vary that much from run to run.
-#   MRL adds only five cheap losses on prefixes of the same embeddings, nothing near the seeds'
-#   25%; timed side by side (the live training above), the two take the same time per step up to
-#   noise.
+# * **MRL costs time** (2.5 h vs 2.0 h): *not here*. Side by side, a LoRA + MRL step takes 1.00
+#   times LoRA's [0.97, 1.02], within noise, and the interval excludes the seeds' +25%: MRL adds
+#   only five cheap losses on prefixes of the same embeddings. The table's single runs scatter
+#   around that: 4.2 against 4.4 minutes per epoch in this run (5% less), 2% and 6% more in two
+#   earlier runs on the same machine, 7% less on 2026-12-02. The live training above (two runs,
+#   one after the other) shows the same: two times per step equal up to the machine's load.
 # * **All three together: 6 GB and the fastest of the MRL runs** (2.1 h vs 2.5 h): the memory
-#   *holds* (520 MiB, GradCache's), the time *does not*: 7.2 minutes per epoch against 4.6 for
-#   LoRA + MRL; GradCache's extra forward pass cannot make a run faster than the same run without
-#   it.
+#   *holds* (520 MiB, GradCache's), the time *does not*: side by side, 1.48 times LoRA's step
+#   [1.45, 1.51] against 1.00 for LoRA + MRL (6.5 against 4.2 minutes per epoch in the table);
+#   GradCache's extra forward pass cannot make a run faster than the same run without it.
 
 # %%
 m = combo["methods"]
@@ -585,14 +594,22 @@ assert f3(r("LoRA", 384, 10), r("full fine-tuning", 384, 10), r("LoRA", 384, 1),
 assert f3(combo["untrained"]["384"]["recall@10"]) == ["0.727"]
 assert [round(m[n]["memory"]["activations_peak"] / 2**20) for n in ("full fine-tuning", "LoRA")] == [3080, 2369]
 assert (mem("full fine-tuning"), mem("LoRA"), mem("LoRA + GradCache"), mem("LoRA + MRL"), mem("LoRA + GradCache + MRL")) == (3425, 2458, 520, 2459, 520)
-assert round(m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1, 2) == 0.60
-assert "FIGURE gradcache_over_lora_epoch_time: 1.6 (target <= 1.5) missed" in combo["figures"]
+assert round(m["LoRA + GradCache"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1, 2) == 0.51
+assert [f'{m[n]["epoch_seconds"] / 60:.1f}' for n in ("LoRA + GradCache", "LoRA")] == ["6.7", "4.4"]
+over_lora = lambda name: [f"{side['over_lora'][name][x]:.2f}" for x in ("ratio", "low", "high")]   # as printed
+assert over_lora("LoRA + GradCache") == ["1.48", "1.45", "1.51"] and side["over_lora"]["LoRA + GradCache"]["verdict"] == "slower"
+assert over_lora("LoRA + GradCache + MRL")[0] == "1.48" and over_lora("LoRA + MRL") == ["1.00", "0.97", "1.02"]
+assert side["over_lora"]["LoRA + MRL"]["verdict"] == "within noise" and side["over_lora"]["LoRA + MRL"]["high"] < 1.25
+# the target of at most 1.5 times LoRA's time: one run's epochs miss it, the side-by-side ratio meets it, its interval does not
+assert {"FIGURE gradcache_over_lora_epoch_time: 1.51 (target <= 1.5) missed",
+        "FIGURE gradcache_over_lora_step_time_paired: 1.48 (target <= 1.5) met",
+        "FIGURE gradcache_over_lora_step_time_paired_95pct_high: 1.51 (target <= 1.5) missed"} <= set(combo["figures"])
 assert f3(r("LoRA + GradCache", 384, 1), r("LoRA + MRL", 384, 1), r("LoRA + MRL", 384, 10)) == ["0.395", "0.371", "0.785"]
 assert f3(r("LoRA + GradCache", 384, 10), r("LoRA + GradCache + MRL", 384, 10)) == ["0.792", "0.771"]
 assert f3(*(r(n, 32, 10) for n in ("LoRA", "LoRA + MRL", "LoRA + GradCache", "LoRA + GradCache + MRL"))) == ["0.514", "0.547", "0.514", "0.555"]
 assert f3(r("LoRA + MRL", 64, 10), r("LoRA", 64, 10)) == ["0.672", "0.656"]
-assert [f'{m[n]["epoch_seconds"] / 60:.1f}' for n in ("LoRA", "LoRA + MRL", "LoRA + GradCache + MRL")] == ["4.5", "4.6", "7.2"]
-assert f'{m["LoRA + MRL"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1:.0%}' == "2%"
+assert [f'{m[n]["epoch_seconds"] / 60:.1f}' for n in ("LoRA", "LoRA + MRL", "LoRA + GradCache + MRL")] == ["4.4", "4.2", "6.5"]
+assert f'{m["LoRA + MRL"]["epoch_seconds"] / m["LoRA"]["epoch_seconds"] - 1:.0%}' == "-5%"
 f3s = lambda key: [f"{x:+.3f}" for x in diffs[key][:3]]   # a difference and its interval, as printed
 assert f3s(("pretrained", "LoRA", 384, 10)) == ["+0.063", "+0.038", "+0.091"]
 assert f3s(("full fine-tuning", "LoRA", 384, 10)) == ["-0.006", "-0.022", "+0.010"]

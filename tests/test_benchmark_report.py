@@ -70,14 +70,27 @@ def test_timed_is_the_median_after_a_warm_up():
     assert len(calls) == 4
 
 
+def test_interleaved_rotates_the_order_round_by_round():
+    """One warm-up call each, then every callable once a round, each round starting one further on:
+    over as many rounds as callables, each has run once in every position."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = report.interleaved(fns, rounds=6)
+    assert calls[:3] == list("abc")                                    # the warm-up round
+    rounds = ["".join(calls[i:i + 3]) for i in range(3, len(calls), 3)]
+    assert rounds == ["abc", "bca", "cab", "abc", "bca", "cab"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 6, "b": 6, "c": 6}
+    assert all(t >= 0 for seconds in times.values() for t in seconds)
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line and the run's fields
 # ---------------------------------------------------------------------------------------------
 def test_the_command_spells_every_option():
-    args = argparse.Namespace(batch=256, chunk=32, repeats=3, sweep=[16, 64, 256], sweep_chunk=16, lr=0.001,
+    args = argparse.Namespace(batch=256, chunk=32, rounds=7, sweep=[16, 64, 256], sweep_chunk=16, lr=0.001,
                               pairs=2048, figures_only=False)
     # the command the committed gradcache.json records, the launcher aside
-    assert report.command("gradcache", args) == ("python -m benchmarks.gradcache --batch 256 --chunk 32 --repeats 3 "
+    assert report.command("gradcache", args) == ("python -m benchmarks.gradcache --batch 256 --chunk 32 --rounds 7 "
                                                  "--sweep 16 64 256 --sweep-chunk 16 --lr 0.001 --pairs 2048")
     flags = argparse.Namespace(cache="/tmp/e.safetensors", fast=True, slow=False, out=None, lr=2e-5)
     assert report.command("x", flags, skip=("cache",)) == "python -m benchmarks.x --fast --lr 2e-05"

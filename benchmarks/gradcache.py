@@ -201,6 +201,8 @@ def main() -> None:
     args = parser.parse_args()
     if len(set(args.sweep)) != len(args.sweep):
         parser.error(f"--sweep lists a batch size twice: {args.sweep}")
+    if args.rounds < 2:
+        parser.error(f"--rounds must be at least 2 (a time ratio's interval needs paired rounds), got {args.rounds}")
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return

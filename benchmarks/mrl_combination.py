@@ -209,6 +209,8 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=None,
                         help="score only the first N test queries (default: all of them)")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds must be at least 2 (a time ratio's interval needs paired rounds), got {args.rounds}")
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return

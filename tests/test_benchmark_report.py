@@ -198,6 +198,18 @@ def test_the_committed_figures_are_the_script_s_figures_of_its_measurements(path
     assert module.figures(result) == result["figures"], f"run: {rerun}"
 
 
+@pytest.mark.parametrize("name", ["gradcache", "mrl_combination"])
+def test_a_time_ratio_needs_two_rounds_and_is_refused_before_any_work(name, monkeypatch, capsys):
+    """``--rounds 1`` would train for half an hour and then fail to bootstrap an interval from one
+    pair: the parser refuses it at once, saying what to pass."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    monkeypatch.setattr(sys, "argv", [name, "--rounds", "1"])
+    monkeypatch.setattr(module, "Run", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as exit:
+        module.main()
+    assert exit.value.code == 2 and "--rounds must be at least 2" in capsys.readouterr().err
+
+
 def test_the_light_scripts_answer_help_from_the_repository_root():
     """The launcher itself, ``python -m benchmarks.<name>``, in a fresh process (scripts that do not
     import torch before parsing their arguments: well under a second)."""

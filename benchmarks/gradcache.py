@@ -7,7 +7,7 @@
    ``CachedMultipleNegativesRankingLoss`` (mini-batch 32) on the same tokenized batch, timed side
    by side: ``--rounds`` rounds of one step of each, in a rotating order (`report.interleaved`),
    so GradCache's time over the other two is a ratio of times paired by round, with its 95%
-   interval (`report.time_ratio`).
+   interval (`course_lib.stats.time_ratio`).
 2. Recall@10 on the code-search test split after training on the same 2,048 training pairs
    (half an epoch) with batch 16, 64 and 256 (GradCache, chunk 16), LoRA r=8, the same
    learning rate: fewer, larger steps for larger batches.
@@ -50,10 +50,10 @@ from benchmarks.report import (
     paired_line,
     recompute_figures,
     save_result,
-    time_ratio,
 )
 from course_lib import data, gradcache, models, retrieval, train
 from course_lib.memory import SavedActivations
+from course_lib.stats import time_ratio
 
 RESULTS = RESULTS_DIR / "gradcache.json"
 

@@ -12,7 +12,8 @@ state, peak saved activations); seconds per step and the time of one epoch of th
 the other, so their ratios move with whatever the machine did meanwhile. ``step_times`` times the
 methods again side by side: fresh models, each round one step of every method on the same batch
 in a rotating order (``--rounds`` rounds after one warm-up round), and records each method's time
-per step over LoRA's as a ratio with a 95% interval over the paired rounds (`report.time_ratio`).
+per step over LoRA's as a ratio with a 95% interval over the paired rounds
+(`course_lib.stats.time_ratio`).
 
 Every model's per-query ranks are kept (the pretrained model's too): ``items[model][dim]`` is
 each test query's 1-based rank of its own document at that many numbers
@@ -51,10 +52,10 @@ from benchmarks.report import (
     paired_line,
     recompute_figures,
     save_result,
-    time_ratio,
 )
 from course_lib import data, gradcache, lora, matryoshka, memory, models, retrieval, train
 from course_lib.progress import progress
+from course_lib.stats import time_ratio
 
 RESULTS = RESULTS_DIR / "mrl_combination.json"
 DIMS = (384, 256, 128, 64, 32)
@@ -100,7 +101,8 @@ def step_times(base, tokenizer, train_rows, args) -> dict:
     method one step (`train.train`'s: forward, backward, clipping, AdamW) on the same batch, the
     order rotated by one method per round, so each method runs in each position equally often.
     A slow spell of the machine then falls on all methods of a round alike, and each method's time
-    over LoRA's is a ratio of times paired by round, with its 95% interval (`report.time_ratio`)."""
+    over LoRA's is a ratio of times paired by round, with its 95% interval
+    (`course_lib.stats.time_ratio`)."""
     names = list(METHODS)
     contenders = {}
     for name in names:

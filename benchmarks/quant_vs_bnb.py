@@ -23,7 +23,7 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
    course_lib (`qlora.prepare_model_for_qlora`) over bitsandbytes + peft (``BitsAndBytesConfig``,
    ``prepare_model_for_kbit_training``, ``get_peft_model``), each step run by `train.train` on the
    same batch in the same round: the ratio of the mean step times, with a 95% bootstrap interval
-   over rounds (`report.time_ratio`)                                    (target <= 1.0)
+   over rounds (`course_lib.stats.time_ratio`)                          (target <= 1.0)
    and beside it, where the difference lies: on CPU a third model, course_lib's with bitsandbytes'
    ``dequantize_4bit`` kernel in place of our dequantize, stepped in the same rounds, splits the
    ratio into the dequantize's share and the rest; each model's every 4-bit layer dequantized once
@@ -63,9 +63,9 @@ from benchmarks.report import (
     recompute_figures,
     save_result,
     sync,
-    time_ratio,
 )
 from course_lib import data, instruct, linear4bit, models, quant, train
+from course_lib.stats import time_ratio
 
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
 REPEATS = {"quantize": 9, "dequantize": 41, "forward": 15, "qlora_step": {"cpu": 30, "cuda": 30}}

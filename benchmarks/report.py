@@ -56,7 +56,7 @@ def interval_figure(name: str, measured: dict, op: str, target: float, fmt: str 
     """The ``FIGURE`` line of a figure's paired 95% interval, printed after the point estimate's
     line: ``<name>_95pct_high`` for a target ``<=`` or ``<``, ``<name>_95pct_low`` for ``>=`` or
     ``>``, the end of ``measured``'s interval (``{"low": ..., "high": ...}`` as `compare_rankings`,
-    `compare_answers` and `time_ratio` record it) farthest toward missing the target.
+    `compare_answers` and `course_lib.stats.time_ratio` record it) farthest toward missing the target.
 
     It is met only when the whole interval meets the target. Where the point estimate meets its
     target and this line misses, the figure is within noise of the target: not shown to meet it.
@@ -88,7 +88,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: str =
     """Wall seconds of each callable in ``rounds`` rounds, after one warm-up call each: every round
     calls each callable once, the order rotated by one per round, so each runs in each position
     about equally often and a slow spell of the machine falls on all of a round alike. The times of
-    one round are a pair (a set) for `time_ratio`."""
+    one round are a pair (a set) for `course_lib.stats.time_ratio`."""
     for fn in fns.values():
         fn()
     names, times = list(fns), {name: [] for name in fns}
@@ -356,21 +356,3 @@ def paired_line(comparison: dict, metric: str) -> str:
     line = (f"{comparison['b']} minus {comparison['a']}, {metric}: "
             f"{stats.format_difference(m['difference'], m['low'], m['high'])} ({m['verdict']})")
     return line + (f", McNemar p = {m['mcnemar_p']:.3g}" if "mcnemar_p" in m else "")
-
-
-def time_ratio(numerator_seconds, denominator_seconds) -> dict:
-    """``mean(numerator) / mean(denominator)`` of times measured in pairs (the same round, the same
-    input), with a seeded 95% percentile bootstrap interval that resamples whole rounds, so each
-    resample keeps the pairs together (`stats.paired_bootstrap` on the log of the mean time).
-    Verdict: ``"slower"`` (the numerator's) when the interval lies above 1, ``"faster"`` below 1,
-    else ``"within noise"``."""
-    import math
-
-    import numpy as np
-
-    from course_lib import stats
-
-    d = stats.paired_bootstrap(denominator_seconds, numerator_seconds, lambda t: np.log(t.mean(axis=-1)))
-    ratio, low, high = math.exp(d.difference), math.exp(d.low), math.exp(d.high)
-    verdict = "slower" if low > 1 else "faster" if high < 1 else "within noise"
-    return {"ratio": ratio, "low": low, "high": high, "rounds": d.n, "verdict": verdict}

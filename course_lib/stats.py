@@ -9,6 +9,8 @@ so a small real difference can be seen. Two tools, both exact about what they as
   computed from per-item values: recall@k (per query 0/1), MRR (per query 1/rank), exact match,
   and corpus perplexity (per answer ``[nll, tokens]``, the statistic ``exp(Σnll / Σtokens)``).
   Seeded, so a notebook prints the same interval every run.
+* `time_ratio`: the ratio of two mean times measured in pairs (rounds of a benchmark, each timing
+  both sides), with the bootstrap interval of `paired_bootstrap` resampling whole rounds.
 * `mcnemar`: McNemar's exact test for two systems' right/wrong answers on the same items. Only
   the items where exactly one system is right carry information; under "no difference" each of
   those is equally likely to favour either system, a Binomial(n, ½) count.
@@ -169,3 +171,15 @@ def mcnemar(a_correct, b_correct) -> McNemar:
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
     return McNemar(a_only=a_only, b_only=b_only, both=int((a & b).sum()), neither=int((~a & ~b).sum()),
                    p_value=min(1.0, 2 * tail))
+
+
+def time_ratio(numerator_seconds, denominator_seconds) -> dict:
+    """``mean(numerator) / mean(denominator)`` of times measured in pairs (the same round, the same
+    input), with a seeded 95% percentile bootstrap interval that resamples whole rounds, so each
+    resample keeps the pairs together (`paired_bootstrap` on the log of the mean time).
+    Verdict: ``"slower"`` (the numerator's) when the interval lies above 1, ``"faster"`` below 1,
+    else ``"within noise"``. The benchmarks record their paired timings so (`benchmarks.report`)."""
+    d = paired_bootstrap(denominator_seconds, numerator_seconds, lambda t: np.log(t.mean(axis=-1)))
+    ratio, low, high = math.exp(d.difference), math.exp(d.low), math.exp(d.high)
+    verdict = "slower" if low > 1 else "faster" if high < 1 else "within noise"
+    return {"ratio": ratio, "low": low, "high": high, "rounds": d.n, "verdict": verdict}

@@ -339,22 +339,6 @@ def test_compare_rankings_recall_and_mrr():
     assert c["recall@10"]["low"] >= 0 and c["recall@10"]["verdict"] in ("gain", "within noise")
 
 
-def test_time_ratio_keeps_the_rounds_paired():
-    # rounds that differ tenfold (a busy spell), one side always 5% slower in its own round: every
-    # resample of whole rounds gives exactly 1.05, so the interval is that point, clear of 1
-    base = [1.0, 10.0, 1.2, 9.0, 1.1, 11.0]
-    slower = report.time_ratio([1.05 * t for t in base], base)
-    assert slower["ratio"] == pytest.approx(1.05) and slower["rounds"] == 6
-    assert (slower["low"], slower["high"]) == (pytest.approx(1.05), pytest.approx(1.05))
-    assert slower["verdict"] == "slower"
-    assert report.time_ratio([0.5 * t for t in base], base)["verdict"] == "faster"
-    # means 4 / 5 = 0.8, but a resample of only the first-kind rounds gives 2 and of the second 0.5:
-    # the interval spans 1
-    mixed = report.time_ratio([1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 0.5, 2.0])
-    assert mixed["ratio"] == pytest.approx(0.8)
-    assert mixed["low"] < 1 < mixed["high"] and mixed["verdict"] == "within noise"
-
-
 def test_the_hybrid_qlora_model_gets_bitsandbytes_kernel_for_exactly_its_own_weights():
     """quant_vs_bnb's third model (course_lib's, with bitsandbytes' ``dequantize_4bit`` where ours
     is called) pairs each of its 4-bit layers with bitsandbytes' layer of the same name, whose

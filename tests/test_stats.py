@@ -155,3 +155,19 @@ def test_a_recorded_difference_prints_by_the_same_rule():
     assert stats.format_difference(0.0356, 0.016, 0.055, label="") == "+0.036 [+0.016, +0.055]"
     assert stats.interval_decimals(-0.79, 0.62) == 2 and stats.interval_decimals(545, 5351) == -2
     assert stats.interval_decimals(0.1, 0.1) == 3
+
+
+def test_time_ratio_keeps_the_rounds_paired():
+    # rounds that differ tenfold (a busy spell), one side always 5% slower in its own round: every
+    # resample of whole rounds gives exactly 1.05, so the interval is that point, clear of 1
+    base = [1.0, 10.0, 1.2, 9.0, 1.1, 11.0]
+    slower = stats.time_ratio([1.05 * t for t in base], base)
+    assert slower["ratio"] == pytest.approx(1.05) and slower["rounds"] == 6
+    assert (slower["low"], slower["high"]) == (pytest.approx(1.05), pytest.approx(1.05))
+    assert slower["verdict"] == "slower"
+    assert stats.time_ratio([0.5 * t for t in base], base)["verdict"] == "faster"
+    # means 4 / 5 = 0.8, but a resample of only the first-kind rounds gives 2 and of the second 0.5:
+    # the interval spans 1
+    mixed = stats.time_ratio([1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 0.5, 2.0])
+    assert mixed["ratio"] == pytest.approx(0.8)
+    assert mixed["low"] < 1 < mixed["high"] and mixed["verdict"] == "within noise"

@@ -37,6 +37,7 @@ from benchmarks.report import (
     argument_parser,
     figure,
     interval_figure,
+    paired_ratio,
     recompute_figures,
     save_result,
 )
@@ -65,16 +66,6 @@ def interleaved_medians(fns: dict, repeats: int) -> tuple[dict, dict]:
             fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}, times
-
-
-def paired_ratio(times: dict, num: str, den: str) -> float:
-    """Median over rounds of time[num] / time[den] within the same round.
-
-    The two runs of a round are seconds apart, so a slow spell of the shared machine (we saw
-    single calls take 10x longer) inflates both or shows up as one outlying round, which the
-    median ignores.
-    """
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def lora_flop_share(base: nn.Module, wrapped: nn.Module, seq: int) -> dict:

@@ -60,6 +60,7 @@ from benchmarks.report import (
     figure,
     interleaved,
     interval_figure,
+    paired_ratio,
     recompute_figures,
     save_result,
     sync,
@@ -70,11 +71,6 @@ from course_lib.stats import time_ratio
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
 REPEATS = {"quantize": 9, "dequantize": 41, "forward": 15, "qlora_step": {"cpu": 30, "cuda": 30}}
 OUT = {"cpu": RESULTS_DIR / "quant_vs_bnb.json", "cuda": RESULTS_DIR / "quant_vs_bnb.cuda.json"}
-
-
-def paired_ratio(times: dict, num: str, den: str) -> float:
-    """Median over rounds of times[num] / times[den], both measured in the same round."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def bnb_linear(linear: nn.Linear) -> nn.Module:

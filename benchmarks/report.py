@@ -102,6 +102,13 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: str =
     return times
 
 
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of ``times[num] / times[den]``, both measured in the same round: a slow
+    spell of a shared machine inflates both sides of a round, or spoils one round, which the median
+    ignores."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line and the run's own fields
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,16 @@ def test_interleaved_rotates_the_order_round_by_round():
     assert all(t >= 0 for seconds in times.values() for t in seconds)
 
 
+def test_paired_ratio_is_the_median_of_each_round_s_ratio():
+    # a round ten times slower on both sides keeps its ratio 1.1; one spoilt round (3.0) is outvoted,
+    # where the ratio of the medians or means would move
+    times = {"a": [1.1, 11.0, 1.1, 3.0, 1.1], "b": [1.0, 10.0, 1.0, 1.0, 1.0]}
+    assert report.paired_ratio(times, "a", "b") == pytest.approx(1.1)
+    assert report.paired_ratio(times, "b", "a") == pytest.approx(1 / 1.1)
+    with pytest.raises(ValueError):   # rounds that do not pair up are refused, not cut short
+        report.paired_ratio({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line and the run's fields
 # ---------------------------------------------------------------------------------------------

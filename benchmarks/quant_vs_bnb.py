@@ -7,7 +7,9 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
 2. dequantization of the same: ours / bitsandbytes' ``dequantize_4bit`` (target >= 1.0), and beside
    it the floor of our formulation: its gather and multiply alone (`two_passes_only`) / bitsandbytes';
    on CPU also the gather alone in each of PyTorch's gather operations (`gathers`) / bitsandbytes'
-   whole dequantize: the fastest bounds any look-up formulation made of PyTorch operations.
+   whole dequantize: the fastest bounds any look-up formulation made of PyTorch operations; and on
+   CPU the look-up and multiply compiled by ``torch.compile`` into one fused loop
+   (`compiled_dequantize`) / bitsandbytes': what PyTorch reaches beyond its eager operations.
    Ours runs on one thread (`quant._one_thread`), bitsandbytes' kernel on torch's thread count; on
    CPU its kernel is timed on one thread too, in the same rounds, and both ratios are reported
    (``one_thread``: the same work per core, target >= 1.0 as well). With the Makefile's
@@ -29,8 +31,10 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
    ratio into the dequantize's share and the rest; each model's every 4-bit layer dequantized once
    (a step does it twice per layer); and on CPU the seconds the two course_lib models' timed steps
    spent in their dequantize calls (each call timed inside the step, where the caches are cold).
+   On CPU a fourth model, course_lib's with `compiled_dequantize` in place of ours, stepped in the
+   same rounds: the step with the fused kernel over bitsandbytes + peft's  (target <= 1.0).
 
-Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 5 minutes on 2 CPU cores)
+Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 6 minutes on 2 CPU cores)
       .venv/bin/python -m benchmarks.quant_vs_bnb --device cuda   (a GPU run: quant_vs_bnb.cuda.json)
 Each round calls every contender once, in rotating order, after one warm-up call; a ratio of 1-3
 is the median over rounds of the two times measured in the same round, so a slow spell of a shared
@@ -41,6 +45,7 @@ machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json (quant_vs_b
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import statistics
@@ -132,6 +137,54 @@ def gathers(state: quant.QuantState) -> dict:
     return {name: quant._one_thread()(fn) for name, fn in formulations.items()}  # one thread, as dequantize_blockwise
 
 
+def _lookup_and_scale(pairs: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Each byte's two values (``pairs``: the byte table as 256 rows of two floats) times its block's
+    absmax, as one expression, so that ``torch.compile`` can make it one loop."""
+    return pairs[packed.long()].view(absmax.numel(), -1) * absmax.unsqueeze(1)
+
+
+@functools.cache
+def _fused_kernel():
+    """The compiled `_lookup_and_scale`: one kernel per shape and thread count (torch.compile guards
+    on both). Sets torch.compile's limit for this process to 32 kernels a function, and going past
+    it to an error, rather than silently running the function uncompiled (as by default past 8);
+    set once here, as changing the setting around each call costs a small layer's call 8% more."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(_lookup_and_scale, dynamic=False)
+
+
+@torch.no_grad()  # as dequantize_blockwise (torch.compile guards on grad mode: one kernel, not two)
+def compiled_dequantize(state: quant.QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`quant.dequantize_blockwise`'s look-up and multiply compiled by ``torch.compile``: PyTorch's
+    compiler (inductor) turns them into one C++ loop over the bytes (look up the pair, multiply by
+    the block's absmax, write), with no intermediate tensor and no widened indices, at torch's
+    thread count; the absmax decode stays as in ours. The same float32 products, so the same
+    tensor, bit for bit (checked where it is timed). 4-bit types with whole blocks only (no
+    padding), as every tensor measured here; computed in float32, then cast to ``dtype``. The
+    first call of each shape compiles (seconds; needs a C++ compiler on CPU)."""
+    if state.quant_type not in quant.FOUR_BIT_TYPES or state.packed.numel() * 2 != state.absmax.numel() * state.blocksize:
+        raise ValueError(f"compiled_dequantize takes 4-bit codes in whole blocks; got {state.quant_type} with "
+                         f"{state.numel} values in blocks of {state.blocksize}: use quant.dequantize_blockwise")
+    pairs = quant._byte_table(state.quant_type, state.packed.device).view(torch.float32).view(-1, 2)
+    out = _fused_kernel()(pairs, state.packed, quant.dequantize_absmax(state)).view(state.shape)
+    dtype = dtype or state.dtype
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def compiled_or_why_not(state: quant.QuantState):
+    """`compiled_dequantize` for ``state`` checked to give `quant.dequantize_blockwise`'s tensor, or
+    the reason it cannot run here (``torch.compile`` failing, for instance for want of a C++
+    compiler), to be recorded instead of its times. A different tensor is an error, not a reason."""
+    try:
+        got = compiled_dequantize(state)
+    except Exception as error:  # noqa: BLE001 - whatever stops the compiler is recorded, not hidden
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if not torch.equal(got, quant.dequantize_blockwise(state)):
+        raise RuntimeError("compiled_dequantize gives another tensor than quant.dequantize_blockwise")
+    return partial(compiled_dequantize, state), None
+
+
 def run_device(device: str, down_proj: torch.Tensor) -> dict:
     import bitsandbytes.functional as bnbF
 
@@ -150,12 +203,19 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
         ours_state = quant.quantize_blockwise(x, "nf4", BLOCKSIZE, double_quant=True)
         packed, bnb_state = bnbF.quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
         bnb_dequantize = {"bnb": partial(bnbF.dequantize_4bit, packed, bnb_state)}
+        compiled = {}
         if device == "cpu":  # its kernel also on one thread, as ours runs: the same work per core
             bnb_dequantize["bnb_one_thread"] = quant._one_thread()(bnb_dequantize["bnb"])
+            fused, why_not = compiled_or_why_not(ours_state)
+            if fused is None:
+                result["compiled_unavailable"] = why_not
+            else:  # at torch's thread count, and on one thread as bitsandbytes' kernel beside it
+                compiled = {"compiled": fused, "compiled_one_thread": quant._one_thread()(fused)}
         times = interleaved({
             "ours": partial(quant.dequantize_blockwise, ours_state),
             **bnb_dequantize,
             "two_passes_only": two_passes_only(ours_state),
+            **compiled,
         }, REPEATS["dequantize"], device)
         ratio = paired_ratio(times, "bnb", "ours")
         result["median_seconds"][f"dequantize_{label}"] = {k: statistics.median(v) for k, v in times.items()}
@@ -170,6 +230,11 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
             # bitsandbytes' time at torch's thread count (the record's "threads") over its time on one
             result["ratios"][f"dequantize_{label}_bnb_time_threads_over_one_thread"] = paired_ratio(
                 times, "bnb", "bnb_one_thread")
+            if compiled:
+                result["ratios"][f"dequantize_{label}_compiled_ours_over_bnb"] = paired_ratio(
+                    times, "bnb", "compiled")
+                result["ratios"][f"dequantize_{label}_one_thread_compiled_ours_over_bnb"] = paired_ratio(
+                    times, "bnb_one_thread", "compiled_one_thread")
             # PyTorch's gathers, each alone, against bitsandbytes' whole dequantize (both thread settings)
             times = interleaved({**gathers(ours_state), **bnb_dequantize}, REPEATS["dequantize"], device)
             result.setdefault("gathers", {})[label] = {
@@ -202,8 +267,10 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
     with the same initial adapters: course_lib's, bitsandbytes + peft's, and on CPU a third,
     course_lib's with bitsandbytes' ``dequantize_4bit`` kernel called where ours is
     (``course_lib_bnb_dequantize``: the same 4-bit weights, so the same tensors and losses, checked
-    every round; what differs is how the weight is decoded). Each round gives every model the same
-    batch, in one of their orders (six for three models), taken in turn. The step is
+    every round; what differs is how the weight is decoded), and a fourth, course_lib's with
+    `compiled_dequantize` where ours is called (``course_lib_compiled_dequantize``, the same tensors
+    too; left out, with the reason recorded, where ``torch.compile`` cannot build it). Each round
+    gives every model the same batch, in one of their orders (24 for four models), taken in turn. The step is
     `train.train`'s (forward, backward, gradient clipping, AdamW), timed by it. The third model
     splits course_lib's step time over bitsandbytes + peft's into the dequantize's share (ours over
     the hybrid) and the rest (the hybrid over bitsandbytes + peft: the autograd function, the LoRA
@@ -236,6 +303,12 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
         contenders["course_lib_bnb_dequantize"] = course_lib_lora(base, True, adapter_state(theirs))
         # each of its packed weights' address -> bitsandbytes' packed weight and QuantState
         kernel = _bnb_kernels(contenders["course_lib_bnb_dequantize"], theirs)
+        fused, why_not = course_lib_lora(base, True, adapter_state(theirs)), None
+        for layer in fused.modules():  # compiles each shape, checks every layer's tensor
+            if isinstance(layer, linear4bit.Linear4bit) and (why_not := compiled_or_why_not(layer.quant_state)[1]):
+                break
+        if why_not is None:
+            contenders["course_lib_compiled_dequantize"] = fused
     del base
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
                   for name, m in contenders.items()}
@@ -246,7 +319,8 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
         weight, bnb_state = kernel[state.packed.data_ptr()]
         return bnbF.dequantize_4bit(weight, bnb_state).to(dtype or state.dtype)
 
-    dequantize = {"course_lib": quant.dequantize_blockwise, "course_lib_bnb_dequantize": bnb_dequantize}
+    dequantize = {"course_lib": quant.dequantize_blockwise, "course_lib_bnb_dequantize": bnb_dequantize,
+                  "course_lib_compiled_dequantize": compiled_dequantize}
     dequantizing = [0.0]  # seconds the current step has spent in its dequantize calls (CPU)
     in_step = {name: [] for name in dequantize if name in contenders}  # on CPU: that, per timed step
 
@@ -303,6 +377,11 @@ def qlora_step(rounds: int, device: str = "cpu") -> dict:
                                                                 step_seconds["course_lib_bnb_dequantize"]),
         "course_lib_bnb_dequantize_over_bnb_peft": time_ratio(step_seconds["course_lib_bnb_dequantize"],
                                                               step_seconds["bnb_peft"])}
+    if "course_lib_compiled_dequantize" in contenders:
+        split["course_lib_compiled_dequantize_over_bnb_peft"] = time_ratio(
+            step_seconds["course_lib_compiled_dequantize"], step_seconds["bnb_peft"])
+    elif device == "cpu":
+        split["compiled_unavailable"] = why_not
     return {"seconds": step_seconds,
             "course_lib_over_bnb_peft": time_ratio(step_seconds["course_lib"], step_seconds["bnb_peft"]), **split,
             "dequantize_every_layer_once": {"layers": [len(ours_layers), len(bnb_layers)],
@@ -357,12 +436,23 @@ def figures(record: dict) -> list[str]:
                     lines.append(figure(f"nf4_dequantize_{label}_{device}_one_thread_two_passes_alone_over_bnb",
                                         ratios[f"dequantize_{label}_one_thread_two_passes_limit_ours_over_bnb"],
                                         ">=", 1.0, ".3f"))
+                for threads in ("", "one_thread_"):  # the look-up and multiply fused by torch.compile
+                    if f"dequantize_{label}_{threads}compiled_ours_over_bnb" in ratios:
+                        lines.append(figure(f"nf4_dequantize_{label}_{device}_{threads}compiled_over_bnb",
+                                            ratios[f"dequantize_{label}_{threads}compiled_ours_over_bnb"], ">=",
+                                            1.0, ".3f"))
         lines.append(figure(f"linear4bit_forward_{device}_over_float_linear", ratios["forward_ours_over_float"],
                             "<=", 1.5, ".3f"))
         if "qlora_step" in result:  # issue 22's target: course_lib's step no slower than bitsandbytes + peft's
             step = result["qlora_step"]["course_lib_over_bnb_peft"]   # paired rounds: a ratio and its interval
             lines.append(figure(f"qlora_step_{device}_course_lib_over_bnb_peft", step["ratio"], "<=", 1.0, ".3f"))
             lines.append(interval_figure(f"qlora_step_{device}_course_lib_over_bnb_peft", step, "<=", 1.0, ".3f"))
+            fused = result["qlora_step"].get("course_lib_compiled_dequantize_over_bnb_peft")
+            if fused:  # the same step with the look-up and multiply compiled into one loop
+                lines.append(figure(f"qlora_step_{device}_compiled_dequantize_over_bnb_peft", fused["ratio"], "<=",
+                                    1.0, ".3f"))
+                lines.append(interval_figure(f"qlora_step_{device}_compiled_dequantize_over_bnb_peft", fused, "<=",
+                                             1.0, ".3f"))
     return lines
 
 
@@ -404,6 +494,9 @@ def main() -> None:
 
     for device, result in results.items():
         print(f"[{device}] median seconds")
+        for where in (result, result.get("qlora_step", {})):
+            if "compiled_unavailable" in where:
+                print(f"  torch.compile could not build compiled_dequantize here: {where['compiled_unavailable']}")
         for name, medians in result["median_seconds"].items():
             print(f"  {name:24s} " + "  ".join(f"{k} {v * 1000:8.2f} ms" for k, v in medians.items()))
         for label, gathered in result.get("gathers", {}).items():
@@ -418,7 +511,9 @@ def main() -> None:
             parts = {"course_lib_over_course_lib_bnb_dequantize":
                      "course_lib / course_lib with bitsandbytes' dequantize (its share)",
                      "course_lib_bnb_dequantize_over_bnb_peft":
-                     "course_lib with bitsandbytes' dequantize / bitsandbytes + peft (the rest)"}
+                     "course_lib with bitsandbytes' dequantize / bitsandbytes + peft (the rest)",
+                     "course_lib_compiled_dequantize_over_bnb_peft":
+                     "course_lib with the compiled dequantize / bitsandbytes + peft"}
             for key, label in parts.items():
                 if key in result["qlora_step"]:
                     part = result["qlora_step"][key]

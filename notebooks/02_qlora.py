@@ -251,10 +251,13 @@ for label, name in (("down_proj", "SmolLM2 down_proj, 576 x 1536"), ("random4096
     print(f"  {'  bitsandbytes on one thread':30s} dequantize "
           f"{ratios[f'dequantize_{label}_one_thread_throughput_ours_over_bnb']:.2f}x, its two passes alone "
           f"{ratios[f'dequantize_{label}_one_thread_two_passes_limit_ours_over_bnb']:.2f}x")
+    print(f"  {'  fused by torch.compile':30s} dequantize {ratios[f'dequantize_{label}_compiled_ours_over_bnb']:.2f}x, "
+          f"both on one thread {ratios[f'dequantize_{label}_one_thread_compiled_ours_over_bnb']:.2f}x")
 assert [round(ratios[f"{op}_{label}_{kind}_ours_over_bnb"], 2) for label in ("down_proj", "random4096")
         for op, kind in (("quantize", "throughput"), ("dequantize", "throughput"), ("dequantize", "two_passes_limit"),
-                         ("dequantize", "one_thread_throughput"), ("dequantize", "one_thread_two_passes_limit"))
-        ] == [1.66, 0.52, 1.07, 0.44, 0.94, 1.97, 0.44, 1.15, 0.67, 1.74]
+                         ("dequantize", "one_thread_throughput"), ("dequantize", "one_thread_two_passes_limit"),
+                         ("dequantize", "compiled"), ("dequantize", "one_thread_compiled"))
+        ] == [1.58, 0.55, 0.95, 0.45, 0.79, 0.62, 0.37, 1.88, 0.47, 0.98, 0.67, 1.42, 0.81, 0.73]
 gathers = qb["results"]["cpu"]["gathers"]   # the look-up alone in each of PyTorch's gathers (one thread)
 print(f"the look-up alone, each of PyTorch's gathers: bitsandbytes' whole dequantize time / its time "
       f"(bitsandbytes on {qb['threads']} threads, then on one)")
@@ -263,54 +266,70 @@ for label, g in gathers.items():
         print(f"  {label:10s} " + "  ".join(f"{k} {v:.2f}" for k, v in g[f"{bnb_threads}_dequantize_over_gather"].items()))
 assert [[round(v, 2) for v in gathers[label][f"{b}_dequantize_over_gather"].values()]
         for label in ("down_proj", "random4096") for b in ("bnb", "bnb_one_thread")] == [
-    [1.55, 1.50, 0.69, 0.51, 1.21, 0.58], [1.19, 1.19, 0.53, 0.41, 1.01, 0.45],
-    [1.91, 1.52, 0.45, 0.37, 0.59, 0.38], [2.78, 2.24, 0.67, 0.54, 0.87, 0.56]]
+    [1.52, 1.38, 0.62, 0.50, 1.22, 0.56], [1.20, 1.09, 0.48, 0.40, 0.98, 0.43],
+    [1.95, 1.76, 0.54, 0.45, 0.68, 0.49], [2.44, 2.21, 0.69, 0.58, 0.87, 0.62]]
 gathers_4096 = gathers["random4096"]["median_seconds"]
-assert round(100 / gathers["down_proj"]["bnb_one_thread_dequantize_over_gather"]["index_select"]) == 84
-assert round(1000 * (gathers_4096["gather"] - gathers_4096["index_select"])) == 23
+assert round(100 / gathers["down_proj"]["bnb_one_thread_dequantize_over_gather"]["index_select"]) == 83
+assert round(1000 * (gathers_4096["gather"] - gathers_4096["index_select"])) == 25
 dequant_ms = {label: {k: 1000 * v for k, v in qb["results"]["cpu"]["median_seconds"][f"dequantize_{label}"].items()}
               for label in ("down_proj", "random4096")}   # medians over the rounds
 assert qb["threads"] == 2 and qb["machine"]["environment"]["OMP_WAIT_POLICY"] == "PASSIVE"
-assert [f"{dequant_ms['down_proj'][k]:.2f}" for k in ("bnb_one_thread", "two_passes_only", "bnb", "ours")
-        ] == ["0.39", "0.43", "0.48", "0.88"]
-assert [round(dequant_ms["random4096"][k]) for k in ("two_passes_only", "bnb", "bnb_one_thread", "ours")] == [17, 19, 29, 43]
+assert [f"{dequant_ms['down_proj'][k]:.2f}" for k in ("bnb_one_thread", "bnb", "two_passes_only", "ours",
+                                                     "compiled_one_thread")] == ["0.37", "0.45", "0.46", "0.83", "1.00"]
+assert [round(dequant_ms["random4096"][k]) for k in ("two_passes_only", "bnb", "bnb_one_thread", "ours", "compiled")
+        ] == [22, 22, 31, 46, 26]
 
 # %% [markdown]
 # **Against bitsandbytes' C++ kernels** (measured side by side, in one run of
-# `benchmarks/quant_vs_bnb.py`): quantizing runs at 1.7 times bitsandbytes' throughput on the
-# layer and 2.0 times on the large tensor; dequantizing at 0.52 and 0.44 times, so the benchmark's
+# `benchmarks/quant_vs_bnb.py`): quantizing runs at 1.6 times bitsandbytes' throughput on the
+# layer and 1.9 times on the large tensor; dequantizing at 0.55 and 0.47 times, so the benchmark's
 # target for dequantizing (at least 1.0) is missed. The third column is the floor of this
 # formulation: its two passes alone, into a buffer allocated once, without decoding the
-# double-quantized absmax: 1.07 and 1.15 times bitsandbytes' throughput.
+# double-quantized absmax: 0.95 and 0.98 times bitsandbytes' throughput, so in this run even they
+# fall just short of bitsandbytes' whole kernel.
 #
 # That comparison is not core for core: ours runs on one thread, bitsandbytes' kernel on both of
 # this machine's. So the benchmark also times bitsandbytes' kernel on one thread, in the same
-# rounds (the second line of each tensor). On the layer it is faster that way, 0.39 ms against
-# 0.48 ms on two: the course runs with `OMP_WAIT_POLICY=PASSIVE`, under which the second thread
+# rounds (the second line of each tensor). On the layer it is faster that way, 0.37 ms against
+# 0.45 ms on two: the course runs with `OMP_WAIT_POLICY=PASSIVE`, under which the second thread
 # sleeps between calls, and waking it costs a call of under half a millisecond more than it saves.
-# Against that kernel our dequantize runs at 0.44 times its throughput, and even the two passes
-# alone at 0.94 (0.43 ms): on the layer, core for core, the floor of our formulation is slower
-# than bitsandbytes' whole kernel. On the large tensor the second core helps bitsandbytes (29 ms
-# on one thread, 19 ms on two); core for core our two passes alone run at 1.74 times its
+# Against that kernel our dequantize runs at 0.45 times its throughput, and even the two passes
+# alone at 0.79 (0.46 ms): on the layer, core for core, the floor of our formulation is slower
+# than bitsandbytes' whole kernel. On the large tensor the second core helps bitsandbytes (31 ms
+# on one thread, 22 ms on two); core for core our two passes alone run at 1.42 times its
 # throughput there, and our whole dequantize at 0.67.
 #
 # Could another PyTorch operation look the bytes up faster? The last lines time the look-up
 # alone, the indices widened beforehand, in each of PyTorch's gathers, against bitsandbytes' whole
-# dequantize on two threads and then on one. `index_select` (1.55 and 1.19 on the layer with int32
-# indices, as ours; 1.50 and 1.19 with int64 ones) and `gather` (1.21 and 1.01) are the fastest;
+# dequantize on two threads and then on one. `index_select` (1.52 and 1.20 on the layer with int32
+# indices, as ours; 1.38 and 1.09 with int64 ones) and `gather` (1.22 and 0.98) are the fastest;
 # `take`, advanced indexing and `embedding` take longer than bitsandbytes' whole dequantize. So on
-# the layer the look-up alone, in PyTorch's fastest gather, takes 84% of the time bitsandbytes'
+# the layer the look-up alone, in PyTorch's fastest gather, takes 83% of the time bitsandbytes'
 # kernel needs on one core for everything, and the multiply, the widening of the codes and the
 # absmax decode come on top: that is the measured limit, and no dequantize built from these
 # operations reaches the target core for core there. On the large tensor the `gather` kernel falls
-# to 0.59 while `index_select` stays at 1.91: `index_select` writes into a buffer allocated once,
+# to 0.68 while `index_select` stays at 1.95: `index_select` writes into a buffer allocated once,
 # `gather` into a fresh 64 MiB, whose memory pages the operating system maps in as they are first
-# written, 23 ms more here. Our dequantize returns a fresh tensor too, written from one core: 43 ms
-# against 17 ms for its two passes into a reused buffer. These times of well under a millisecond on
-# the layer also move between runs: the run before this one, on the same machine the same day
-# (the benchmarks page), gave our dequantize 0.69 times bitsandbytes' throughput on the layer and
-# its two passes alone 1.11. What the difference costs a training step is measured below, with
-# bitsandbytes' kernel put in our layer's place.
+# written, 25 ms more here. Our dequantize returns a fresh tensor too, written from one core: 46 ms
+# against 22 ms for its two passes into a reused buffer. These times of well under a millisecond on
+# the layer also move between runs: the run before this one, on the same machine (the benchmarks
+# page), gave our dequantize 0.52 times bitsandbytes' throughput on the layer and its two passes
+# alone 1.07.
+#
+# Would a compiler do better? PyTorch runs these operations one at a time, each a pass over
+# memory; `torch.compile` can fuse them. The benchmark compiles the look-up and the multiply
+# written as one expression, `pairs[packed.long()].view(blocks, -1) * absmax.unsqueeze(1)`
+# (`pairs`: the byte table as 256 rows of two floats), and PyTorch's compiler turns it into one C++
+# loop: read a byte, fetch its two values, multiply them by the block's absmax, store. No widened
+# indices, no second pass, and the same tensor bit for bit (checked by the benchmark, and by
+# `tests/test_benchmark_report.py` for NF4 and FP4). The fourth line of each tensor: 0.62 and 0.81
+# times bitsandbytes' throughput, core for core 0.37 and 0.73. The loop it writes (printed with
+# `TORCH_LOGS=output_code`) fetches the values one at a time and checks every index, so it gains
+# where our two passes lose most, the large fresh output (26 ms against our 46), and not on the
+# layer, where on one thread it takes 1.00 ms against our 0.83. It needs a C++ compiler and seconds
+# of compiling for every new shape, so course_lib keeps the two passes. What either costs a
+# training step is measured below, with bitsandbytes' kernel, and the compiled loop, put in our
+# layer's place.
 
 # %% [markdown]
 # <a id="claim-02-nf4-error"></a>
@@ -611,22 +630,26 @@ print(f"\nthe same 32-bit LoRA setting in benchmarks/lora_training ({lora_bench[
 same_answers = lora_bench["items"]["smollm2"]["lora"] == bench["items"]["lora_fp32"]
 print(f"  and the same loss on every test answer as the LoRA run above: {same_answers}")
 assert same_answers and round(lora_same["seconds_per_step"], 1) == 1.7
-qstep = qb["results"]["cpu"]["qlora_step"]   # benchmarks/quant_vs_bnb: three models' steps, timed in the same rounds
+qstep = qb["results"]["cpu"]["qlora_step"]   # benchmarks/quant_vs_bnb: four models' steps, timed in the same rounds
 qstep_ratio, qstep_dequant = qstep["course_lib_over_bnb_peft"], qstep["dequantize_every_layer_once"]["median_seconds"]
 qstep_mean = {k: sum(v) / len(v) for k, v in qstep["seconds"].items()}
 qstep_share, qstep_rest = qstep["course_lib_over_course_lib_bnb_dequantize"], qstep["course_lib_bnb_dequantize_over_bnb_peft"]
 step_interval = lambda r: f"{r['ratio']:.3f} [95% CI {r['low']:.3f}, {r['high']:.3f}] ({r['verdict']})"
 print(f"QLoRA step in benchmarks/quant_vs_bnb ({qb['date'][:10]}), {qstep_ratio['rounds']} rounds of the same batch for all: "
       f"course_lib {qstep_mean['course_lib']:.2f} s, bitsandbytes + peft {qstep_mean['bnb_peft']:.2f} s, "
-      f"course_lib with bitsandbytes' dequantize kernel {qstep_mean['course_lib_bnb_dequantize']:.2f} s")
+      f"course_lib with bitsandbytes' dequantize kernel {qstep_mean['course_lib_bnb_dequantize']:.2f} s, "
+      f"course_lib with the compiled dequantize {qstep_mean['course_lib_compiled_dequantize']:.2f} s")
 print(f"  course_lib / bitsandbytes + peft:                          {step_interval(qstep_ratio)}")
 print(f"  course_lib / course_lib with bitsandbytes' dequantize:     {step_interval(qstep_share)}")
 print(f"  course_lib with bitsandbytes' dequantize / bnb + peft:     {step_interval(qstep_rest)}")
+qstep_fused = qstep["course_lib_compiled_dequantize_over_bnb_peft"]
+print(f"  course_lib with the compiled dequantize / bnb + peft:      {step_interval(qstep_fused)}")
 print(f"all {qstep['dequantize_every_layer_once']['layers'][0]} 4-bit layers dequantized once: "
       f"course_lib {1000 * qstep_dequant['course_lib']:.0f} ms, bitsandbytes {1000 * qstep_dequant['bnb_peft']:.0f} ms")
 qstep_in_step = {k: sum(v) / len(v) for k, v in qstep["dequantize_seconds_in_step"].items()}
 print(f"dequantize calls timed inside the steps: ours {1000 * qstep_in_step['course_lib']:.0f} ms a step, bitsandbytes' "
-      f"kernel in our step {1000 * qstep_in_step['course_lib_bnb_dequantize']:.0f} ms a step")
+      f"kernel in our step {1000 * qstep_in_step['course_lib_bnb_dequantize']:.0f} ms, the compiled loop "
+      f"{1000 * qstep_in_step['course_lib_compiled_dequantize']:.0f} ms")
 
 
 # %% [markdown]
@@ -813,22 +836,27 @@ display(Markdown(table))
 #   within 1e-4 here, and in the benchmark the same loss at every one of 40 steps and the same
 #   exact match and perplexity. Time per step, measured side by side in
 #   `benchmarks/quant_vs_bnb.py` (30 rounds, each giving every model the same batch, in rotating
-#   order): ours took 1.039 times bitsandbytes + peft's mean step (2.17 s against 2.09 s), 95%
-#   interval 1.03 to 1.05, slower. The target (at most 1.0) is missed by the point estimate and
-#   by the interval's upper end (the benchmark prints both lines, 1.039 and 1.046, missed). A
+#   order): ours took 1.063 times bitsandbytes + peft's mean step (2.48 s against 2.33 s), 95%
+#   interval 1.05 to 1.08, slower. The target (at most 1.0) is missed by the point estimate and
+#   by the interval's upper end (the benchmark prints both lines, 1.063 and 1.077, missed). A
 #   third model in the same rounds splits the difference: ours with bitsandbytes'
 #   `dequantize_4bit` kernel called where our dequantize is (the same codes give the same weights,
-#   and the three models the same loss at every step) took 2.08 s. Ours over it, the dequantize's
-#   share, 1.045 [95% CI 1.04, 1.05], slower; it over bitsandbytes + peft, the rest (our autograd
-#   function and LoRA wrapper against peft's), 0.995 [0.99, 1.00], within noise: the whole
-#   difference is our dequantize's. The dequantize calls timed inside the steps give it its size:
-#   ours take 307 ms a step, bitsandbytes' kernel in the same place 214 ms, 92.8 ms less, 4.3% of
-#   a 2.2 s step. A dequantize as fast as the C++ kernel would win that much, and no more; above,
-#   core for core, even its two passes alone were slower than the C++ kernel on the layer. Inside
-#   a step the calls take longer than alone: all 210 4-bit layers dequantized once, one after the
-#   other, take 76 ms with ours and 76 ms with bitsandbytes, so a step's two passes over every
-#   layer would take 152 ms, not 307, but the matmuls between two calls evict the caches. The
-#   40-step benchmark's medians gave 1.07 (one run each, so without an interval). On the AMD EPYC of the run before, the two steps were level (the benchmarks page).
+#   and the models the same loss at every step) took 2.35 s. Ours over it, the dequantize's
+#   share, 1.053 [95% CI 1.04, 1.07], slower; it over bitsandbytes + peft, the rest (our autograd
+#   function and LoRA wrapper against peft's), 1.010 [1.00, 1.02], within noise: the difference is
+#   our dequantize's. The dequantize calls timed inside the steps give it its size: ours take
+#   367 ms a step, bitsandbytes' kernel in the same place 259 ms, 108.1 ms less, 4.4% of a 2.5 s
+#   step. A dequantize as fast as the C++ kernel would win that much, and no more; above, core for
+#   core, even its two passes alone were slower than the C++ kernel on the layer. A fourth model,
+#   ours with the loop `torch.compile` makes of our look-up and multiply (above) in our dequantize's
+#   place, took 2.40 s: its calls 312 ms a step, and its step 1.031 [95% CI 1.02, 1.04] times
+#   bitsandbytes + peft's, still slower (the benchmark's two lines for it, 1.031 and 1.045, missed):
+#   half the gap closed, not all of it. Inside a step the calls take longer than alone: all 210
+#   4-bit layers dequantized once, one after the other, take 96 ms with ours and 87 ms with
+#   bitsandbytes, so a step's two passes over every layer would take 192 ms, not 367, but the
+#   matmuls between two calls evict the caches. The 40-step benchmark's medians gave 1.07 (one run
+#   each, so without an interval). On the AMD EPYC of an earlier run, the two steps were level (the
+#   benchmarks page).
 # * **On a GPU** (one run of `benchmarks/quant_vs_bnb.py --device cuda` on an NVIDIA H200, in
 #   bfloat16 autocast, 30 paired rounds): our step took 1.40 times bitsandbytes + peft's
 #   (0.28 s against 0.20 s), 95% interval 1.33 to 1.47, slower. There each 4-bit operation is so
@@ -873,17 +901,22 @@ assert (ours_b["exact_match"], lora_b["exact_match"], ours_b["perplexity"], lora
 assert ours_b["loss"] == bnb_b["loss"] and ours_b["exact_match"] == bnb_b["exact_match"]
 assert round(ours_b["seconds_per_step"] / bnb_b["seconds_per_step"], 2) == 1.07
 assert (round(qstep_ratio["ratio"], 3), round(qstep_ratio["low"], 2), round(qstep_ratio["high"], 2),
-        qstep_ratio["verdict"], qstep_ratio["rounds"]) == (1.039, 1.03, 1.05, "slower", 30)
-assert "FIGURE qlora_step_cpu_course_lib_over_bnb_peft: 1.039 (target <= 1.0) missed" in qb["figures"]
-assert "FIGURE qlora_step_cpu_course_lib_over_bnb_peft_95pct_high: 1.046 (target <= 1.0) missed" in qb["figures"]
-assert [round(qstep_mean[k], 2) for k in ("course_lib", "bnb_peft", "course_lib_bnb_dequantize")] == [2.17, 2.09, 2.08]
-assert [(round(r["ratio"], 3), round(r["low"], 2), round(r["high"], 2), r["verdict"]) for r in (qstep_share, qstep_rest)
-        ] == [(1.045, 1.04, 1.05, "slower"), (0.995, 0.99, 1.00, "within noise")]
-assert [round(1000 * qstep_in_step[k]) for k in ("course_lib", "course_lib_bnb_dequantize")] == [307, 214]
+        qstep_ratio["verdict"], qstep_ratio["rounds"]) == (1.063, 1.05, 1.08, "slower", 30)
+assert "FIGURE qlora_step_cpu_course_lib_over_bnb_peft: 1.063 (target <= 1.0) missed" in qb["figures"]
+assert "FIGURE qlora_step_cpu_course_lib_over_bnb_peft_95pct_high: 1.077 (target <= 1.0) missed" in qb["figures"]
+assert "FIGURE qlora_step_cpu_compiled_dequantize_over_bnb_peft: 1.031 (target <= 1.0) missed" in qb["figures"]
+assert "FIGURE qlora_step_cpu_compiled_dequantize_over_bnb_peft_95pct_high: 1.045 (target <= 1.0) missed" in qb["figures"]
+assert [round(qstep_mean[k], 2) for k in ("course_lib", "bnb_peft", "course_lib_bnb_dequantize",
+                                          "course_lib_compiled_dequantize")] == [2.48, 2.33, 2.35, 2.40]
+assert [(round(r["ratio"], 3), round(r["low"], 2), round(r["high"], 2), r["verdict"])
+        for r in (qstep_share, qstep_rest, qstep_fused)
+        ] == [(1.053, 1.04, 1.07, "slower"), (1.010, 1.00, 1.02, "within noise"), (1.031, 1.02, 1.04, "slower")]
+assert [round(1000 * qstep_in_step[k]) for k in ("course_lib", "course_lib_bnb_dequantize",
+                                                 "course_lib_compiled_dequantize")] == [367, 259, 312]
 in_step_saving = qstep_in_step["course_lib"] - qstep_in_step["course_lib_bnb_dequantize"]
-assert f"{1000 * in_step_saving:.1f}" == "92.8" and f"{in_step_saving / qstep_mean['course_lib']:.1%}" == "4.3%"
-assert [round(1000 * qstep_dequant[k]) for k in ("course_lib", "bnb_peft")] == [76, 76]
-assert round(2000 * qstep_dequant["course_lib"]) == 152
+assert f"{1000 * in_step_saving:.1f}" == "108.1" and f"{in_step_saving / qstep_mean['course_lib']:.1%}" == "4.4%"
+assert [round(1000 * qstep_dequant[k]) for k in ("course_lib", "bnb_peft")] == [96, 87]
+assert round(2000 * qstep_dequant["course_lib"]) == 192
 assert "FIGURE qlora_course_lib_over_bnb_seconds_per_step: 1.07 (target <= 1.0) missed" in bench["figures"]
 gpu = benchmark_result("quant_vs_bnb.cuda")   # the same script on a GPU (--device cuda)
 gpu_step, gpu_ratios = gpu["results"]["cuda"]["qlora_step"], gpu["results"]["cuda"]["ratios"]

@@ -397,6 +397,38 @@ def test_every_gather_formulation_looks_up_the_same_values(monkeypatch):
         gathers(state)
 
 
+def test_compiled_dequantize_gives_our_tensor_bit_for_bit(monkeypatch):
+    """quant_vs_bnb's `compiled_dequantize` (the look-up and multiply compiled by ``torch.compile``
+    into one loop) gives `quant.dequantize_blockwise`'s tensor bit for bit, for NF4 and FP4, with and
+    without double quantization, in float32 and cast to bfloat16; codes with padding and 8-bit codes
+    are refused with a pointer to the eager function. `compiled_or_why_not` hands back the reason
+    when the compiler fails (recorded instead of times), and refuses a kernel giving other values."""
+    from benchmarks import quant_vs_bnb
+    from course_lib import quant
+
+    weight = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    for quant_type, double_quant in itertools.product(("nf4", "fp4"), (False, True)):
+        state = quant.quantize_blockwise(weight, quant_type, 64, double_quant)
+        for dtype in (None, torch.bfloat16):
+            got = quant_vs_bnb.compiled_dequantize(state, dtype)
+            assert got.dtype == (dtype or torch.float32)
+            assert torch.equal(got, quant.dequantize_blockwise(state, dtype))
+    for state in (quant.quantize_blockwise(torch.randn(3, 77), "nf4", 64), quant.quantize_blockwise(weight, "int8", 64)):
+        with pytest.raises(ValueError, match="use quant.dequantize_blockwise"):
+            quant_vs_bnb.compiled_dequantize(state)
+    run, why_not = quant_vs_bnb.compiled_or_why_not(state := quant.quantize_blockwise(weight, "nf4", 64))
+    assert why_not is None and torch.equal(run(), quant.dequantize_blockwise(state))
+
+    def no_compiler():
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+    monkeypatch.setattr(quant_vs_bnb, "_fused_kernel", no_compiler)
+    reason = "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    assert quant_vs_bnb.compiled_or_why_not(state) == (None, reason)
+    monkeypatch.setattr(quant_vs_bnb, "compiled_dequantize", lambda s: quant.dequantize_blockwise(s).flip(0))
+    with pytest.raises(RuntimeError, match="another tensor"):
+        quant_vs_bnb.compiled_or_why_not(state)
+
+
 def test_cpu_caches_reads_sysfs_sizes(tmp_path):
     """`report.cpu_caches` on a hand-made copy of Linux's sysfs cache folder (the layout of
     /sys/devices/system/cpu/cpu0/cache: index<i>/level, type, size): sizes in K, M and plain bytes

@@ -32,7 +32,7 @@ Measured side by side in one run, on CPU (with ``--device cuda``, on a CUDA GPU)
    (a step does it twice per layer); and on CPU the seconds the two course_lib models' timed steps
    spent in their dequantize calls (each call timed inside the step, where the caches are cold).
    On CPU a fourth model, course_lib's with `compiled_dequantize` in place of ours, stepped in the
-   same rounds: the step with the fused kernel over bitsandbytes + peft's  (target <= 1.0).
+   same rounds: the step with the fused kernel over bitsandbytes + peft's (target <= 1.0).
 
 Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 6 minutes on 2 CPU cores)
       .venv/bin/python -m benchmarks.quant_vs_bnb --device cuda   (a GPU run: quant_vs_bnb.cuda.json)

@@ -322,7 +322,7 @@ assert [round(dequant_ms["random4096"][k]) for k in ("two_passes_only", "bnb", "
 # (`pairs`: the byte table as 256 rows of two floats), and PyTorch's compiler turns it into one C++
 # loop: read a byte, fetch its two values, multiply them by the block's absmax, store. No widened
 # indices, no second pass, and the same tensor bit for bit (checked by the benchmark, and by
-# `tests/test_benchmark_report.py` for NF4 and FP4). The fourth line of each tensor: 0.62 and 0.81
+# `tests/test_benchmark_report.py` for NF4 and FP4). The third line of each tensor: 0.62 and 0.81
 # times bitsandbytes' throughput, core for core 0.37 and 0.73. The loop it writes (printed with
 # `TORCH_LOGS=output_code`) fetches the values one at a time and checks every index, so it gains
 # where our two passes lose most, the large fresh output (26 ms against our 46), and not on the

@@ -249,16 +249,25 @@ class TwoStageIndex:
         _check_k(k, self.n_docs)
         if positive_int("top", top) > k:
             raise ValueError(f"top={top!r} results cannot come from a shortlist of k={k}: use 1 <= top <= k")
+        positive_int("query_batch", query_batch)
+        unit = F.normalize(query_emb.float(), dim=-1)
         rankings, all_scores = [], []
         for start in range(0, len(query_emb), query_batch):
             q = query_emb[start:start + query_batch]
             shortlist = self.first_stage(q, k)                                      # stage 1: small index
-            fine = torch.einsum("qd,qkd->qk", F.normalize(q.float(), dim=-1), self.full[shortlist])  # stage 2
+            # stage 2: the k full vectors of each query's shortlist (index_select: the same rows as
+            # self.full[shortlist], with less work per call), scored at full dimension
+            shortlisted = self.full.index_select(0, shortlist.flatten()).view(len(q), k, -1)
+            fine = torch.einsum("qd,qkd->qk", unit[start:start + query_batch], shortlisted)
             scores, order = fine.sort(dim=1, descending=True)
             rankings.append(shortlist.gather(1, order))
             all_scores.append(scores)
-        ranking = torch.cat(rankings) if rankings else torch.empty(0, k, dtype=torch.long)
-        scores = torch.cat(all_scores) if all_scores else torch.empty(0, k)
+        if not rankings:
+            ranking, scores = torch.empty(0, k, dtype=torch.long), torch.empty(0, k)
+        elif len(rankings) == 1:                # one batch (one query, say): no copy
+            ranking, scores = rankings[0], all_scores[0]
+        else:
+            ranking, scores = torch.cat(rankings), torch.cat(all_scores)
         return TwoStageResult(ranking[:, :top], ranking, scores, self.shortlist.nbytes, self.n_docs)
 
 

@@ -210,9 +210,14 @@ def test_first_stage_is_the_prefix_top_k_that_search_reorders():
     prefix = F.normalize(q[:, :12], dim=-1) @ F.normalize(docs[:, :12], dim=-1).T
     expected = prefix.topk(15, dim=1).indices.sort(dim=1).values
     assert torch.equal(index.first_stage(q, 15).sort(dim=1).values, expected)
-    result = index.search(q, k=15, top=15, query_batch=4)     # batches of 4: the same shortlists
-    assert torch.equal(result.ranking.sort(dim=1).values, expected)
-    assert torch.all(result.scores[:, :-1] >= result.scores[:, 1:])
+    cosine = F.normalize(q, dim=-1) @ F.normalize(docs, dim=-1).T     # full dimension, by definition
+    for query_batch in (4, 64):     # batches of 4, and all 9 in one batch: the same shortlists
+        result = index.search(q, k=15, top=15, query_batch=query_batch)
+        assert torch.equal(result.ranking.sort(dim=1).values, expected)
+        assert torch.all(result.scores[:, :-1] >= result.scores[:, 1:])
+        torch.testing.assert_close(result.scores, cosine.gather(1, result.ranking), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="query_batch must be a positive integer"):
+        index.search(q, k=15, query_batch=0)
 
 
 def test_two_stage_recall_at_full_shortlist_equals_retrieval_metrics():

@@ -243,11 +243,10 @@ assert round(N_BIG * D_FULL / (N_BIG * SHORTLIST_DIM + K_BIG * D_FULL), 1) == 5.
 # **What just happened.** Stage 1, `self.first_stage(q, k)` (that is,
 # `self.shortlist.scores(q).topk(k)`), scores each query against every document of the small
 # index (the $Nm$ term) and keeps the indices of the best `k`. Stage 2 gathers those `k`
-# documents' full vectors into one block of shape queries × k × D (`index_select` copies the same
-# rows as `self.full[shortlist]` would, with less work per call: the benchmark below), and takes their dot
-# products with the normalised query (`einsum("qd,qkd->qk")`, the $k'D$
-# term); sorting those scores and mapping the positions back through `shortlist.gather` gives
-# document indices in full-dimension order. A document the shortlist missed can never come back,
+# documents' full vectors into one block of shape queries × k × D (`index_select`, whole rows at
+# a time: the block `self.full[shortlist]` would give), and takes their dot products with the
+# normalised query (`einsum("qd,qkd->qk")`, the $k'D$ term); sorting those scores and mapping
+# the positions back through `shortlist.gather` gives document indices in full-dimension order. A document the shortlist missed can never come back,
 # which is why `k` trades speed for recall. Queries go through in blocks of `query_batch` so the
 # gathered `k × D` block stays small.
 

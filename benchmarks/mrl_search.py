@@ -13,8 +13,10 @@
    first stage alone is timed too, in both modes (batched also without its top-k): brute force's
    time over it is the most any re-rank could leave, the measured limit printed beside the figures.
    Recall of the same shortlists from int8 and binary indexes, with their bytes per vector
-   (their time is not measured: PyTorch has no int8 or popcount search kernel on CPU, so it
-   would measure the emulation, not the index).
+   (their time is not measured: `course_lib.matryoshka` scores both in float32, so the time would
+   be the emulation's, not the index's; PyTorch has no popcount kernel, and its int8 products,
+   the private ``torch._int_mm`` or ``torch.ao``'s quantised layers, take int8 queries too, where
+   this int8 index scores a float query).
 3. The same timing on 1,000,000 synthetic random unit vectors (timing only: random vectors have
    no Matryoshka structure, so recall there means nothing) with the ``d`` and ``k`` chosen for
    one-at-a-time search.

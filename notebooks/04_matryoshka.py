@@ -440,9 +440,9 @@ print(f"on {syn['n_docs']:,d} synthetic vectors (timing only), shortlist at {syn
 # and re-ranking that many costs more than the smaller product saves. A batched search faster
 # than a matrix product needs a first stage that does not score every document (an inverted-file
 # or graph index), beyond this chapter. These timings come from a 2-core machine and move between
-# runs and machines, the one-at-a-time ones most (the run the evening before, with the same code
-# but for the re-rank's gather, gave 1.28× one at a time and 1.43× at once): read them as "about
-# level" or "several-fold", not to the decimal.
+# runs and machines, the one-at-a-time ones most (the run the evening before, with the same first
+# stage and the previous re-rank, gave 1.28× one at a time and 1.43× at once): read them as
+# "about level" or "several-fold", not to the decimal.
 #
 # A binary shortlist index at 64 numbers (8 bytes per vector) loses far more than it saves here
 # (recall@10 0.486 at k = 200); int8 (68 bytes) stays within one query of float32 at every

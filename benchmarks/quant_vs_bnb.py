@@ -106,6 +106,12 @@ def two_passes_only(state: quant.QuantState):
     return run
 
 
+def _byte_pairs(state: quant.QuantState) -> torch.Tensor:
+    """The byte table (`quant._byte_table`) as 256 rows of two float32 values, row b holding what
+    byte b's two codes stand for: the table an ``embedding`` or an indexing look-up takes."""
+    return quant._byte_table(state.quant_type, state.packed.device).view(torch.float32).view(-1, 2)
+
+
 def gathers(state: quant.QuantState) -> dict:
     """The first pass alone, what each byte of codes stands for looked up in the 256-entry byte
     table (`quant._byte_table`), in each of PyTorch's gathers, on one thread, the indices widened
@@ -121,7 +127,7 @@ def gathers(state: quant.QuantState) -> dict:
     table = quant._byte_table(state.quant_type, state.packed.device)
     index32, index64 = state.packed.int(), state.packed.long()
     out = torch.empty(index32.numel(), dtype=table.dtype, device=table.device)
-    rows = table.view(torch.float32).view(-1, 2)
+    rows = _byte_pairs(state)
     formulations = {
         "index_select": lambda: torch.index_select(table, 0, index32, out=out),
         "index_select_int64": lambda: torch.index_select(table, 0, index64, out=out),
@@ -166,8 +172,7 @@ def compiled_dequantize(state: quant.QuantState, dtype: torch.dtype | None = Non
     if state.quant_type not in quant.FOUR_BIT_TYPES or state.packed.numel() * 2 != state.absmax.numel() * state.blocksize:
         raise ValueError(f"compiled_dequantize takes 4-bit codes in whole blocks; got {state.quant_type} with "
                          f"{state.numel} values in blocks of {state.blocksize}: use quant.dequantize_blockwise")
-    pairs = quant._byte_table(state.quant_type, state.packed.device).view(torch.float32).view(-1, 2)
-    out = _fused_kernel()(pairs, state.packed, quant.dequantize_absmax(state)).view(state.shape)
+    out = _fused_kernel()(_byte_pairs(state), state.packed, quant.dequantize_absmax(state)).view(state.shape)
     dtype = dtype or state.dtype
     return out if dtype == torch.float32 else out.to(dtype)
 

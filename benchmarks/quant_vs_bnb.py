@@ -38,7 +38,9 @@ Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 6 minutes on 2 CPU co
       .venv/bin/python -m benchmarks.quant_vs_bnb --device cuda   (a GPU run: quant_vs_bnb.cuda.json)
 Each round calls every contender once, in rotating order, after one warm-up call; a ratio of 1-3
 is the median over rounds of the two times measured in the same round, so a slow spell of a shared
-machine hits both sides. Writes benchmarks/results/quant_vs_bnb.json (quant_vs_bnb.cuda.json for
+machine hits both sides, with a 95% bootstrap interval resampling whole rounds
+(`course_lib.stats.median_time_ratio`; its FIGURE line follows the point's); every round's times
+are recorded (``seconds``). Writes benchmarks/results/quant_vs_bnb.json (quant_vs_bnb.cuda.json for
 ``--device cuda``; both under runs/ without --save) and ends with its FIGURE lines;
 ``--figures-only`` recomputes them from the ratios recorded there, measuring nothing.
 """
@@ -71,7 +73,7 @@ from benchmarks.report import (
     sync,
 )
 from course_lib import data, instruct, linear4bit, models, quant, train
-from course_lib.stats import time_ratio
+from course_lib.stats import median_time_ratio, time_ratio
 
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
 REPEATS = {"quantize": 9, "dequantize": 41, "forward": 15, "qlora_step": {"cpu": 30, "cuda": 30}}
@@ -195,15 +197,23 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
 
     g = torch.Generator().manual_seed(0)
     tensors = {"down_proj": down_proj.to(device), "random4096": torch.randn(4096, 4096, generator=g).to(device)}
-    result = {"median_seconds": {}, "ratios": {}}
+    result = {"median_seconds": {}, "ratios": {}, "intervals": {}, "seconds": {}}
+
+    def timed(name: str, fns: dict, rounds: int) -> dict:  # each contender's seconds in every round, kept
+        times = result["seconds"][name] = interleaved(fns, rounds, device)
+        result["median_seconds"][name] = {k: statistics.median(v) for k, v in times.items()}
+        return times
+
+    def ratio(key: str, times: dict, num: str, den: str) -> None:  # the median of the rounds' ratios, its interval
+        result["ratios"][key] = paired_ratio(times, num, den)
+        result["intervals"][key] = median_time_ratio(times[num], times[den])
+
     for label, x in tensors.items():
-        times = interleaved({
+        times = timed(f"quantize_{label}", {
             "ours": partial(quant.quantize_blockwise, x, "nf4", BLOCKSIZE, double_quant=True),
             "bnb": partial(bnbF.quantize_4bit, x, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True),
-        }, REPEATS["quantize"], device)
-        ratio = paired_ratio(times, "bnb", "ours")  # throughput ours / theirs = time theirs / ours
-        result["median_seconds"][f"quantize_{label}"] = {k: statistics.median(v) for k, v in times.items()}
-        result["ratios"][f"quantize_{label}_throughput_ours_over_bnb"] = ratio
+        }, REPEATS["quantize"])
+        ratio(f"quantize_{label}_throughput_ours_over_bnb", times, "bnb", "ours")  # throughput = time theirs / ours
 
         ours_state = quant.quantize_blockwise(x, "nf4", BLOCKSIZE, double_quant=True)
         packed, bnb_state = bnbF.quantize_4bit(x, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
@@ -216,36 +226,33 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
                 result["compiled_unavailable"] = why_not
             else:  # at torch's thread count, and on one thread as bitsandbytes' kernel beside it
                 compiled = {"compiled": fused, "compiled_one_thread": quant._one_thread()(fused)}
-        times = interleaved({
+        times = timed(f"dequantize_{label}", {
             "ours": partial(quant.dequantize_blockwise, ours_state),
             **bnb_dequantize,
             "two_passes_only": two_passes_only(ours_state),
             **compiled,
-        }, REPEATS["dequantize"], device)
-        ratio = paired_ratio(times, "bnb", "ours")
-        result["median_seconds"][f"dequantize_{label}"] = {k: statistics.median(v) for k, v in times.items()}
-        result["ratios"][f"dequantize_{label}_throughput_ours_over_bnb"] = ratio
-        result["ratios"][f"dequantize_{label}_two_passes_limit_ours_over_bnb"] = paired_ratio(
-            times, "bnb", "two_passes_only")
+        }, REPEATS["dequantize"])
+        ratio(f"dequantize_{label}_throughput_ours_over_bnb", times, "bnb", "ours")
+        ratio(f"dequantize_{label}_two_passes_limit_ours_over_bnb", times, "bnb", "two_passes_only")
         if device == "cpu":
-            result["ratios"][f"dequantize_{label}_one_thread_throughput_ours_over_bnb"] = paired_ratio(
-                times, "bnb_one_thread", "ours")
-            result["ratios"][f"dequantize_{label}_one_thread_two_passes_limit_ours_over_bnb"] = paired_ratio(
-                times, "bnb_one_thread", "two_passes_only")
+            ratio(f"dequantize_{label}_one_thread_throughput_ours_over_bnb", times, "bnb_one_thread", "ours")
+            ratio(f"dequantize_{label}_one_thread_two_passes_limit_ours_over_bnb", times, "bnb_one_thread",
+                  "two_passes_only")
             # bitsandbytes' time at torch's thread count (the record's "threads") over its time on one
-            result["ratios"][f"dequantize_{label}_bnb_time_threads_over_one_thread"] = paired_ratio(
-                times, "bnb", "bnb_one_thread")
+            ratio(f"dequantize_{label}_bnb_time_threads_over_one_thread", times, "bnb", "bnb_one_thread")
             if compiled:
-                result["ratios"][f"dequantize_{label}_compiled_ours_over_bnb"] = paired_ratio(
-                    times, "bnb", "compiled")
-                result["ratios"][f"dequantize_{label}_one_thread_compiled_ours_over_bnb"] = paired_ratio(
-                    times, "bnb_one_thread", "compiled_one_thread")
+                ratio(f"dequantize_{label}_compiled_ours_over_bnb", times, "bnb", "compiled")
+                ratio(f"dequantize_{label}_one_thread_compiled_ours_over_bnb", times, "bnb_one_thread",
+                      "compiled_one_thread")
             # PyTorch's gathers, each alone, against bitsandbytes' whole dequantize (both thread settings)
             times = interleaved({**gathers(ours_state), **bnb_dequantize}, REPEATS["dequantize"], device)
             result.setdefault("gathers", {})[label] = {
                 "median_seconds": {k: statistics.median(v) for k, v in times.items()},
                 **{f"{name}_dequantize_over_gather": {k: paired_ratio(times, name, k) for k in times
-                                                      if k not in bnb_dequantize} for name in bnb_dequantize}}
+                                                      if k not in bnb_dequantize} for name in bnb_dequantize},
+                "intervals": {name: {k: median_time_ratio(times[name], times[k]) for k in times
+                                     if k not in bnb_dequantize} for name in bnb_dequantize},
+                "seconds": times}
 
     linear = nn.Linear(down_proj.shape[1], down_proj.shape[0], bias=False, device=device).requires_grad_(False)
     linear.weight.copy_(down_proj)
@@ -259,11 +266,10 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
                 layer(x)
         return run
 
-    times = interleaved({"float": call(linear), "ours": call(ours), "bnb": call(theirs)}, REPEATS["forward"], device)
-    ratio = paired_ratio(times, "ours", "float")
-    result["median_seconds"]["forward_down_proj"] = {k: statistics.median(v) for k, v in times.items()}
-    result["ratios"]["forward_ours_over_float"] = ratio
-    result["ratios"]["forward_bnb_over_float"] = paired_ratio(times, "bnb", "float")
+    times = timed("forward_down_proj", {"float": call(linear), "ours": call(ours), "bnb": call(theirs)},
+                  REPEATS["forward"])
+    ratio("forward_ours_over_float", times, "ours", "float")
+    ratio("forward_bnb_over_float", times, "bnb", "float")
     return result
 
 
@@ -417,37 +423,42 @@ def _bnb_kernels(model: nn.Module, bnb_model: nn.Module) -> dict:
     return kernels
 
 
+def _ratio_figures(lines: list[str], result: dict, name: str, key: str, op: str, target: float) -> None:
+    """Append the FIGURE line of ``result``'s ratio ``key`` and, where its interval is recorded,
+    the interval's line."""
+    lines.append(figure(name, result["ratios"][key], op, target, ".3f"))
+    if key in result.get("intervals", {}):
+        lines.append(interval_figure(name, result["intervals"][key], op, target, ".3f"))
+
+
 def figures(record: dict) -> list[str]:
     """The FIGURE lines of a record of this script, from its recorded ratios alone: per device, per
-    tensor quantize then dequantize throughput, then the forward."""
+    tensor quantize then dequantize throughput, then the forward. Each ratio with a recorded
+    interval (`course_lib.stats.median_time_ratio`; runs before 2026-12-06 10:00 UTC recorded
+    none) has its `interval_figure` line after its own."""
     lines = []
     for device, result in record["results"].items():
         ratios = result["ratios"]
+        add = partial(_ratio_figures, lines, result)
         for key in ratios:
             if key.startswith("quantize_"):
                 label = key.removeprefix("quantize_").removesuffix("_throughput_ours_over_bnb")
-                lines.append(figure(f"nf4_quantize_{label}_{device}_throughput_ours_over_bnb", ratios[key],
-                                    ">=", 1.0, ".3f"))
-                lines.append(figure(f"nf4_dequantize_{label}_{device}_throughput_ours_over_bnb",
-                                    ratios[f"dequantize_{label}_throughput_ours_over_bnb"], ">=", 1.0, ".3f"))
+                add(f"nf4_quantize_{label}_{device}_throughput_ours_over_bnb", key, ">=", 1.0)
+                add(f"nf4_dequantize_{label}_{device}_throughput_ours_over_bnb",
+                    f"dequantize_{label}_throughput_ours_over_bnb", ">=", 1.0)
                 if f"dequantize_{label}_two_passes_limit_ours_over_bnb" in ratios:
-                    lines.append(figure(f"nf4_dequantize_{label}_{device}_two_passes_alone_over_bnb",
-                                        ratios[f"dequantize_{label}_two_passes_limit_ours_over_bnb"], ">=", 1.0,
-                                        ".3f"))
+                    add(f"nf4_dequantize_{label}_{device}_two_passes_alone_over_bnb",
+                        f"dequantize_{label}_two_passes_limit_ours_over_bnb", ">=", 1.0)
                 if f"dequantize_{label}_one_thread_throughput_ours_over_bnb" in ratios:  # one thread each
-                    lines.append(figure(f"nf4_dequantize_{label}_{device}_one_thread_throughput_ours_over_bnb",
-                                        ratios[f"dequantize_{label}_one_thread_throughput_ours_over_bnb"], ">=",
-                                        1.0, ".3f"))
-                    lines.append(figure(f"nf4_dequantize_{label}_{device}_one_thread_two_passes_alone_over_bnb",
-                                        ratios[f"dequantize_{label}_one_thread_two_passes_limit_ours_over_bnb"],
-                                        ">=", 1.0, ".3f"))
+                    add(f"nf4_dequantize_{label}_{device}_one_thread_throughput_ours_over_bnb",
+                        f"dequantize_{label}_one_thread_throughput_ours_over_bnb", ">=", 1.0)
+                    add(f"nf4_dequantize_{label}_{device}_one_thread_two_passes_alone_over_bnb",
+                        f"dequantize_{label}_one_thread_two_passes_limit_ours_over_bnb", ">=", 1.0)
                 for threads in ("", "one_thread_"):  # the look-up and multiply fused by torch.compile
                     if f"dequantize_{label}_{threads}compiled_ours_over_bnb" in ratios:
-                        lines.append(figure(f"nf4_dequantize_{label}_{device}_{threads}compiled_over_bnb",
-                                            ratios[f"dequantize_{label}_{threads}compiled_ours_over_bnb"], ">=",
-                                            1.0, ".3f"))
-        lines.append(figure(f"linear4bit_forward_{device}_over_float_linear", ratios["forward_ours_over_float"],
-                            "<=", 1.5, ".3f"))
+                        add(f"nf4_dequantize_{label}_{device}_{threads}compiled_over_bnb",
+                            f"dequantize_{label}_{threads}compiled_ours_over_bnb", ">=", 1.0)
+        add(f"linear4bit_forward_{device}_over_float_linear", "forward_ours_over_float", "<=", 1.5)
         if "qlora_step" in result:  # issue 22's target: course_lib's step no slower than bitsandbytes + peft's
             step = result["qlora_step"]["course_lib_over_bnb_peft"]   # paired rounds: a ratio and its interval
             lines.append(figure(f"qlora_step_{device}_course_lib_over_bnb_peft", step["ratio"], "<=", 1.0, ".3f"))
@@ -490,9 +501,11 @@ def main() -> None:
                    f"QLoRA step: SmolLM2, LoRA r=8 alpha 16 on q_proj/v_proj, AdamW 2e-3, batch {BATCH} instructions, "
                    + ("float32 compute" if device == "cpu" else "bfloat16 autocast, 4-bit matmuls in bfloat16"),
         "repeats": REPEATS,
-        "ratio_method": "median over rounds of the ratio of the two times measured in the same round; "
-                        "throughput ratio ours/bnb = time bnb / time ours; the QLoRA step: ratio of the mean "
-                        "step times over paired rounds, 95% percentile bootstrap interval resampling rounds",
+        "ratio_method": "median over rounds of the ratio of the two times measured in the same round, with a "
+                        "95% percentile bootstrap interval resampling rounds (intervals; each round's times "
+                        "under seconds); throughput ratio ours/bnb = time bnb / time ours; the QLoRA step: "
+                        "ratio of the mean step times over paired rounds, 95% percentile bootstrap interval "
+                        "resampling rounds",
         "results": results,
     }
     lines = save_result(OUT[device], record, figures)

@@ -375,6 +375,38 @@ def test_the_hybrid_qlora_model_gets_bitsandbytes_kernel_for_exactly_its_own_wei
         _bnb_kernels(ours, swapped)
 
 
+def test_quant_vs_bnb_ratios_and_intervals_are_those_of_its_recorded_rounds():
+    """The committed CPU run of quant_vs_bnb keeps every round's times (``seconds``); each recorded
+    ratio is the median of those rounds' ratios (`report.paired_ratio`) and its interval the seeded
+    bootstrap of `course_lib.stats.median_time_ratio` over them, for the figures and for the gathers;
+    and every ratio with an interval has its FIGURE line for it. (The GPU run of 2026-12-04
+    predates the recorded rounds.)"""
+    from course_lib.stats import median_time_ratio
+
+    record = json.loads((ROOT / "benchmarks" / "results" / "quant_vs_bnb.json").read_text())
+    result = record["results"]["cpu"]
+    checked = 0
+    for key, interval in result["intervals"].items():
+        section = "forward_down_proj" if key.startswith("forward_") else next(
+            name for name in result["seconds"] if key.startswith(name + "_"))
+        times = result["seconds"][section]
+        pairs = [(a, b) for a in times for b in times if a != b
+                 and math.isclose(report.paired_ratio(times, a, b), result["ratios"][key], rel_tol=0, abs_tol=0)]
+        assert pairs, f"{key}: no pair of {section}'s contenders gives its recorded ratio"
+        assert any(median_time_ratio(times[a], times[b]) == interval for a, b in pairs), key
+        checked += 1
+    assert checked == len(result["ratios"]) == 18
+    for gathered in result["gathers"].values():
+        times = gathered["seconds"]
+        for bnb, ratios in ((k.removesuffix("_dequantize_over_gather"), v) for k, v in gathered.items()
+                            if k.endswith("_dequantize_over_gather")):
+            for name, value in ratios.items():
+                assert value == report.paired_ratio(times, bnb, name)
+                assert gathered["intervals"][bnb][name] == median_time_ratio(times[bnb], times[name])
+    interval_lines = [line for line in record["figures"] if "_95pct_" in line and "qlora_step" not in line]
+    assert len(interval_lines) == 15
+
+
 def test_every_gather_formulation_looks_up_the_same_values(monkeypatch):
     """quant_vs_bnb's `gathers`: the byte-table look-up in each of PyTorch's gathers, checked at set-up
     to give what ``index_select`` gives (an odd number of codes, so the last byte's pair is half

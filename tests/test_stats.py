@@ -2,6 +2,7 @@
 coverage on synthetic data; McNemar's exact test against scipy's binomial test."""
 
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -171,3 +172,44 @@ def test_time_ratio_keeps_the_rounds_paired():
     mixed = stats.time_ratio([1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 0.5, 2.0])
     assert mixed["ratio"] == pytest.approx(0.8)
     assert mixed["low"] < 1 < mixed["high"] and mixed["verdict"] == "within noise"
+
+
+def test_median_time_ratio_counts_rounds_not_seconds():
+    # every round's ratio 1.05 whatever its length: the interval is that point, as for time_ratio
+    base = [1.0, 10.0, 1.2, 9.0, 1.1, 11.0]
+    slower = stats.median_time_ratio([1.05 * t for t in base], base)
+    assert slower["ratio"] == pytest.approx(1.05) and slower["rounds"] == 6 and slower["verdict"] == "slower"
+    assert (slower["low"], slower["high"]) == (pytest.approx(1.05), pytest.approx(1.05))
+    # one round of nine spoiled (the numerator 100 times as long): the median of the ratios stays 1
+    # (the spoiled round would need 5 of a resample's 9 draws to move it, p < 0.001), while the
+    # ratio of mean times is (8 + 100) / 9 = 12
+    spoiled = [1.0] * 8 + [100.0]
+    assert stats.median_time_ratio(spoiled, [1.0] * 9) == {
+        "ratio": 1.0, "low": 1.0, "high": 1.0, "rounds": 9, "verdict": "within noise"}
+    assert stats.time_ratio(spoiled, [1.0] * 9)["ratio"] == pytest.approx(12.0)
+    # an even number of rounds: the point is statistics.median's, the mean of the middle two ratios
+    assert stats.median_time_ratio([1.0, 3.0, 2.0, 4.0], [1.0, 1.0, 1.0, 1.0])["ratio"] == pytest.approx(2.5)
+    assert stats.median_time_ratio([0.5, 0.6, 0.55], [1.0, 1.0, 1.0])["verdict"] == "faster"
+
+
+def test_median_time_ratio_agrees_with_scipy_s_percentile_bootstrap():
+    rng = np.random.default_rng(1)
+    den = rng.uniform(1, 2, 41)
+    num = den * rng.lognormal(0.05, 0.1, 41)
+    ours = stats.median_time_ratio(num, den)
+    theirs = scipy_stats.bootstrap((num / den,), np.median, method="percentile", n_resamples=10_000,
+                       random_state=3).confidence_interval
+    assert ours["ratio"] == statistics.median(num / den)
+    # other random resamples: the ends agree to well within the gap between neighbouring rounds' ratios
+    assert ours["low"] == pytest.approx(theirs.low, abs=0.005) and ours["high"] == pytest.approx(theirs.high, abs=0.005)
+    assert ours["low"] < ours["ratio"] < ours["high"]
+
+
+@pytest.mark.parametrize("num, den, match", [
+    ([1.0, 2.0], [1.0], "the same rounds"),
+    ([1.0, 2.0], [1.0, 0.0], "<= 0"),
+    ([1.0], [1.0], "at least 2"),
+])
+def test_median_time_ratio_refuses_unpaired_or_impossible_times(num, den, match):
+    with pytest.raises(ValueError, match=match):
+        stats.median_time_ratio(num, den)

@@ -11,9 +11,10 @@ Run:  .venv/bin/python -m benchmarks.lora_vs_peft   (about 2 minutes on 2 CPU co
 Each callable gets two warm-up calls, then the callables run interleaved (ours, peft, peft, ours,
 ...); a ratio is the median over rounds of the two times measured in the same round, so a slow
 moment of a shared machine hits both sides alike or spoils one round, which the median drops.
-Each ratio's FIGURE line is followed by its 95% interval's line: the interval of the ratio of the
-mean times over the same rounds (`course_lib.stats.time_ratio`, resampling whole rounds), from the times of
-every round, which the JSON keeps (``all_seconds``).
+Each ratio's FIGURE line is followed by its 95% interval's line: the interval of that median
+(`course_lib.stats.median_time_ratio`, resampling whole rounds), from the times of every round,
+which the JSON keeps (``all_seconds``). (Runs before 2026-12-06 printed the interval of the ratio
+of the mean times, `course_lib.stats.time_ratio`, beside the median.)
 The number of threads is torch's default. Writes benchmarks/runs/lora_vs_peft.json (``--save``: the
 committed benchmarks/results/lora_vs_peft.json) and ends with its FIGURE lines; ``--figures-only`` recomputes them from the ratios and the
 rounds' times recorded there, measuring nothing.
@@ -42,7 +43,7 @@ from benchmarks.report import (
     save_result,
 )
 from course_lib import lora, models
-from course_lib.stats import time_ratio
+from course_lib.stats import median_time_ratio
 
 R, TARGETS, BATCH, SEQ = 8, ["q_proj", "v_proj"], 8, 128
 TRAIN_REPEATS, INFER_REPEATS, WARMUP = 10, 12, 2
@@ -102,7 +103,8 @@ def figures(result: dict) -> list[str]:
             ("lora_runtime_inference_ours_over_base", "runtime_inference_over_base", ("inference", "runtime", "base"),
              1.10)):
         lines.append(figure(name, ratios[ratio], "<=", target, ".3f"))   # the median of the rounds' ratios
-        lines.append(interval_figure(name, time_ratio(rounds[kind][num], rounds[kind][den]), "<=", target, ".3f"))
+        lines.append(interval_figure(name, median_time_ratio(rounds[kind][num], rounds[kind][den]), "<=", target,
+                                     ".3f"))
     return lines
 
 

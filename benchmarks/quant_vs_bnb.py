@@ -434,8 +434,8 @@ def _ratio_figures(lines: list[str], result: dict, name: str, key: str, op: str,
 def figures(record: dict) -> list[str]:
     """The FIGURE lines of a record of this script, from its recorded ratios alone: per device, per
     tensor quantize then dequantize throughput, then the forward. Each ratio with a recorded
-    interval (`course_lib.stats.median_time_ratio`; runs before 2026-12-06 10:00 UTC recorded
-    none) has its `interval_figure` line after its own."""
+    interval (`course_lib.stats.median_time_ratio`; the runs before the one of 2026-12-06 at
+    09:49 UTC recorded none) has its `interval_figure` line after its own."""
     lines = []
     for device, result in record["results"].items():
         ratios = result["ratios"]

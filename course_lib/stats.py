@@ -196,8 +196,9 @@ def median_time_ratio(numerator_seconds, denominator_seconds) -> dict:
     if numerator.ndim != 1 or numerator.shape != denominator.shape:
         raise ValueError(f"numerator_seconds and denominator_seconds must hold one time per round, the same "
                          f"rounds: shapes {numerator.shape} and {denominator.shape}")
-    if not (denominator > 0).all():
-        raise ValueError("denominator_seconds holds a time <= 0: a measured time is positive")
+    for name, seconds in (("numerator_seconds", numerator), ("denominator_seconds", denominator)):
+        if not (seconds > 0).all():
+            raise ValueError(f"{name} holds a time <= 0: a measured time is positive")
     ratios = numerator / denominator
     d = paired_bootstrap(np.zeros_like(ratios), ratios, lambda r: np.median(r, axis=-1))
     return _ratio_record(d.difference, d.low, d.high, d.n)

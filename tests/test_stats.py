@@ -207,7 +207,8 @@ def test_median_time_ratio_agrees_with_scipy_s_percentile_bootstrap():
 
 @pytest.mark.parametrize("num, den, match", [
     ([1.0, 2.0], [1.0], "the same rounds"),
-    ([1.0, 2.0], [1.0, 0.0], "<= 0"),
+    ([1.0, 2.0], [1.0, 0.0], "denominator_seconds holds a time <= 0"),
+    ([0.0, 2.0], [1.0, 1.0], "numerator_seconds holds a time <= 0"),
     ([1.0], [1.0], "at least 2"),
 ])
 def test_median_time_ratio_refuses_unpaired_or_impossible_times(num, den, match):

@@ -121,9 +121,11 @@ def gathers(state: quant.QuantState) -> dict:
     beside it), ``take``, advanced indexing, ``gather`` and ``embedding`` (the table as 256 rows of
     two floats). Each is checked to give the same tensor. Which PyTorch operation is fastest here
     bounds every formulation built from them: its time alone is spent before any multiply.
-    ``index_select`` writes into a buffer allocated once, as `two_passes_only` does; the others
-    return a fresh tensor, as `quant.dequantize_blockwise` does, so on a large tensor the gap
-    between ``index_select`` and ``gather`` (the same look-up) is the cost of fresh memory."""
+    ``index_select`` writes into a buffer allocated once, as `two_passes_only` does, and once more
+    into a fresh tensor each call (``index_select_fresh``); the others return a fresh tensor, as
+    `quant.dequantize_blockwise` does (it returns the output its ``index_select`` writes), so on a
+    large tensor the gap between the two ``index_select`` lines is the cost of fresh memory, and the
+    fastest look-up into a fresh tensor bounds any dequantize that returns one."""
     import torch.nn.functional as F
 
     table = quant._byte_table(state.quant_type, state.packed.device)
@@ -132,6 +134,7 @@ def gathers(state: quant.QuantState) -> dict:
     rows = _byte_pairs(state)
     formulations = {
         "index_select": lambda: torch.index_select(table, 0, index32, out=out),
+        "index_select_fresh": lambda: torch.index_select(table, 0, index32),
         "index_select_int64": lambda: torch.index_select(table, 0, index64, out=out),
         "take": lambda: torch.take(table, index64),
         "indexing": lambda: table[index64],

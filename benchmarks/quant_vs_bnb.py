@@ -67,7 +67,6 @@ from benchmarks.report import (
     figure,
     interleaved,
     interval_figure,
-    paired_ratio,
     recompute_figures,
     save_result,
     sync,
@@ -208,8 +207,8 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
         return times
 
     def ratio(key: str, times: dict, num: str, den: str) -> None:  # the median of the rounds' ratios, its interval
-        result["ratios"][key] = paired_ratio(times, num, den)
         result["intervals"][key] = median_time_ratio(times[num], times[den])
+        result["ratios"][key] = result["intervals"][key]["ratio"]   # the median report.paired_ratio gives
 
     for label, x in tensors.items():
         times = timed(f"quantize_{label}", {
@@ -249,13 +248,13 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
                       "compiled_one_thread")
             # PyTorch's gathers, each alone, against bitsandbytes' whole dequantize (both thread settings)
             times = interleaved({**gathers(ours_state), **bnb_dequantize}, REPEATS["dequantize"], device)
+            intervals = {name: {k: median_time_ratio(times[name], times[k]) for k in times if k not in bnb_dequantize}
+                         for name in bnb_dequantize}
             result.setdefault("gathers", {})[label] = {
                 "median_seconds": {k: statistics.median(v) for k, v in times.items()},
-                **{f"{name}_dequantize_over_gather": {k: paired_ratio(times, name, k) for k in times
-                                                      if k not in bnb_dequantize} for name in bnb_dequantize},
-                "intervals": {name: {k: median_time_ratio(times[name], times[k]) for k in times
-                                     if k not in bnb_dequantize} for name in bnb_dequantize},
-                "seconds": times}
+                **{f"{name}_dequantize_over_gather": {k: v["ratio"] for k, v in row.items()}
+                   for name, row in intervals.items()},
+                "intervals": intervals, "seconds": times}
 
     linear = nn.Linear(down_proj.shape[1], down_proj.shape[0], bias=False, device=device).requires_grad_(False)
     linear.weight.copy_(down_proj)

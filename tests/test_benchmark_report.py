@@ -208,16 +208,17 @@ def test_the_committed_figures_are_the_script_s_figures_of_its_measurements(path
     assert module.figures(result) == result["figures"], f"run: {rerun}"
 
 
-@pytest.mark.parametrize("name", ["gradcache", "mrl_combination"])
-def test_a_time_ratio_needs_two_rounds_and_is_refused_before_any_work(name, monkeypatch, capsys):
+@pytest.mark.parametrize("name, option", [("gradcache", "--rounds"), ("mrl_combination", "--rounds"),
+                                          ("mrl_search", "--repeats")])
+def test_a_time_ratio_needs_two_rounds_and_is_refused_before_any_work(name, option, monkeypatch, capsys):
     """``--rounds 1`` would train for half an hour and then fail to bootstrap an interval from one
     pair: the parser refuses it at once, saying what to pass."""
     module = importlib.import_module(f"benchmarks.{name}")
-    monkeypatch.setattr(sys, "argv", [name, "--rounds", "1"])
+    monkeypatch.setattr(sys, "argv", [name, option, "1"])
     monkeypatch.setattr(module, "Run", lambda *a, **k: pytest.fail("the run started"))
     with pytest.raises(SystemExit) as exit:
         module.main()
-    assert exit.value.code == 2 and "--rounds must be at least 2" in capsys.readouterr().err
+    assert exit.value.code == 2 and f"{option} must be at least 2" in capsys.readouterr().err
 
 
 def test_the_light_scripts_answer_help_from_the_repository_root():
@@ -405,6 +406,44 @@ def test_quant_vs_bnb_ratios_and_intervals_are_those_of_its_recorded_rounds():
                 assert gathered["intervals"][bnb][name] == median_time_ratio(times[bnb], times[name])
     interval_lines = [line for line in record["figures"] if "_95pct_" in line and "qlora_step" not in line]
     assert len(interval_lines) == 15
+
+
+def test_mrl_search_speedups_and_intervals_are_those_of_its_recorded_rounds():
+    """The committed run of mrl_search keeps every paired round of brute force, the two-stage search
+    and its first stage, per setting and mode (``rounds``): each speed-up and limit is the median of
+    those rounds' ratios, rounded as printed, with the interval `course_lib.stats.median_time_ratio`
+    gives over them; each time is its rounds' median, brute force's the median of all its rounds;
+    the best settings are the fastest within 1% of brute force's recall; and each of the 8 FIGURE
+    lines has its interval line (a result without intervals prints the 8 alone)."""
+    import copy
+    import statistics
+
+    from benchmarks import mrl_search
+    from course_lib.stats import median_time_ratio
+
+    record = json.loads((ROOT / "benchmarks" / "results" / "mrl_search.json").read_text())
+    synthetic = record["synthetic_timing_only"]
+    for setting, suffix in [(s, "") for s in record["two_stage"]] + [(synthetic, "_two_stage")]:
+        for mode in ("batched", "per_query"):
+            times = setting["rounds"][mode]
+            assert len(times["brute_force"]) == len(times["two_stage"]) == len(times["first_stage"]) == record["rounds"]
+            for name, other in (("speedup", "two_stage"), ("limit", "first_stage")):
+                interval = median_time_ratio(times["brute_force"], times[other])
+                assert setting["intervals"][f"{name}_{mode}"] == interval
+                assert setting[f"{name}_{mode}"] == round(interval["ratio"], 2)
+            assert setting[f"seconds_{mode}{suffix}"] == statistics.median(times["two_stage"])
+            assert setting[f"seconds_{mode}_first_stage"] == statistics.median(times["first_stage"])
+    for mode in ("batched", "per_query"):
+        assert record["brute_force"][f"seconds_{mode}"] == statistics.median(
+            t for s in record["two_stage"] for t in s["rounds"][mode]["brute_force"])
+        good = [s for s in record["two_stage"] if s["recall@10"] >= 0.99 * record["brute_force"]["recall@10"]]
+        assert record["best_at_99pct"][mode] == max(good, key=lambda s: s[f"speedup_{mode}"])
+    lines = mrl_search.figures(record)
+    assert len(lines) == 16 and all("_95pct_low: " in line for line in lines[1::2])
+    without = copy.deepcopy(record)
+    for setting in without["two_stage"] + [without["synthetic_timing_only"], *without["best_at_99pct"].values()]:
+        del setting["intervals"]
+    assert mrl_search.figures(without) == lines[0::2]
 
 
 def test_every_gather_formulation_looks_up_the_same_values(monkeypatch):

@@ -13,9 +13,8 @@
    over it is the most any re-rank could leave, the measured limit printed beside the figures.
    Each setting times brute force, the search and its first stage side by side in ``--repeats``
    paired rounds per mode (`report.interleaved`); each speed-up and limit is the median over rounds
-   of brute force's time over the other's, with its 95% interval
-   (`course_lib.stats.median_time_ratio`), and brute force's own times are the medians of all its
-   rounds. For each mode the fastest setting whose recall@10 is at least 99% of brute force's.
+   of brute force's time over the other's, with its 95% interval (`course_lib.stats.speedup`),
+   and brute force's own times are the medians of all its rounds. For each mode the fastest setting whose recall@10 is at least 99% of brute force's.
    Recall of the same shortlists from int8 and binary indexes, with their bytes per vector
    (their time is not measured: `course_lib.matryoshka` scores both in float32, so the time would
    be the emulation's, not the index's; PyTorch has no popcount kernel, and its int8 products,
@@ -57,7 +56,7 @@ from benchmarks.report import (
     timed,
 )
 from course_lib import data, gradcache, matryoshka, models, retrieval, train
-from course_lib.stats import median_time_ratio
+from course_lib.stats import speedup
 
 RESULTS = RESULTS_DIR / "mrl_search.json"
 DIMS = (384, 256, 128, 64, 32)
@@ -86,10 +85,11 @@ def side_by_side(fns: dict, rounds: int, per: int = 1) -> tuple[dict[str, list[f
     ``two_stage``, ``first_stage``) timed in ``rounds`` paired rounds (`report.interleaved`): each
     round's seconds divided by ``per`` (the queries a call searches one at a time), and the median
     over rounds of brute force's time over the search's (``speedup``) and over the first stage's
-    (``limit``), each with its 95% interval (`course_lib.stats.median_time_ratio`)."""
+    (``limit``), each with its 95% interval and a verdict named for the faster side's time
+    (`course_lib.stats.speedup`: ``"faster"`` when the whole interval lies above 1)."""
     times = {name: [t / per for t in ts] for name, ts in interleaved(fns, rounds).items()}
-    return times, {"speedup": median_time_ratio(times["brute_force"], times["two_stage"]),
-                   "limit": median_time_ratio(times["brute_force"], times["first_stage"])}
+    return times, {"speedup": speedup(times["brute_force"], times["two_stage"]),
+                   "limit": speedup(times["brute_force"], times["first_stage"])}
 
 
 def record_mode(row: dict, mode: str, times: dict[str, list[float]], ratios: dict[str, dict],

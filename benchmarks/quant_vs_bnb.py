@@ -39,8 +39,9 @@ Run:  .venv/bin/python -m benchmarks.quant_vs_bnb   (about 6 minutes on 2 CPU co
 Each round calls every contender once, in rotating order, after one warm-up call; a ratio of 1-3
 is the median over rounds of the two times measured in the same round, so a slow spell of a shared
 machine hits both sides, with a 95% bootstrap interval resampling whole rounds
-(`course_lib.stats.median_time_ratio`; its FIGURE line follows the point's); every round's times
-are recorded (``seconds``). Writes benchmarks/results/quant_vs_bnb.json (quant_vs_bnb.cuda.json for
+(`course_lib.stats.median_time_ratio`; a throughput ratio, ours over bitsandbytes', is our
+speed-up, `course_lib.stats.speedup`, whose verdict is named for ours; its FIGURE line follows the
+point's); every round's times are recorded (``seconds``). Writes benchmarks/results/quant_vs_bnb.json (quant_vs_bnb.cuda.json for
 ``--device cuda``; both under runs/ without --save) and ends with its FIGURE lines;
 ``--figures-only`` recomputes them from the ratios recorded there, measuring nothing.
 """
@@ -72,7 +73,7 @@ from benchmarks.report import (
     sync,
 )
 from course_lib import data, instruct, linear4bit, models, quant, train
-from course_lib.stats import median_time_ratio, time_ratio
+from course_lib.stats import median_time_ratio, speedup, time_ratio
 
 BLOCKSIZE, BATCH, SEQ = 64, 8, 128
 REPEATS = {"quantize": 9, "dequantize": 41, "forward": 15, "qlora_step": {"cpu": 30, "cuda": 30}}
@@ -207,7 +208,10 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
         return times
 
     def ratio(key: str, times: dict, num: str, den: str) -> None:  # the median of the rounds' ratios, its interval
-        result["intervals"][key] = median_time_ratio(times[num], times[den])
+        # a throughput ratio (bitsandbytes' time over ours, "..._over_bnb") is ours' speed-up, its
+        # verdict named for ours (course_lib.stats.speedup); a time ratio's for the numerator's time
+        record = speedup if key.endswith("_over_bnb") else median_time_ratio
+        result["intervals"][key] = record(times[num], times[den])
         result["ratios"][key] = result["intervals"][key]["ratio"]   # the median report.paired_ratio gives
 
     for label, x in tensors.items():
@@ -248,7 +252,7 @@ def run_device(device: str, down_proj: torch.Tensor) -> dict:
                       "compiled_one_thread")
             # PyTorch's gathers, each alone, against bitsandbytes' whole dequantize (both thread settings)
             times = interleaved({**gathers(ours_state), **bnb_dequantize}, REPEATS["dequantize"], device)
-            intervals = {name: {k: median_time_ratio(times[name], times[k]) for k in times if k not in bnb_dequantize}
+            intervals = {name: {k: speedup(times[name], times[k]) for k in times if k not in bnb_dequantize}
                          for name in bnb_dequantize}
             result.setdefault("gathers", {})[label] = {
                 "median_seconds": {k: statistics.median(v) for k, v in times.items()},

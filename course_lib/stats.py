@@ -11,7 +11,8 @@ so a small real difference can be seen. Two tools, both exact about what they as
   Seeded, so a notebook prints the same interval every run.
 * `time_ratio`: the ratio of two mean times measured in pairs (rounds of a benchmark, each timing
   both sides), with the bootstrap interval of `paired_bootstrap` resampling whole rounds;
-  `median_time_ratio`: the median of the rounds' ratios, with its interval so.
+  `median_time_ratio`: the median of the rounds' ratios, with its interval so; `speedup`: the same
+  number read the other way, how many times faster one side runs than a baseline.
 * `mcnemar`: McNemar's exact test for two systems' right/wrong answers on the same items. Only
   the items where exactly one system is right carry information; under "no difference" each of
   those is equally likely to favour either system, a Binomial(n, ½) count.
@@ -202,6 +203,17 @@ def median_time_ratio(numerator_seconds, denominator_seconds) -> dict:
     ratios = numerator / denominator
     d = paired_bootstrap(np.zeros_like(ratios), ratios, lambda r: np.median(r, axis=-1))
     return _ratio_record(d.difference, d.low, d.high, d.n)
+
+
+def speedup(baseline_seconds, seconds) -> dict:
+    """How many times faster ``seconds``' side runs than the baseline's, measured in the same
+    rounds: `median_time_ratio` ``(baseline_seconds, seconds)``, the median of the rounds'
+    ``baseline / seconds`` with its interval, and the verdict named for ``seconds``' side:
+    ``"faster"`` when the whole interval lies above 1, ``"slower"`` below 1, else
+    ``"within noise"``. (A throughput ratio, ours over a library's, is such a speed-up.)"""
+    record = median_time_ratio(baseline_seconds, seconds)
+    record["verdict"] = "faster" if record["low"] > 1 else "slower" if record["high"] < 1 else "within noise"
+    return record
 
 
 def _ratio_record(ratio: float, low: float, high: float, rounds: int) -> dict:

@@ -205,6 +205,22 @@ def test_median_time_ratio_agrees_with_scipy_s_percentile_bootstrap():
     assert ours["low"] < ours["ratio"] < ours["high"]
 
 
+def test_speedup_is_the_median_ratio_read_from_the_faster_side():
+    # a search timed against brute force in 5 rounds: brute force's time over the search's, each
+    # round 2x whatever the machine's pace, so the speed-up and its interval are 2 and the search's
+    # verdict "faster", where median_time_ratio names the numerator's (brute force's) time "slower"
+    brute, search = [0.8, 1.0, 0.9, 1.2, 0.7], [0.4, 0.5, 0.45, 0.6, 0.35]
+    up = stats.speedup(brute, search)
+    assert up == {**stats.median_time_ratio(brute, search), "verdict": "faster"}
+    assert (up["ratio"], up["low"], up["high"]) == (pytest.approx(2.0),) * 3
+    assert stats.median_time_ratio(brute, search)["verdict"] == "slower"
+    # read the other way round: half as fast, "slower"; a 1x ratio between noisy rounds: within noise
+    assert stats.speedup(search, brute)["verdict"] == "slower"
+    assert stats.speedup([1.0, 1.1, 0.9, 1.0], [1.05, 1.0, 1.0, 0.95])["verdict"] == "within noise"
+    with pytest.raises(ValueError, match="the same rounds"):
+        stats.speedup([1.0, 2.0], [1.0])
+
+
 @pytest.mark.parametrize("num, den, match", [
     ([1.0, 2.0], [1.0], "the same rounds"),
     ([1.0, 2.0], [1.0, 0.0], "denominator_seconds holds a time <= 0"),

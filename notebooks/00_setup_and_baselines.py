@@ -55,7 +55,7 @@ print(f"torch {torch.__version__} on {DEVICE}, {torch.get_num_threads()} threads
 # * **all-MiniLM-L6-v2**, a 6-layer BERT sentence encoder, stored as float32 safetensors;
 # * **SmolLM2-135M-Instruct**, a 30-layer Llama-style chat model, stored as a GGUF file.
 #   transformers reads GGUF through the `gguf` package and dequantizes it to float32. That takes
-#   ~20 s, so the first load writes a safetensors copy to `~/.cache/course_lib` and later loads
+#   seconds, so the first load writes a safetensors copy to `~/.cache/course_lib` and later loads
 #   read the copy (`benchmarks/model_loading.py` measures the speed-up side by side).
 #
 # One caveat holds for the whole course: the only SmolLM2 file we have is a **4-bit** GGUF

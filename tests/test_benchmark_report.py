@@ -209,7 +209,7 @@ def test_the_committed_figures_are_the_script_s_figures_of_its_measurements(path
 
 
 @pytest.mark.parametrize("name, option", [("gradcache", "--rounds"), ("mrl_combination", "--rounds"),
-                                          ("mrl_search", "--repeats")])
+                                          ("mrl_search", "--repeats"), ("model_loading", "--rounds")])
 def test_a_time_ratio_needs_two_rounds_and_is_refused_before_any_work(name, option, monkeypatch, capsys):
     """``--rounds 1`` would train for half an hour and then fail to bootstrap an interval from one
     pair: the parser refuses it at once, saying what to pass."""
@@ -446,6 +446,39 @@ def test_mrl_search_speedups_and_intervals_are_those_of_its_recorded_rounds():
     for setting in without["two_stage"] + [without["synthetic_timing_only"], *without["best_at_99pct"].values()]:
         del setting["intervals"]
     assert mrl_search.figures(without) == lines[0::2]
+
+
+def test_model_loading_times_the_cached_load_as_a_new_process_would(monkeypatch):
+    """A round of model_loading: both loads in one fresh cache, the second starting with no
+    checksums remembered (a new process hashes the copy before trusting it, ~0.4 s here, which the
+    converting process would skip: its runs before 2026-12-06 12:21 UTC timed the cached load so),
+    and the cache setting restored after."""
+    from benchmarks import model_loading
+    from course_lib import models
+
+    monkeypatch.setenv(models.CACHE_ENV, "/the/learner's/cache")
+    monkeypatch.setattr(models, "_HASHED", {})
+    seen = []
+
+    def load():   # what a load does to the per-process memo: it hashes the copy's files
+        seen.append((os.environ[models.CACHE_ENV], len(models._HASHED)))
+        models._HASHED[("model.safetensors", len(seen))] = "its SHA-256"
+
+    from_gguf, cached = model_loading.one_round(load)
+    assert from_gguf > 0 and cached > 0
+    assert seen[0][0] == seen[1][0] != "/the/learner's/cache" and not Path(seen[0][0]).exists()
+    assert [remembered for _, remembered in seen] == [0, 0]
+    assert os.environ[models.CACHE_ENV] == "/the/learner's/cache"
+
+
+def test_model_loading_speedup_is_that_of_its_recorded_rounds():
+    from course_lib.stats import speedup
+
+    result = json.loads((ROOT / "benchmarks" / "results" / "model_loading.json").read_text())
+    rounds = result["rounds"]
+    assert len(rounds["gguf"]) == len(rounds["cached"]) >= 2
+    assert result["interval"] == speedup(rounds["gguf"], rounds["cached"])
+    assert result["speedup"] == round(result["interval"]["ratio"], 1)
 
 
 def test_every_gather_formulation_looks_up_the_same_values(monkeypatch):

@@ -6,7 +6,9 @@ runs ``course-lib budget --model llama-3-8b --method qlora --gpu 24GB`` in a fre
 floor no command of this Python can go under. After one warm-up call of each (files in the page
 cache), the two alternate, in rotating order, so a slow spell of a shared machine hits both. One
 more run with ``PYTHONPROFILEIMPORTTIME=1`` records the slowest imports and whether torch is
-among them (the budget needs arithmetic, not torch).
+among them (the budget needs arithmetic, not torch). Each figure has its 95% interval, resampling
+whole rounds (`course_lib.stats.paired_bootstrap`, the median as statistic): of the command's
+median time, and of its median minus the interpreter's.
 
 Run:  .venv/bin/python -m benchmarks.cli_startup [--repeats 10]   (a few seconds)
 Writes benchmarks/runs/cli_startup.json (``--save``: the committed benchmarks/results/cli_startup.json)
@@ -23,7 +25,18 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import RESULTS_DIR, Run, argument_parser, figure, recompute_figures, save_result
+import numpy as np
+
+from benchmarks.report import (
+    RESULTS_DIR,
+    Run,
+    argument_parser,
+    figure,
+    interval_figure,
+    recompute_figures,
+    save_result,
+)
+from course_lib.stats import paired_bootstrap
 
 RESULTS = RESULTS_DIR / "cli_startup.json"
 BUDGET_ARGS = ["budget", "--model", "llama-3-8b", "--method", "qlora", "--gpu", "24GB"]
@@ -78,17 +91,33 @@ def slowest_imports(argv: list[str]) -> tuple[dict[str, float], bool]:
     return slowest, imports_torch
 
 
+def intervals(times: dict[str, list[float]]) -> dict[str, dict]:
+    """95% intervals over the rounds, each resampled whole (`course_lib.stats.paired_bootstrap`,
+    seeded, the median as statistic): of the command's median time (``cli_budget``) and of its
+    median minus the bare interpreter's (``cli_budget_minus_bare_python``)."""
+    cli, bare = np.asarray(times["cli_budget"]), np.asarray(times["bare_python"])
+    median = lambda t: np.median(t, axis=-1)
+    alone, minus = paired_bootstrap(np.zeros_like(cli), cli, median), paired_bootstrap(bare, cli, median)
+    return {"cli_budget": {"low": alone.low, "high": alone.high},
+            "cli_budget_minus_bare_python": {"low": minus.low, "high": minus.high}}
+
+
 def figures(result: dict) -> list[str]:
-    """The FIGURE lines of a result of this script, from its recorded times alone.
+    """The FIGURE lines of a result of this script, from its recorded times alone, each followed by
+    its interval's line where the run recorded intervals (the runs from 2026-12-06 12:30 UTC on).
 
     The second takes the interpreter's own start out: the command's share of the half second.
     """
-    median = result["median_seconds"]
-    return [
-        figure("cli_budget_startup_seconds", median["cli_budget"], "<", 0.5),
-        figure("cli_budget_startup_minus_bare_python_seconds", median["cli_budget"] - median["bare_python"],
-               "<", 0.45),
-    ]
+    median, recorded = result["median_seconds"], result.get("intervals", {})
+    lines = []
+    for name, key, value, target in [
+            ("cli_budget_startup_seconds", "cli_budget", median["cli_budget"], 0.5),
+            ("cli_budget_startup_minus_bare_python_seconds", "cli_budget_minus_bare_python",
+             median["cli_budget"] - median["bare_python"], 0.45)]:
+        lines.append(figure(name, value, "<", target))
+        if key in recorded:
+            lines.append(interval_figure(name, recorded[key], "<", target))
+    return lines
 
 
 def main() -> None:
@@ -98,8 +127,8 @@ def main() -> None:
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    if args.repeats < 2:
+        parser.error(f"--repeats must be at least 2 (an interval needs paired rounds), got {args.repeats}")
     run = Run("cli_startup", args, device=None)
     commands = {"cli_budget": [str(console_script()), *BUDGET_ARGS], "bare_python": [sys.executable, "-c", "pass"]}
     times = interleaved(commands, args.repeats)
@@ -112,6 +141,7 @@ def main() -> None:
         "median_seconds": {name: round(statistics.median(t), 4) for name, t in times.items()},
         "min_seconds": {name: min(t) for name, t in times.items()},
         "all_seconds": times,
+        "intervals": intervals(times),
         "imports_torch": imports_torch,
         "slowest_top_level_imports_ms": imports,
     }

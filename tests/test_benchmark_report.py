@@ -209,7 +209,8 @@ def test_the_committed_figures_are_the_script_s_figures_of_its_measurements(path
 
 
 @pytest.mark.parametrize("name, option", [("gradcache", "--rounds"), ("mrl_combination", "--rounds"),
-                                          ("mrl_search", "--repeats"), ("model_loading", "--rounds")])
+                                          ("mrl_search", "--repeats"), ("model_loading", "--rounds"),
+                                          ("cli_startup", "--repeats")])
 def test_a_time_ratio_needs_two_rounds_and_is_refused_before_any_work(name, option, monkeypatch, capsys):
     """``--rounds 1`` would train for half an hour and then fail to bootstrap an interval from one
     pair: the parser refuses it at once, saying what to pass."""
@@ -479,6 +480,23 @@ def test_model_loading_speedup_is_that_of_its_recorded_rounds():
     assert len(rounds["gguf"]) == len(rounds["cached"]) >= 2
     assert result["interval"] == speedup(rounds["gguf"], rounds["cached"])
     assert result["speedup"] == round(result["interval"]["ratio"], 1)
+
+
+def test_cli_startup_intervals_are_those_of_its_recorded_rounds():
+    """The committed cli_startup run's intervals come from its recorded rounds; each holds its
+    figure's point (the median, and the difference of the medians), and each figure has its line."""
+    from benchmarks import cli_startup
+
+    result = json.loads((ROOT / "benchmarks" / "results" / "cli_startup.json").read_text())
+    assert result["intervals"] == cli_startup.intervals(result["all_seconds"])
+    median = result["median_seconds"]
+    for key, point in (("cli_budget", median["cli_budget"]),
+                       ("cli_budget_minus_bare_python", median["cli_budget"] - median["bare_python"])):
+        assert result["intervals"][key]["low"] <= point <= result["intervals"][key]["high"]
+    assert [line.split(":")[0] for line in cli_startup.figures(result)] == [
+        "FIGURE cli_budget_startup_seconds", "FIGURE cli_budget_startup_seconds_95pct_high",
+        "FIGURE cli_budget_startup_minus_bare_python_seconds",
+        "FIGURE cli_budget_startup_minus_bare_python_seconds_95pct_high"]
 
 
 def test_every_gather_formulation_looks_up_the_same_values(monkeypatch):

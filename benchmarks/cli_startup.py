@@ -104,7 +104,7 @@ def intervals(times: dict[str, list[float]]) -> dict[str, dict]:
 
 def figures(result: dict) -> list[str]:
     """The FIGURE lines of a result of this script, from its recorded times alone, each followed by
-    its interval's line where the run recorded intervals (the runs from 2026-12-06 12:30 UTC on).
+    its interval's line where the run recorded intervals (the runs from 2026-12-06 12:24 UTC on).
 
     The second takes the interpreter's own start out: the command's share of the half second.
     """

@@ -42,7 +42,7 @@ RESULTS = RESULTS_DIR / "model_loading.json"
 
 def figures(result: dict) -> list[str]:
     """The FIGURE lines of a result of this script, from its recorded measurements alone (the
-    interval's line where the run recorded one: the runs from 2026-12-06 12:30 UTC on)."""
+    interval's line where the run recorded one: the runs from 2026-12-06 12:21 UTC on)."""
     lines = [figure("smollm2_cached_load_speedup", result["speedup"], ">=", 5, ".1f")]
     if "interval" in result:
         lines.append(interval_figure("smollm2_cached_load_speedup", result["interval"], ">=", 5, ".1f"))

@@ -14,7 +14,8 @@
    Each setting times brute force, the search and its first stage side by side in ``--repeats``
    paired rounds per mode (`report.interleaved`); each speed-up and limit is the median over rounds
    of brute force's time over the other's, with its 95% interval (`course_lib.stats.speedup`),
-   and brute force's own times are the medians of all its rounds. For each mode the fastest setting whose recall@10 is at least 99% of brute force's.
+   and brute force's own times are the medians of all its rounds. For each mode the fastest
+   setting whose recall@10 is at least 99% of brute force's.
    Recall of the same shortlists from int8 and binary indexes, with their bytes per vector
    (their time is not measured: `course_lib.matryoshka` scores both in float32, so the time would
    be the emulation's, not the index's; PyTorch has no popcount kernel, and its int8 products,
@@ -25,9 +26,9 @@
    one-at-a-time search.
 
 Run:  .venv/bin/python -m benchmarks.mrl_search [--pairs 2048] [--repeats 9]
-(7 to 12 minutes on 2 CPU cores, by the machine). Writes its JSON under benchmarks/runs/ (``--save``: replaces
-benchmarks/results/mrl_search.json) and ends with its FIGURE lines; ``--figures-only``
-recomputes them from that JSON, measuring nothing.
+(7 to 12 minutes on 2 CPU cores, by the machine). Writes its JSON under benchmarks/runs/
+(``--save``: replaces benchmarks/results/mrl_search.json) and ends with its FIGURE lines;
+``--figures-only`` recomputes them from that JSON, measuring nothing.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def record_mode(row: dict, mode: str, times: dict[str, list[float]], ratios: dic
 
 def figures(result: dict) -> list[str]:
     """The FIGURE lines of a result of this script, from its recorded measurements alone. Where a
-    setting records its paired rounds' intervals (the runs from 2026-12-06 12:00 UTC on), each
+    setting records its paired rounds' intervals (the runs from 2026-12-06 11:59 UTC on), each
     speed-up's and limit's line is followed by its interval's (`report.interval_figure`)."""
     best, synthetic = result["best_at_99pct"], result["synthetic_timing_only"]
     lines = []

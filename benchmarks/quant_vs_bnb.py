@@ -41,8 +41,9 @@ is the median over rounds of the two times measured in the same round, so a slow
 machine hits both sides, with a 95% bootstrap interval resampling whole rounds
 (`course_lib.stats.median_time_ratio`; a throughput ratio, ours over bitsandbytes', is our
 speed-up, `course_lib.stats.speedup`, whose verdict is named for ours; its FIGURE line follows the
-point's); every round's times are recorded (``seconds``). Writes benchmarks/results/quant_vs_bnb.json (quant_vs_bnb.cuda.json for
-``--device cuda``; both under runs/ without --save) and ends with its FIGURE lines;
+point's); every round's times are recorded (``seconds``). Writes
+benchmarks/results/quant_vs_bnb.json (quant_vs_bnb.cuda.json for ``--device cuda``; both under
+runs/ without --save) and ends with its FIGURE lines;
 ``--figures-only`` recomputes them from the ratios recorded there, measuring nothing.
 """
 

@@ -341,7 +341,7 @@ assert quantised_recall["int8"] >= quantised_recall["float32"] - 0.01
 # scores and their top-k, no re-rank), the least work any two-stage search does, in both modes
 # (the crosses below). For each setting it runs brute force, the search and the first stage side
 # by side in 9 rounds; each speed-up is the median of the rounds' ratios, with a 95% interval from
-# resampling the rounds (`course_lib.stats.median_time_ratio`). Its committed results:
+# resampling the rounds (`course_lib.stats.speedup`). Its committed results:
 
 # %%
 search = benchmark_result("mrl_search")
@@ -409,36 +409,36 @@ print(f"on {syn['n_docs']:,d} synthetic vectors (timing only), shortlist at {syn
 
 # %% [markdown]
 # How the queries arrive decides the answer, and so does the CPU. **One at a time**, as a search
-# service receives them, brute force reads the whole corpus for every query (20,506 × 1,536
-# bytes, 31 MB). On the benchmark's CPU that took 0.77 ms a query, 41.0 GB/s: the corpus fits in
-# this Intel Xeon's last-level cache (480 MiB, as the benchmark records the machine) and stays
-# there between queries. A shortlist reads a third or less of those bytes, but here that buys
-# little: at k ≤ 50 the two-stage search took 0.37-0.59 ms a query at shortlist sizes from 32 to
-# 128 numbers (at most 2.12× faster than brute force). The first stage alone says why. One
-# query's first stage at k = 10 took 0.26, 0.27, 0.34 and 0.40 ms at 32, 64, 96 and 128 numbers:
-# a straight line through them is **0.20 ms** of fixed cost (a top-k over all 20,506 scores,
-# whatever the prefix length, and each call's own overhead) plus the index's bytes at 54 GB/s
-# (brute force reads at 41). So a first stage that read nothing at all would still be only 3.9×
-# faster than brute force, short of the target; timed alone, at 99% of brute force's recall, it is
-# at most **2.2× faster** (96 numbers, k = 50; 95% interval 2.02-2.25), before any re-rank. The
-# fastest whole search within 1% of brute force's recall@10 (the same setting, which finds exactly
-# brute force's 0.626) is **1.5× faster** (1.46-1.59), far short of the target we set (at least
-# 4×). The 1% line turns on a few queries: it asks for 314 of the 317 queries brute force finds,
-# and 128 numbers at k = 20 finds exactly 314. Until the evening before this run the model the benchmark trains landed a
-# few queries differently in each run, as each drew its adapters' starting values at random
-# (torch seeds its generator anew in every process; the script now seeds them): two runs that day
-# on this machine had brute force at 0.617 and 0.626, and their best settings within 1% at 1.1×
-# and 0.89× (the benchmarks page gives them, and the AMD EPYC's run, where brute force read the
-# corpus from main memory and the same search was several times faster, past the target); the
-# seeded runs since, this one among them, found the same recall@10 at every setting. On a million
-# synthetic vectors, 1.5 GB, which no cache holds, the saving comes back in part: 63.6 ms to 19.9
-# ms a query (3.2×, 3.13-3.25, at 96 numbers, k = 50), less than the 4× fewer bytes, as brute
-# force reads at 24.1 GB/s and the shortlist stage at 19.3; its first stage alone takes 19.8 ms of
-# those 19.9 (3.2× faster than brute force), so there too the first stage sets the limit, and with
-# a quarter of the bytes no float32 shortlist at 96 numbers could pass 4×. **All 506 queries at
-# once**, brute force is one matrix product that reads the corpus once for all of them: the best
-# setting within 1% (128 numbers, k = 20) is 1.4× faster (1.39-1.60), and 2.1× on a million
-# vectors (2.03-2.09): short of the target both times.
+# service receives them, brute force reads the whole corpus for every query (20,506 × 1,536 bytes,
+# 31 MB). On the benchmark's CPU that took 0.77 ms a query, 41.0 GB/s: the corpus fits in this Intel
+# Xeon's last-level cache (480 MiB, as the benchmark records the machine) and stays there between
+# queries. A shortlist reads a third or less of those bytes, but here that buys little: at k ≤ 50
+# the two-stage search took 0.37-0.59 ms a query at shortlist sizes from 32 to 128 numbers (at most
+# 2.12× faster than brute force). The first stage alone says why. One query's first stage at k = 10
+# took 0.26, 0.27, 0.34 and 0.40 ms at 32, 64, 96 and 128 numbers: a straight line through them is
+# **0.20 ms** of fixed cost (a top-k over all 20,506 scores, whatever the prefix length, and each
+# call's own overhead, the matrix product's included) plus the index's bytes at 54 GB/s (brute force
+# reads at 41). So a first stage that read nothing at all would still be only 3.9× faster than brute
+# force, short of the target; timed alone, at 99% of brute force's recall, it is at most **2.2×
+# faster** (96 numbers, k = 50; 95% interval 2.02-2.25), before any re-rank. The fastest whole
+# search within 1% of brute force's recall@10 (the same setting, which finds exactly brute force's
+# 0.626) is **1.5× faster** (1.46-1.59), far short of the target we set (at least 4×). The 1% line
+# turns on a few queries: it asks for 314 of the 317 queries brute force finds, and 128 numbers at k
+# = 20 finds exactly 314. Until the evening before this run the model the benchmark trains landed a
+# few queries differently in each run, as each drew its adapters' starting values at random (torch
+# seeds its generator anew in every process; the script now seeds them): two runs that day on this
+# machine had brute force at 0.617 and 0.626, and their best settings within 1% at 1.1× and 0.89×
+# (the benchmarks page gives them, and the AMD EPYC's run, where brute force read the corpus from
+# main memory and the same search was several times faster, past the target); the seeded runs since,
+# this one among them, found the same recall@10 at every setting. On a million synthetic vectors,
+# 1.5 GB, which no cache holds, the saving comes back in part: 63.6 ms to 19.9 ms a query (3.2×,
+# 3.13-3.25, at 96 numbers, k = 50), less than the 4× fewer bytes, as brute force reads at 24.1 GB/s
+# and the shortlist stage at 19.3; its first stage alone takes 19.8 ms of those 19.9 (3.2× faster
+# than brute force), so there too the first stage sets the limit, and with a quarter of the bytes no
+# float32 shortlist at 96 numbers could pass 4×. **All 506 queries at once**, brute force is one
+# matrix product that reads the corpus once for all of them: the best setting within 1% (128
+# numbers, k = 20) is 1.4× faster (1.39-1.60), and 2.1× on a million vectors (2.03-2.09): short of
+# the target both times.
 #
 # Batched too, the limit is the first stage, not the re-rank. Timed alone, without any re-rank,
 # the first stage is at most **2.0× faster** than brute force at 99% of its recall (128 numbers,

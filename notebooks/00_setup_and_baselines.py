@@ -9,8 +9,9 @@
 # 4. measures the **zero-shot baselines** that every later chapter compares against:
 #    MiniLM's code-search recall and SmolLM2's exact match and perplexity.
 #
-# **Time:** about 1.5 minutes on 2 CPU cores (20 s more the very first time, while SmolLM2's GGUF
-# file is converted to a cached safetensors copy). A GPU makes it faster; nothing here needs one.
+# **Time:** about 1.5 minutes on 2 CPU cores (a few seconds more the very first time, while
+# SmolLM2's GGUF file is converted to a cached safetensors copy: 7 s against 0.5 s for a later
+# load, `benchmarks/model_loading.py`). A GPU makes it faster; nothing here needs one.
 
 # %% [markdown]
 # ## How to run the course

@@ -10,8 +10,8 @@
 #    MiniLM's code-search recall and SmolLM2's exact match and perplexity.
 #
 # **Time:** about 1.5 minutes on 2 CPU cores (a few seconds more the very first time, while
-# SmolLM2's GGUF file is converted to a cached safetensors copy: 7 s against 0.5 s for a later
-# load, `benchmarks/model_loading.py`). A GPU makes it faster; nothing here needs one.
+# SmolLM2's GGUF file is converted to a cached safetensors copy, as `benchmarks/model_loading.py`
+# measures). A GPU makes it faster; nothing here needs one.
 
 # %% [markdown]
 # ## How to run the course

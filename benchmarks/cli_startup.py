@@ -34,6 +34,7 @@ from benchmarks.report import (
     figure,
     interval_figure,
     recompute_figures,
+    require_paired_rounds,
     save_result,
 )
 from course_lib.stats import paired_bootstrap
@@ -127,8 +128,7 @@ def main() -> None:
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return
-    if args.repeats < 2:
-        parser.error(f"--repeats must be at least 2 (an interval needs paired rounds), got {args.repeats}")
+    require_paired_rounds(parser, "--repeats", args.repeats)
     run = Run("cli_startup", args, device=None)
     commands = {"cli_budget": [str(console_script()), *BUDGET_ARGS], "bare_python": [sys.executable, "-c", "pass"]}
     times = interleaved(commands, args.repeats)

@@ -49,6 +49,7 @@ from benchmarks.report import (
     interval_figure,
     paired_line,
     recompute_figures,
+    require_paired_rounds,
     save_result,
 )
 from course_lib import data, gradcache, models, retrieval, train
@@ -201,8 +202,7 @@ def main() -> None:
     args = parser.parse_args()
     if len(set(args.sweep)) != len(args.sweep):
         parser.error(f"--sweep lists a batch size twice: {args.sweep}")
-    if args.rounds < 2:
-        parser.error(f"--rounds must be at least 2 (a time ratio's interval needs paired rounds), got {args.rounds}")
+    require_paired_rounds(parser, "--rounds", args.rounds)
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return

@@ -32,6 +32,7 @@ from benchmarks.report import (
     figure,
     interval_figure,
     recompute_figures,
+    require_paired_rounds,
     save_result,
 )
 
@@ -77,8 +78,7 @@ def main() -> None:
     parser = argument_parser("model_loading", __doc__)
     parser.add_argument("--rounds", type=int, default=5, help="recorded rounds, after one that imports the libraries")
     args = parser.parse_args()
-    if args.rounds < 2:
-        parser.error(f"--rounds must be at least 2 (a speed-up's interval needs paired rounds), got {args.rounds}")
+    require_paired_rounds(parser, "--rounds", args.rounds)
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return

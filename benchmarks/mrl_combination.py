@@ -51,6 +51,7 @@ from benchmarks.report import (
     interval_figure,
     paired_line,
     recompute_figures,
+    require_paired_rounds,
     save_result,
 )
 from course_lib import data, gradcache, lora, matryoshka, memory, models, retrieval, train
@@ -211,8 +212,7 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=None,
                         help="score only the first N test queries (default: all of them)")
     args = parser.parse_args()
-    if args.rounds < 2:
-        parser.error(f"--rounds must be at least 2 (a time ratio's interval needs paired rounds), got {args.rounds}")
+    require_paired_rounds(parser, "--rounds", args.rounds)
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return

@@ -53,6 +53,7 @@ from benchmarks.report import (
     interleaved,
     interval_figure,
     recompute_figures,
+    require_paired_rounds,
     save_result,
     timed,
 )
@@ -142,8 +143,7 @@ def main() -> None:
     parser.add_argument("--synthetic-queries", type=int, default=256)
     parser.add_argument("--cache", default="", help="safetensors file to keep the embeddings in between runs")
     args = parser.parse_args()
-    if args.repeats < 2:
-        parser.error(f"--repeats must be at least 2 (a speed-up's interval needs paired rounds), got {args.repeats}")
+    require_paired_rounds(parser, "--repeats", args.repeats)
     if args.figures_only:
         print("\n".join(recompute_figures(RESULTS, figures)))
         return

@@ -140,6 +140,14 @@ def destination(path: Path) -> Path:
     return path
 
 
+def require_paired_rounds(parser: argparse.ArgumentParser, option: str, rounds: int) -> None:
+    """Refuse ``option`` (``"--rounds"``, ``"--repeats"``) below 2 through ``parser``, before any
+    work: an interval needs at least two paired rounds, and a run would otherwise train or time
+    for minutes and only then fail."""
+    if rounds < 2:
+        parser.error(f"{option} must be at least 2 (an interval needs paired rounds), got {rounds}")
+
+
 def command(name: str, args: argparse.Namespace | None = None, skip: tuple[str, ...] = ()) -> str:
     """``python -m benchmarks.<name>`` with every option of ``args`` spelled out (defaults too),
     so that the command repeats the run even after a default changes; ``--figures-only`` and the

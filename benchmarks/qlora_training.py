@@ -12,7 +12,9 @@ Each is scored on the test instructions by exact match of greedy answers and by 
 perplexity. All three run on this machine's CPU in float32 compute, in this one run. Every
 model's per-instruction scores are kept (the untrained model's too), and the JSON records the
 paired comparisons (95% bootstrap intervals, McNemar's p): each training against the untrained
-model, QLoRA against 32-bit LoRA, and bitsandbytes + peft against course_lib.
+model, QLoRA against 32-bit LoRA, and bitsandbytes + peft against course_lib. Every step's seconds
+are kept too (``step_seconds``): the runs train on the same batch at each step, so the two QLoRA
+steps' ratio is the median of the step-by-step ratios, with its interval (`report.per_step_ratio`).
 
 Run:  .venv/bin/python -m benchmarks.qlora_training [--steps 40] [--n-instruct 100]
 (about 7 minutes on 2 CPU cores). Writes benchmarks/runs/qlora_training.json (``--save``: the committed
@@ -41,8 +43,10 @@ from benchmarks.report import (
     figure,
     interval_figure,
     paired_line,
+    per_step_ratio,
     recompute_figures,
     save_result,
+    step_seconds,
 )
 from course_lib import data, instruct, lora, models, qlora, train
 from course_lib.memory import optimizer_state_bytes
@@ -99,6 +103,7 @@ def train_and_score(label: str, model, tokenizer, steps: int, batch: int, test: 
     return {"method": label, "trainable": lora.count_parameters(model)[0],
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "seconds_per_step": round(history.seconds_per_step, 3),
+            "step_seconds": step_seconds(history),
             "loss": [round(x, 5) for x in history.loss],
             "exact_match": round(instruct.exact_match(predictions, answers), 4),
             "perplexity": round(math.exp(nll[:, 0].sum().item() / nll[:, 1].sum().item()), 3),
@@ -122,11 +127,20 @@ def figures(result: dict) -> list[str]:
         figure("qlora_over_lora_answer_perplexity", ours4["perplexity"] / lora32["perplexity"], "<=", 1.15),
         figure("qlora_course_lib_vs_bnb_max_loss_gap",
                max(abs(a - b) for a, b in zip(ours4["loss"], bnb4["loss"])), "<=", 1e-2),
-        # issue 22's target: course_lib's QLoRA step no slower than bitsandbytes + peft's (it was
-        # 1.5 here until 2026-12-04, looser than the issue asks; a miss is reported, not hidden)
-        figure("qlora_course_lib_over_bnb_seconds_per_step",
-               ours4["seconds_per_step"] / bnb4["seconds_per_step"], "<=", 1.0),
-    ]
+    ] + step_time_figures(ours4, bnb4)
+
+
+def step_time_figures(ours4: dict, bnb4: dict) -> list[str]:
+    """Issue 22's target: course_lib's QLoRA step no slower than bitsandbytes + peft's (it was 1.5
+    here until 2026-12-04, looser than the issue asks; a miss is reported, not hidden). Runs that
+    record every step's seconds (from 2026-12-06 13:41 UTC) give the median of the step-by-step
+    ratios with its interval (`report.per_step_ratio`: the same batch at each step); earlier ones
+    the ratio of the two runs' median steps, with no interval."""
+    name = "qlora_course_lib_over_bnb_seconds_per_step"
+    if "step_seconds" not in ours4 or "step_seconds" not in bnb4:
+        return [figure(name, ours4["seconds_per_step"] / bnb4["seconds_per_step"], "<=", 1.0)]
+    steps = per_step_ratio(ours4, bnb4)
+    return [figure(name, steps["ratio"], "<=", 1.0), interval_figure(name, steps, "<=", 1.0)]
 
 
 def main() -> None:

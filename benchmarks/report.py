@@ -35,6 +35,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 from course_lib.atomic_files import atomic_output
+from course_lib.stats import median_time_ratio
 from course_lib.tooling.figures import format_figure
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -107,6 +108,28 @@ def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     spell of a shared machine inflates both sides of a round, or spoils one round, which the median
     ignores."""
     return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
+def step_seconds(history) -> list[float]:
+    """Every optimizer step's wall seconds of a training run (`course_lib.train.History`), the
+    first (warm-up) step included, rounded to 0.1 ms: what `per_step_ratio` pairs."""
+    return [round(s, 4) for s in history.seconds]
+
+
+def per_step_ratio(numerator: dict, denominator: dict) -> dict:
+    """How many times longer a step of the ``numerator`` run took than one of the ``denominator``
+    run (each a result row holding ``step_seconds``): the median over steps of the step-by-step
+    ratio, with its 95% interval from resampling steps (`course_lib.stats.median_time_ratio`),
+    the first step of each left out, as `course_lib.train.History.seconds_per_step` does.
+
+    The runs train on the same batches in the same order (``train.batches(rows, batch, seed=0)``),
+    so step i of each saw the same rows: a pair shares its batch, not its moment (the runs follow
+    each other, so a slow spell of the machine during one run is not cancelled)."""
+    a, b = numerator["step_seconds"][1:], denominator["step_seconds"][1:]
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"runs of {len(a) + 1} and {len(b) + 1} steps: per_step_ratio pairs steps of runs of "
+                         "the same length, at least 3 steps each (the first is left out)")
+    return median_time_ratio(a, b)
 
 
 # ---------------------------------------------------------------------------------------------

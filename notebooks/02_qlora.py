@@ -651,16 +651,25 @@ for a, b in [("base", "lora_fp32"), ("base", "qlora_course_lib"), ("lora_fp32", 
             "within noise" if m["mcnemar_p"] >= 0.05 else ("gain" if m["difference"] > 0 else "loss"))
         print(f"{b} minus {a}, {metric.replace('_', ' ')}: {m['difference']:{fmt}} [95% CI {m['low']:{fmt}}, {m['high']:{fmt}}] "
               f"({verdict})" + (f", McNemar p = {m['mcnemar_p']:.2g}" if "mcnemar_p" in m else ""))
+# every step's seconds are recorded, and the runs trained on the same batch at each step: step i of
+# one pairs with step i of the other (the warm-up step left out), as the benchmark's FIGURE line does
+step_ratio = stats.median_time_ratio(ours_b["step_seconds"][1:], bnb_b["step_seconds"][1:])
+print(f"\ncourse_lib's QLoRA step over bitsandbytes + peft's, step by step: {step_ratio['ratio']:.3f} "
+      f"[95% CI {step_ratio['low']:.3f}, {step_ratio['high']:.3f}] over {step_ratio['rounds']} steps "
+      f"({step_ratio['verdict']}); the ratio of the two medians {ours_b['seconds_per_step'] / bnb_b['seconds_per_step']:.3f}")
 lora_bench = benchmark_result("lora_training")
 lora_same = next(run for run in lora_bench["smollm2"] if run["method"] == "lora")
 print(f"\nthe same 32-bit LoRA setting in benchmarks/lora_training ({lora_bench['date'][:10]}, {lora_bench['threads']} threads): "
       f"{lora_same['seconds_per_step']:.1f} s/step")
-# both scripts seed torch's generator before drawing the adapters: another run, the same losses answer by answer
-same_answers = lora_bench["items"]["smollm2"]["lora"] == bench["items"]["lora_fp32"]
-print(f"  and the same loss on every test answer as the LoRA run above: {same_answers}")
-assert same_answers and round(lora_same["seconds_per_step"], 1) == 1.5
+# both scripts seed torch's generator before drawing the adapters: another run, the same answers, and
+# each test answer's loss (its summed negative log-likelihood) as far as float32 sums repeat
+lora_items, qlora_items = lora_bench["items"]["smollm2"]["lora"], bench["items"]["lora_fp32"]
+same_right = lora_items["correct"] == qlora_items["correct"]
+loss_gap = max(abs(a[0] - b[0]) for a, b in zip(lora_items["answer_nll"], qlora_items["answer_nll"], strict=True))
+print(f"  and the same right answers as the LoRA run above: {same_right}; every test answer's loss within {loss_gap:.1g}")
+assert same_right and f"{loss_gap:.1g}" == "0.0005" and round(lora_same["seconds_per_step"], 1) == 1.5
 minutes_later = (datetime.fromisoformat(lora_bench["date"]) - datetime.fromisoformat(bench["date"])).total_seconds() / 60
-assert round(minutes_later) == 5   # the prose's "another script run 5 minutes later"
+assert round(minutes_later) == 15   # the prose's "another script run 15 minutes later"
 qstep = qb["results"]["cpu"]["qlora_step"]   # benchmarks/quant_vs_bnb: four models' steps, timed in the same rounds
 qstep_ratio, qstep_dequant = qstep["course_lib_over_bnb_peft"], qstep["dequantize_every_layer_once"]["median_seconds"]
 qstep_mean = {k: sum(v) / len(v) for k, v in qstep["seconds"].items()}
@@ -695,15 +704,20 @@ print(f"dequantize calls timed inside the steps: ours {1000 * qstep_in_step['cou
 # it), then losses apart by up to 3% over the 40 steps, and at most one answer moved per model.
 # Both runs drew the adapters' starting values at random (torch seeds its generator anew in every
 # process; the script seeds them since), so that spread is a fresh random start's as well as
-# another CPU's rounding. With the seed fixed, a run on the same machine repeats: this run gave
-# every loss and answer of the seeded run before it, and the same 32-bit LoRA setting in
-# `benchmarks/lora_training`, another script run 5 minutes later, gave the same loss on every
-# test answer (printed below the comparisons). The three runs' seconds per step (1.6, 1.8 and 1.7)
-# were measured in one run on an idle machine, as was that setting's 1.5 s in
-# `benchmarks/lora_training`; each file records the machine's load average at the run's start and
-# end. One run each cannot say whether 1.8 s and 1.7 s differ; the lines after them can:
-# `benchmarks/quant_vs_bnb.py` timed the two QLoRA steps, and a third model's, in the same rounds,
-# with intervals (read in the findings at the end of the chapter).
+# another CPU's rounding. With the seed fixed, a run on the same machine nearly repeats: this run
+# gave every answer of the seeded run before it and both QLoRA runs' losses to the last digit, but
+# its 32-bit LoRA losses moved by up to 0.0002 (float32 sums; a re-run half an hour later, not
+# committed, gave the earlier run's to the last digit again); the same 32-bit LoRA setting in
+# `benchmarks/lora_training`, another script run 15 minutes later, gave the same right answers and
+# every test answer's loss within 0.0005 (printed below the comparisons). The three runs' seconds
+# per step (1.6, 1.8 and 1.8) were measured in one run on an idle machine, as was that setting's
+# 1.5 s in `benchmarks/lora_training`; each file records the machine's load average at the run's
+# start and end. The two QLoRA runs trained on the same batch at each step, so their steps pair
+# up: course_lib's step took 1.039 times bitsandbytes + peft's, 95% interval 1.032 to 1.055 over 39
+# steps, slower (the benchmark's two lines, 1.04 and 1.06, miss the target of at most 1.0). That
+# interval counts steps, not runs: the runs follow each other, and the re-run gave 1.093 [1.082,
+# 1.115], outside it. `benchmarks/quant_vs_bnb.py` timed the two QLoRA steps, and a third model's,
+# in the same rounds, with intervals (read in the findings at the end of the chapter).
 
 # %% [markdown]
 # <a id="claim-02-optimizers"></a>
@@ -887,7 +901,8 @@ display(Markdown(table))
 #   dequantized once, one after the other, take 69 ms with ours and 70 ms with bitsandbytes,
 #   level, so a step's two passes over every layer would take 138 ms, not 245; but the matmuls
 #   between two calls evict the caches, and there ours loses to the C++ kernel. The 40-step
-#   benchmark's medians gave 1.06 (one run each, so without an interval); the runs of
+#   benchmark, whose two QLoRA runs trained one after the other on the same batches, gave 1.039
+#   step by step [95% CI 1.032, 1.055] (the ratio of its two medians: 1.030); the runs of
 #   `quant_vs_bnb` before this one, on the same machine that day, 1.063 [1.050, 1.077] and 1.039
 #   [1.029, 1.050]. On the AMD EPYC of an earlier run, the two steps were level (the benchmarks
 #   page).
@@ -933,7 +948,8 @@ assert round(optim_bytes["QLoRA adapters"]["AdamW8bit"] / optim_bytes["QLoRA ada
 assert report["update_kept"] < 0.01 and report["codes_changed"] < 0.00005
 assert (ours_b["exact_match"], lora_b["exact_match"], ours_b["perplexity"], lora_b["perplexity"]) == (0.08, 0.12, 12.001, 10.734)
 assert ours_b["loss"] == bnb_b["loss"] and ours_b["exact_match"] == bnb_b["exact_match"]
-assert round(ours_b["seconds_per_step"] / bnb_b["seconds_per_step"], 2) == 1.06
+assert round(ours_b["seconds_per_step"] / bnb_b["seconds_per_step"], 3) == 1.030
+assert [round(step_ratio[k], 3) for k in ("ratio", "low", "high")] == [1.039, 1.032, 1.055] and step_ratio["rounds"] == 39
 assert (round(qstep_ratio["ratio"], 3), round(qstep_ratio["low"], 2), round(qstep_ratio["high"], 2),
         qstep_ratio["verdict"], qstep_ratio["rounds"]) == (1.040, 1.03, 1.05, "slower", 30)
 assert "FIGURE qlora_step_cpu_course_lib_over_bnb_peft: 1.040 (target <= 1.0) missed" in qb["figures"]
@@ -951,7 +967,8 @@ in_step_saving = qstep_in_step["course_lib"] - qstep_in_step["course_lib_bnb_deq
 assert f"{1000 * in_step_saving:.1f}" == "66.0" and f"{in_step_saving / qstep_mean['course_lib']:.1%}" == "3.6%"
 assert [round(1000 * qstep_dequant[k]) for k in ("course_lib", "bnb_peft")] == [69, 70]
 assert round(2000 * qstep_dequant["course_lib"]) == 138
-assert "FIGURE qlora_course_lib_over_bnb_seconds_per_step: 1.06 (target <= 1.0) missed" in bench["figures"]
+assert {"FIGURE qlora_course_lib_over_bnb_seconds_per_step: 1.04 (target <= 1.0) missed",
+        "FIGURE qlora_course_lib_over_bnb_seconds_per_step_95pct_high: 1.06 (target <= 1.0) missed"} <= set(bench["figures"])
 gpu = benchmark_result("quant_vs_bnb.cuda")   # the same script on a GPU (--device cuda)
 gpu_step, gpu_ratios = gpu["results"]["cuda"]["qlora_step"], gpu["results"]["cuda"]["ratios"]
 gpu_mean = {k: sum(v) / len(v) for k, v in gpu_step["seconds"].items()}
@@ -964,7 +981,7 @@ assert [round(gpu_ratios[f"dequantize_{t}_{k}_ours_over_bnb"], 2) for k in ("thr
 assert [round(1000 * gpu_dequant[k]) for k in ("course_lib", "bnb_peft")] == [54, 19]
 assert round(2000 * (gpu_dequant["course_lib"] - gpu_dequant["bnb_peft"])) == 69
 assert round(1000 * (gpu_mean["course_lib"] - gpu_mean["bnb_peft"])) == 81
-assert [round(r["seconds_per_step"], 1) for r in (lora_b, ours_b, bnb_b)] == [1.6, 1.8, 1.7]
+assert [round(r["seconds_per_step"], 1) for r in (lora_b, ours_b, bnb_b)] == [1.6, 1.8, 1.8]
 ql_lo = bench_paired["lora_fp32", "qlora_course_lib"]
 assert tuple(round(ql_lo["perplexity"][k], 2) for k in ("difference", "low", "high")) == (1.27, 0.41, 2.32)
 assert ql_lo["perplexity"]["verdict"] == "loss" and f'{ql_lo["exact_match"]["mcnemar_p"]:.2g}' == "0.22"

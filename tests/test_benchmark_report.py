@@ -93,6 +93,54 @@ def test_paired_ratio_is_the_median_of_each_round_s_ratio():
         report.paired_ratio({"a": [1.0, 2.0], "b": [1.0]}, "a", "b")
 
 
+def test_step_seconds_keeps_every_step_of_a_training_run():
+    from course_lib.train import History
+
+    history = History(seconds=[3.123456, 1.00004, 0.99996])
+    assert report.step_seconds(history) == [3.1235, 1.0, 1.0]   # the warm-up step too, to 0.1 ms
+
+
+def test_per_step_ratio_pairs_the_steps_of_two_runs_on_the_same_batches():
+    """Step i of each run saw the same batch: the ratio is the median of the step-by-step ratios,
+    the warm-up step left out (its 10 s would not move a median but is not a step's cost)."""
+    slow = {"step_seconds": [10.0, 2.0, 4.4, 2.2, 8.0, 2.0]}
+    fast = {"step_seconds": [1.0, 1.0, 2.0, 1.0, 2.0, 1.0]}
+    # ratios of steps 1-5: 2.0, 2.2, 2.2, 4.0, 2.0 -> median 2.2; the ratio of the medians would be
+    # 2.2 / 1.0 = 2.2 too here, but the long batch (step 2) pairs with its own long batch
+    ratio = report.per_step_ratio(slow, fast)
+    assert ratio["ratio"] == pytest.approx(2.2) and ratio["rounds"] == 5
+    assert ratio["low"] <= 2.2 <= ratio["high"] and ratio["low"] >= 2.0 and ratio["high"] <= 4.0
+    assert ratio["verdict"] == "slower"            # the whole interval above 1: the numerator's step
+    assert report.per_step_ratio(fast, slow)["ratio"] == pytest.approx(1 / 2.2)
+    with pytest.raises(ValueError, match="the same length"):   # runs of different lengths do not pair
+        report.per_step_ratio(slow, {"step_seconds": [1.0] * 5})
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        report.per_step_ratio({"step_seconds": [1.0, 2.0]}, {"step_seconds": [1.0, 1.0]})
+
+
+@pytest.mark.parametrize("name, pairs", [
+    ("qlora_training", lambda r: [("qlora_course_lib_over_bnb_seconds_per_step", r["runs"][1], r["runs"][2])]),
+    ("peft_methods", lambda r: [("dora_seconds_per_step_over_lora", *(next(x for x in r["runs"] if x["method"] == m)
+                                                                      for m in ("dora", "lora")))]),
+    ("lora_training", lambda r: [("minilm_full_over_lora_r8_seconds_per_step", r["minilm"][-1],
+                                  next(x for x in r["minilm"] if x["r"] == 8)),
+                                 ("smollm2_full_over_lora_seconds_per_step", r["smollm2"][1], r["smollm2"][0])]),
+])
+def test_training_step_time_figures_are_the_recorded_steps_ratios(name, pairs):
+    """The committed training benchmarks' step-time figures come from every step's recorded
+    seconds (the runs' own medians agree with them), each with its interval line."""
+    result = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+    figures = {f.name: f for f in map(parse_figure_line, result["figures"])}
+    for figure_name, numerator, denominator in pairs(result):
+        for row in (numerator, denominator):
+            steps = sorted(row["step_seconds"][1:])
+            assert row["seconds_per_step"] == pytest.approx(steps[len(steps) // 2], abs=1e-3)
+        ratio = report.per_step_ratio(numerator, denominator)
+        end = "high" if figures[figure_name].op in ("<=", "<") else "low"
+        assert figures[figure_name].value == float(f"{ratio['ratio']:.3g}")
+        assert figures[f"{figure_name}_95pct_{end}"].value == float(f"{ratio[end]:.3g}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line and the run's fields
 # ---------------------------------------------------------------------------------------------

@@ -50,9 +50,9 @@ from benchmarks.report import (
     inject_seeded_lora,
     interval_figure,
     paired_line,
-    per_step_ratio,
     recompute_figures,
     save_result,
+    step_ratio_figures,
     step_seconds,
 )
 from course_lib import data, instruct, lora, models, retrieval, train
@@ -158,21 +158,11 @@ def figures(result: dict) -> list[str]:
     return [
         figure("minilm_lora_r8_recall10_gain", r8["recall@10"] - result["minilm_baseline"]["recall@10"], ">", 0),
         interval_figure("minilm_lora_r8_recall10_gain", gain["recall@10"], ">", 0),   # paired over the same queries
-        *step_time_figures("minilm_full_over_lora_r8_seconds_per_step", full, r8),   # the seed's "15-20x faster"
-        *step_time_figures("smollm2_full_over_lora_seconds_per_step", full_lm, lora_lm),
+        # full fine-tuning's step over LoRA's, against the seed's "15-20x faster"
+        *step_ratio_figures("minilm_full_over_lora_r8_seconds_per_step", full, r8, ">=", 15),
+        *step_ratio_figures("smollm2_full_over_lora_seconds_per_step", full_lm, lora_lm, ">=", 15),
         figure("smollm2_lora_exact_match", lora_lm["exact_match"], ">", 0.02),
     ]
-
-
-def step_time_figures(name: str, full: dict, lora_row: dict) -> list[str]:
-    """Full fine-tuning's step over LoRA's, against the seed's ">= 15". Runs that record every
-    step's seconds (from 2026-12-06 13:56 UTC) give the median of the step-by-step ratios with
-    its interval (`report.per_step_ratio`: both trained on the same batches, step by step);
-    earlier ones the ratio of the two runs' median steps, with no interval."""
-    if "step_seconds" not in full or "step_seconds" not in lora_row:
-        return [figure(name, full["seconds_per_step"] / lora_row["seconds_per_step"], ">=", 15)]
-    steps = per_step_ratio(full, lora_row)
-    return [figure(name, steps["ratio"], ">=", 15), interval_figure(name, steps, ">=", 15)]
 
 
 def main() -> None:

@@ -43,11 +43,10 @@ from benchmarks.report import (
     argument_parser,
     compare_answers,
     figure,
-    interval_figure,
     paired_line,
-    per_step_ratio,
     recompute_figures,
     save_result,
+    step_ratio_figures,
     step_seconds,
 )
 from course_lib import adapters, data, instruct, models, peft_methods
@@ -75,12 +74,7 @@ def figures(result: dict) -> list[str]:
         lines.append(figure("lora_perplexity_over_full", by["lora"]["perplexity"] / by["full"]["perplexity"], "<=", 1.25))
         lines.append(figure("lora_step_memory_over_full", by["lora"]["step_memory"]["total"] / by["full"]["step_memory"]["total"], "<=", 0.75))
     if {"dora", "lora"} <= set(by):
-        name = "dora_seconds_per_step_over_lora"
-        if "step_seconds" in by["dora"] and "step_seconds" in by["lora"]:   # runs from 2026-12-06 13:46 UTC on
-            steps = per_step_ratio(by["dora"], by["lora"])   # step by step, the same batch at each step
-            lines += [figure(name, steps["ratio"], "<=", 1.5), interval_figure(name, steps, "<=", 1.5)]
-        else:                                                # earlier runs: the ratio of median steps
-            lines.append(figure(name, by["dora"]["seconds_per_step"] / by["lora"]["seconds_per_step"], "<=", 1.5))
+        lines += step_ratio_figures("dora_seconds_per_step_over_lora", by["dora"], by["lora"], "<=", 1.5)
     if {"prompt_tuning", "lora"} <= set(by):
         lines.append(figure("prompt_tuning_perplexity_over_lora", by["prompt_tuning"]["perplexity"] / by["lora"]["perplexity"], "<=", 1.5))
     return lines

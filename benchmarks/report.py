@@ -132,6 +132,17 @@ def per_step_ratio(numerator: dict, denominator: dict) -> dict:
     return median_time_ratio(a, b)
 
 
+def step_ratio_figures(name: str, numerator: dict, denominator: dict, op: str, target: float) -> list[str]:
+    """The FIGURE line of a time-per-step ratio of two training runs (result rows), and its
+    interval's line: from every step's recorded seconds where both rows hold them
+    (`per_step_ratio`; the training benchmarks' runs from 2026-12-06 13:41 UTC on), else the ratio
+    of the two runs' median steps (``seconds_per_step``), which has no interval."""
+    if "step_seconds" not in numerator or "step_seconds" not in denominator:
+        return [figure(name, numerator["seconds_per_step"] / denominator["seconds_per_step"], op, target)]
+    steps = per_step_ratio(numerator, denominator)
+    return [figure(name, steps["ratio"], op, target), interval_figure(name, steps, op, target)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line and the run's own fields
 # ---------------------------------------------------------------------------------------------

@@ -116,6 +116,12 @@ def test_per_step_ratio_pairs_the_steps_of_two_runs_on_the_same_batches():
         report.per_step_ratio(slow, {"step_seconds": [1.0] * 5})
     with pytest.raises(ValueError, match="at least 3 steps"):
         report.per_step_ratio({"step_seconds": [1.0, 2.0]}, {"step_seconds": [1.0, 1.0]})
+    # the FIGURE lines: the point and its interval's end; a run that kept only its median step gets
+    # the ratio of the medians and no interval line
+    assert report.step_ratio_figures("r", slow, fast, "<=", 2.0) == [
+        "FIGURE r: 2.2 (target <= 2.0) missed", f"FIGURE r_95pct_high: {ratio['high']:.3g} (target <= 2.0) missed"]
+    assert report.step_ratio_figures("r", {"seconds_per_step": 3.0}, {**fast, "seconds_per_step": 2.0}, ">=", 15) == [
+        "FIGURE r: 1.5 (target >= 15) missed"]
 
 
 @pytest.mark.parametrize("name, pairs", [

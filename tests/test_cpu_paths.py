@@ -73,24 +73,83 @@ def test_the_avx2_path_is_what_the_libraries_see():
     assert "gemm_4bit_forward" not in result.stderr  # the AVX-512-BF16-only warning
 
 
+# The libraries the set-up cells import that take seconds to import (torch 3 s, bitsandbytes 10 s, peft
+# and sentence-transformers with them 16 s and 20 s): imported once, before the cells' processes fork.
+PRELOADED = ["torch", "transformers", "peft", "bitsandbytes", "sentence_transformers", "matplotlib.pyplot"]
+
+
 @pytest.fixture(scope="module")
-def setup_cell_on_avx2(tmp_path_factory):
-    """``run(notebook)``: the chapter's set-up cell run on the AVX2 path in a fresh interpreter, once
-    per chapter (the tests below share the runs). A temporary folder the cell makes (chapter 06's,
-    removed by its last cell) goes into a pytest temporary directory."""
+def setup_cells_on_avx2(tmp_path_factory):
+    """``run_all()``: every chapter's set-up cell run on the AVX2 path, each in a fresh process, once
+    for the tests below (at the first call): ``{"imports_printed": ..., "runs": {chapter: {"returncode",
+    "stdout", "stderr"}}}``.
+
+    The processes are forked by tests/forked_cells.py from one that imported PRELOADED (what the
+    cells import that takes time) on the AVX2 path first (nine new interpreters
+    each importing them again took 100 s of make test's 570 s of unit-test work; this takes about
+    20 s). What those imports printed comes back as ``imports_printed``: when it is empty, each cell
+    prints in its process what it prints in a new interpreter. A temporary folder a cell makes
+    (chapter 06's, removed by its last cell) goes into a pytest temporary directory."""
     runs = {}
 
-    def run(notebook: Path) -> subprocess.CompletedProcess:
-        if notebook not in runs:
-            tmp = tmp_path_factory.mktemp(notebook.stem)
-            runs[notebook] = _run("".join(_setup_cell(notebook)["source"]), {**avx2_env(), "TMPDIR": str(tmp)},
-                                  cwd=notebook.parent)
-        return runs[notebook]
-    return run
+    def run_all() -> dict:
+        if not runs:
+            work = tmp_path_factory.mktemp("avx2-cells")
+            cells = []
+            for notebook in CHAPTERS:
+                (work / notebook.stem).mkdir()
+                cells.append({"name": notebook.stem, "code": "".join(_setup_cell(notebook)["source"]),
+                              "cwd": str(notebook.parent), "tmpdir": str(work / notebook.stem)})
+            (work / "jobs.json").write_text(json.dumps({"preload": PRELOADED, "cells": cells}))
+            result = subprocess.run([sys.executable, str(ROOT / "tests" / "forked_cells.py"), str(work / "jobs.json"),
+                                     str(work / "results.json")], check=False, env=avx2_env(), cwd=ROOT,
+                                    capture_output=True, text=True, timeout=1200)
+            assert result.returncode == 0, result.stderr[-2000:]
+            runs.update(json.loads((work / "results.json").read_text()))
+        return runs
+    return run_all
+
+
+def test_a_forked_cell_prints_what_a_new_interpreter_prints(tmp_path):
+    """tests/forked_cells.py against ``python -c`` on the same code, in the same folder, with the same
+    TMPDIR: the same stdout, stderr (the last line of a traceback) and exit status. And the condition
+    it reports: a preloaded module that prints on import prints in ``imports_printed``, not in a cell
+    that imports it again, where a new interpreter prints it."""
+    (tmp_path / "noisy.py").write_text('print("imported noisy")\n')
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "tmp").mkdir()
+    cells = {
+        "prints": 'import sys\nprint("to stdout")\nprint("to stderr", file=sys.stderr)\nprint(sys.argv)',
+        "fails": 'print("before")\nraise ValueError("a cell that fails")',
+        "exits": 'import sys\nprint("unflushed", end="")\nsys.exit(3)',
+        "folders": 'import os, tempfile\nprint(os.path.basename(os.getcwd()), os.path.basename(tempfile.gettempdir()))',
+        "reimports": 'import noisy',
+    }
+    jobs = {"preload": ["json", "noisy"],
+            "cells": [{"name": name, "code": code, "cwd": str(tmp_path / "cwd"), "tmpdir": str(tmp_path / "tmp")}
+                      for name, code in cells.items()]}
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TMPDIR": str(tmp_path / "tmp")}   # the cells' TMPDIR
+    runner = subprocess.run([sys.executable, str(ROOT / "tests" / "forked_cells.py"), str(tmp_path / "jobs.json"),
+                             str(tmp_path / "results.json")], check=False, env={**env, "TMPDIR": str(tmp_path)},
+                            capture_output=True, text=True, timeout=120)
+    assert runner.returncode == 0, runner.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["imports_printed"] == "imported noisy\n"
+    for name, code in cells.items():
+        forked, new = results["runs"][name], _run(code, env, cwd=tmp_path / "cwd")
+        assert (forked["returncode"], forked["stderr"].splitlines()[-1:]) == (new.returncode, new.stderr.splitlines()[-1:]), name
+        if name == "reimports":
+            assert (forked["stdout"], new.stdout) == ("", "imported noisy\n")
+        else:
+            assert forked["stdout"] == new.stdout, name
+    assert results["runs"]["prints"]["stderr"] == "to stderr\n"
+    assert [results["runs"][name]["returncode"] for name in ("fails", "exits")] == [1, 3]
+    assert results["runs"]["folders"]["stdout"] == "cwd tmp\n"
 
 
 @pytest.mark.parametrize("notebook", CHAPTERS, ids=lambda p: p.stem)
-def test_setup_cell_prints_the_committed_output_on_an_avx2_cpu(notebook, setup_cell_on_avx2):
+def test_setup_cell_prints_the_committed_output_on_an_avx2_cpu(notebook, setup_cells_on_avx2):
     """Each chapter's first code cell (its imports: transformers, peft, bitsandbytes, ...) prints on
     the AVX2 path exactly what its committed output holds (stdout and stderr)."""
     if _native_path_is_avx2():
@@ -98,13 +157,17 @@ def test_setup_cell_prints_the_committed_output_on_an_avx2_cpu(notebook, setup_c
                     "cell on it, in the chapter's own kernel, and compare it with the committed output")
     cell = _setup_cell(notebook)
     assert "import" in "".join(cell["source"])
-    result = setup_cell_on_avx2(notebook)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert _without_progress_bars(result.stderr) == _committed(cell, "stderr")
-    assert result.stdout == _committed(cell, "stdout")
+    runs = setup_cells_on_avx2()
+    assert runs["imports_printed"] == "", (
+        "importing the libraries printed this on the AVX2 path, before any set-up cell ran (each cell's "
+        "process starts after those imports, so its output below would lack it):\n" + runs["imports_printed"][-2000:])
+    result = runs["runs"][notebook.stem]
+    assert result["returncode"] == 0, result["stderr"][-2000:]
+    assert _without_progress_bars(result["stderr"]) == _committed(cell, "stderr")
+    assert result["stdout"] == _committed(cell, "stdout")
 
 
-def test_a_cpu_dependent_warning_in_a_committed_output_is_caught(tmp_path, setup_cell_on_avx2):
+def test_a_cpu_dependent_warning_in_a_committed_output_is_caught(tmp_path, setup_cells_on_avx2):
     """The check above fails where it should: a set-up cell whose committed output carries the
     warning that only an AVX-512-BF16 CPU prints (the defect this file guards against). The cell's
     run on the AVX2 path is the one the check above made for that chapter."""
@@ -115,9 +178,9 @@ def test_a_cpu_dependent_warning_in_a_committed_output_is_caught(tmp_path, setup
     cell["outputs"] = [{"output_type": "stream", "name": "stderr", "text": [warning]}]
     path = tmp_path / CHAPTERS[-1].name
     path.write_text(json.dumps(notebook))
-    result = setup_cell_on_avx2(CHAPTERS[-1])
-    assert result.returncode == 0
-    assert _without_progress_bars(result.stderr) != _committed(_setup_cell(path), "stderr")
+    result = setup_cells_on_avx2()["runs"][CHAPTERS[-1].stem]
+    assert result["returncode"] == 0
+    assert _without_progress_bars(result["stderr"]) != _committed(_setup_cell(path), "stderr")
 
 
 _FOUR_BIT_LOGITS = """

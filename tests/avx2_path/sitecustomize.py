@@ -1,8 +1,9 @@
-"""Run Python as on a CPU without AVX-512: put this folder on PYTHONPATH (see avx2_env in tests/test_cpu_paths.py).
+"""Run Python as on a CPU without AVX-512: put this folder on PYTHONPATH (see ``avx2_env`` in
+tests/test_cpu_paths.py).
 
 Two libraries choose a CPU code path by themselves:
 
-* PyTorch's own kernels follow ``ATEN_CPU_CAPABILITY`` (set to ``avx2`` by avx2_env in tests/test_cpu_paths.py, with
+* PyTorch's own kernels follow ``ATEN_CPU_CAPABILITY`` (set to ``avx2`` by ``avx2_env``, with
   ``MKL_ENABLE_INSTRUCTIONS`` and ``ONEDNN_MAX_CPU_ISA`` for the BLAS and oneDNN kernels); bitsandbytes
   reads the same capability (``torch.backends.cpu.get_cpu_capability()``) for its 8-bit matmul;
 * bitsandbytes asks its native library whether the CPU has AVX-512-BF16

@@ -271,10 +271,9 @@ def smollm2_checkpoint(rebuild: bool = False) -> Path:
     ``quantization_config`` removed (otherwise transformers would treat the copy as GGUF again).
 
     The stamp ``course_lib_source.json`` records the GGUF and each file's size and SHA-256; every
-    process checks them on its first use (hashing the 0.54 GB copy took 0.37 s on 2 cores of the
-    Intel Xeon that ran the benchmarks, most of a cached load's 0.5 s in `benchmarks/model_loading`)
-    and a copy that is truncated, overwritten or incomplete is converted again, with a one-line
-    ``RuntimeWarning``.
+    process checks them on its first use (hashing the 0.54 GB copy took 0.37 s on the benchmarks'
+    Intel Xeon, most of a cached load's 0.5 s in `benchmarks/model_loading`) and a copy that is
+    truncated, overwritten or incomplete is converted again, with a one-line ``RuntimeWarning``.
     A conversion writes into a temporary folder that is renamed into place only when complete and
     deleted if the conversion fails or is interrupted. Conversions hold a lock on the cache, so
     two first loads at once convert once: the second waits, then uses the first's copy.

@@ -32,15 +32,20 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def _point_at(path: str, *fds: int) -> None:
+    """Points the given file descriptors at a new file `path`."""
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for fd in fds:
+        os.dup2(target, fd)
+    os.close(target)
+
+
 def _redirected(path: str, fds=(1, 2)) -> list[int]:
     """Points the given file descriptors at `path`; returns copies of the old ones to restore."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(fd) for fd in fds]
-    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    for fd in fds:
-        os.dup2(target, fd)
-    os.close(target)
+    _point_at(path, *fds)
     return saved
 
 
@@ -61,10 +66,8 @@ def _run_child(job: dict, out: str, err: str) -> None:
         os.chdir(job["cwd"])
         os.environ["TMPDIR"] = job["tmpdir"]
         tempfile.tempdir = None               # tempfile read TMPDIR once already, in the parent
-        for fd, path in ((1, out), (2, err)):
-            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.dup2(target, fd)
-            os.close(target)
+        _point_at(out, 1)
+        _point_at(err, 2)
         sys.argv = ["-c"]
         exec(compile(job["code"], "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102 (a test's cell, as python -c runs it)
         code = 0

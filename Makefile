@@ -41,13 +41,13 @@ unexport PYTHONDONTWRITEBYTECODE
 # leaves the cores idle a fifth of the time (its single-threaded steps), two side by side keep them
 # busy. Each worker, and each process it starts (a chapter's kernel, a launched rank), gets its share
 # of the cores, 1 thread each on 2 cores: two workers each starting a thread per core would contend
-# for them (see README, "Two commands"). tests/conftest.py applies the same rule to a plain
+# for them (see docs/make-test.md). tests/conftest.py applies the same rule to a plain
 # `pytest tests -n N`; an OMP_NUM_THREADS set in the environment wins.
 TEST_WORKERS := 2
 # The order make test hands the chapters to its two workers (--no-loadscope-reorder keeps it; each
 # chapter goes to whichever worker is free next). Chosen from the chapters' times under nbval with
-# one thread, two at a time, in the clean-clone runs of 00d48d0 and fcd6f59 (README, "Two
-# commands"), by simulating every order: this one takes 824 s and 823 s with their times, the order
+# one thread, two at a time, in the clean-clone runs of 00d48d0 and fcd6f59 (docs/make-test.md),
+# by simulating every order: this one takes 824 s and 823 s with their times, the order
 # before it 846 s and 862 s (fcd6f59 measured 864 s), a perfect split 820 s and 819 s; with each
 # chapter's time moved by up to 10% at random it averages 831 s against 848 s. A chapter is the
 # unit of work, and its time moves between runs (chapter 08: 80 s, then 124 s). A chapter missing

@@ -234,21 +234,27 @@ def naive_step(query_encoder: Encoder, queries, documents, *, chunk_size: int | 
     return GradCacheResult(loss.item(), q_emb.detach(), d_emb.detach(), len(q_parts) + len(d_parts))
 
 
-def code_search_step(tokenizer, chunk_size: int | None = None, loss_fn: LossFn | None = None):
+def code_search_step(tokenizer, chunk_size: int | None = None, loss_fn: LossFn | None = None,
+                     group_size: int | None = None):
     """The training step of a code-search encoder, as a ``loss_fn`` for `course_lib.train.train`
     with ``loss_fn_does_backward=True``: ``step(model, rows, loss_scale) -> loss value``.
 
     Queries are embedded at ``retrieval.QUERY_MAX_TOKENS`` and documents at
     ``retrieval.DOC_MAX_TOKENS`` by the same model; ``loss_fn`` defaults to InfoNCE at scale 20
     (pass a `course_lib.matryoshka.MatryoshkaLoss` for MRL). With ``chunk_size`` the step is a
-    GradCache step, otherwise the ordinary one: the same gradient, different memory.
+    GradCache step, otherwise the ordinary one: the same gradient, different memory. With
+    ``group_size`` the encoder runs on groups of texts of similar length, each padded to its own
+    longest (`retrieval.encode_batch`): less padding, the same embeddings.
     """
     optional_positive_int("chunk_size", chunk_size, "None: the ordinary step")
+    optional_positive_int("group_size", group_size, "None: one group, padded to the batch's longest text")
 
     def step(model, rows, loss_scale: float = 1.0) -> float:
         queries, documents = [r["query"] for r in rows], [r["document"] for r in rows]
-        encode_q = partial(retrieval.encode_batch, model, tokenizer, max_length=retrieval.QUERY_MAX_TOKENS)
-        encode_d = partial(retrieval.encode_batch, model, tokenizer, max_length=retrieval.DOC_MAX_TOKENS)
+        encode_q = partial(retrieval.encode_batch, model, tokenizer, max_length=retrieval.QUERY_MAX_TOKENS,
+                           group_size=group_size)
+        encode_d = partial(retrieval.encode_batch, model, tokenizer, max_length=retrieval.DOC_MAX_TOKENS,
+                           group_size=group_size)
         if chunk_size is None:
             return naive_step(encode_q, queries, documents, doc_encoder=encode_d, loss_fn=loss_fn,
                               loss_scale=loss_scale).loss

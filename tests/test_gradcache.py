@@ -264,7 +264,8 @@ def test_tokenized_chunks_drop_only_the_padding_they_share():
 
 def test_code_search_step_gradcache_equals_ordinary(minilm):
     """The step the chapters train with: GradCache (chunk 3) and the ordinary step give the same
-    loss and gradients (dropout off, so any chunking embeds alike), with an MRL loss too."""
+    loss and gradients (dropout off, so any chunking embeds alike), with an MRL loss too; so do
+    both when the encoder runs on groups of similar length (``group_size``, chapter 04)."""
     from course_lib.matryoshka import MatryoshkaLoss
 
     base, tokenizer = minilm
@@ -273,8 +274,11 @@ def test_code_search_step_gradcache_equals_ordinary(minilm):
     for loss_fn in (None, MatryoshkaLoss(matryoshka_dims=(384, 64))):
         plain = gradcache.code_search_step(tokenizer, None, loss_fn)(model, rows, 0.5)
         expected = grads(model)
-        cached = gradcache.code_search_step(tokenizer, 3, loss_fn)(model, rows, 0.5)
-        assert cached == pytest.approx(plain, rel=1e-5)
-        assert relative_gap(grads(model), expected) < 1e-5
+        for chunk_size, group_size in [(3, None), (None, 3), (3, 2)]:
+            step = gradcache.code_search_step(tokenizer, chunk_size, loss_fn, group_size=group_size)
+            assert step(model, rows, 0.5) == pytest.approx(plain, rel=1e-5)
+            assert relative_gap(grads(model), expected) < 1e-5
     with pytest.raises(ValueError, match="positive integer or None"):
         gradcache.code_search_step(tokenizer, 0)
+    with pytest.raises(ValueError, match="group_size must be a positive integer or None"):
+        gradcache.code_search_step(tokenizer, group_size=0)

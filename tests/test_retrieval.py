@@ -56,6 +56,46 @@ def test_embed_restores_input_order(minilm):
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-4)
 
 
+def test_length_groups_by_hand():
+    # sorted longest first (128, 60, 7, 5 at positions 3, 1, 2, 0), then cut in twos
+    assert retrieval.length_groups([5, 60, 7, 128], 2) == [[3, 1], [2, 0]]
+    assert retrieval.length_groups([3, 3, 3], 2) == [[0, 1], [2]]      # ties keep their order
+    assert retrieval.length_groups([4, 9], 5) == [[1, 0]]
+    assert retrieval.length_groups([], 2) == []
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        retrieval.length_groups([1, 2], 0)
+
+
+def test_grouped_encoding_is_the_same_function_with_less_padding(minilm):
+    """Texts run in groups of similar length embed as the whole batch padded to its longest does
+    (MiniLM's attention mask keeps texts apart), rows in input order, gradients too; the groups
+    pad fewer tokens. A group as large as the batch is the plain path, bit for bit."""
+    model, tokenizer = minilm                    # in eval mode: dropout off
+    assert not model.training
+    texts = [r["document"] for r in load_code_search("train")[:12]]
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=retrieval.DOC_MAX_TOKENS)["input_ids"]]
+    assert len(set(lengths)) > 4                                        # mixed lengths, or the test shows nothing
+    groups = retrieval.length_groups(lengths, 4)
+    assert sum(len(g) * max(lengths[i] for i in g) for g in groups) < len(texts) * max(lengths)
+
+    weight = model.encoder.layer[0].attention.self.query.weight
+    probe = torch.randn(len(texts), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for group_size in (None, 4, 5, 12):
+        emb = retrieval.encode_batch(model, tokenizer, texts, group_size=group_size)
+        (emb * probe).sum().backward()           # a gradient that depends on which row is which
+        results[group_size] = (emb.detach(), weight.grad.clone())
+        model.zero_grad(set_to_none=True)
+    plain_emb, plain_grad = results[None]
+    for group_size in (4, 5):
+        emb, grad = results[group_size]
+        torch.testing.assert_close(emb, plain_emb, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grad, plain_grad, atol=1e-4, rtol=1e-3)
+    assert torch.equal(results[12][0], plain_emb) and torch.equal(results[12][1], plain_grad)
+    with pytest.raises(ValueError, match="group_size must be a positive integer or None"):
+        retrieval.encode_batch(model, tokenizer, texts, group_size=0)
+
+
 def test_metrics_agree_with_sentence_transformers_evaluator(tmp_path):
     """recall@1/@10 and MRR@10 on real code-search pairs equal InformationRetrievalEvaluator's."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator

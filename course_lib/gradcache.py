@@ -244,7 +244,7 @@ def code_search_step(tokenizer, chunk_size: int | None = None, loss_fn: LossFn |
     (pass a `course_lib.matryoshka.MatryoshkaLoss` for MRL). With ``chunk_size`` the step is a
     GradCache step, otherwise the ordinary one: the same gradient, different memory. With
     ``group_size`` the encoder runs on groups of texts of similar length, each padded to its own
-    longest (`retrieval.encode_batch`): less padding, the same embeddings.
+    longest (`retrieval.encode_batch`): less padding, the same embeddings up to float rounding.
     """
     optional_positive_int("chunk_size", chunk_size, "None: the ordinary step")
     optional_positive_int("group_size", group_size, "None: one group, padded to the batch's longest text")

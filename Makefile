@@ -125,7 +125,8 @@ course: notebooks site
 test: setup browser
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(WORKER_THREADS)} $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile \
-	  --no-loadscope-reorder --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg $(ORDERED_NOTEBOOKS)
+	  --no-loadscope-reorder --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg --durations=15 \
+	  $(ORDERED_NOTEBOOKS)
 	$(BIN)/mkdocs build --strict --site-dir site
 
 # The chapters under nbval as on a CPU without AVX-512 (PyTorch's AVX2 kernels; bitsandbytes told its

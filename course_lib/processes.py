@@ -234,4 +234,7 @@ def launch(fn, nprocs: int, *args, timeout: float = 300.0, backend: str | None =
         except ProcessException as failure:
             rank = _first_failure(folder, nprocs, failure.error_index)
             raise _child_error(folder, rank, nprocs, failure) from None
+        finally:   # torch's traceback file of each rank that raised (in the temp folder, not ours)
+            for name in context.error_files:
+                Path(name).unlink(missing_ok=True)
         return [_load_result(folder, r) for r in range(nprocs)]

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -331,11 +332,13 @@ def failing_worker(rank, world):
     torch.distributed.barrier()                      # rank 0 would wait here for ever
 
 
-def test_an_exception_in_a_child_comes_back_with_its_rank():
+def test_an_exception_in_a_child_comes_back_with_its_rank(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where torch puts a rank's traceback file
     start = time.monotonic()
     with pytest.raises(KeyError, match="rank 1 of 2 raised KeyError.*no such column"):
         distributed.launch(failing_worker, 2, timeout=120)
     assert time.monotonic() - start < 60               # rank 0 was stopped, not waited for
+    assert not list(tmp_path.glob("pytorch-errorfile-*"))   # launch removed the one rank 1 wrote
 
 
 def aborting_at_exit_worker(rank, world):
@@ -477,7 +480,8 @@ def test_the_same_code_runs_under_torchrun(tmp_path):
     is the 8-row loss computed here in one process."""
     script, out = tmp_path / "script.py", tmp_path / "out.json"
     script.write_text(TORCHRUN_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # TMPDIR: torchrun keeps its log folders (torchelastic_*) in the temp folder after it ends
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(distributed.free_port()), str(script), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)

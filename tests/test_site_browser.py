@@ -1,6 +1,7 @@
 """The published site, checked in a real browser: Debian's Chromium driven by Playwright.
 
-The test builds the site (``mkdocs build --strict``) into ``build/site-test``, serves it on
+The test builds the site (``mkdocs build --strict``) into ``build/site-test`` (``site-test-gw0``
+... under pytest-xdist: each worker that runs some of these tests builds its own), serves it on
 127.0.0.1 and opens every page of the navigation. Every chapter page must show its title, at
 least one rendered plot (an image the browser decoded), and no error output; no page may hold
 an internal link that is broken (a missing page, or a ``#fragment`` with no such id on its
@@ -33,7 +34,9 @@ from course_lib.tooling import sitegen
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
-SITE = ROOT / "build" / "site-test"
+# one site per pytest-xdist worker: without --dist loadfile two workers run this module's fixtures
+# at once, and two mkdocs builds into one folder delete each other's files
+SITE = ROOT / "build" / "-".join(filter(None, ["site-test", os.environ.get("PYTEST_XDIST_WORKER")]))
 SHOTS = ROOT / "build" / "screenshots"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]

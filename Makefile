@@ -44,6 +44,8 @@ unexport PYTHONDONTWRITEBYTECODE
 # for them (see docs/make-test.md). tests/conftest.py applies the same rule to a plain
 # `pytest tests -n N`; an OMP_NUM_THREADS set in the environment wins.
 TEST_WORKERS := 2
+# The unit test files go out slowest first (tests/conftest.py's SLOWEST_FILES, in an order that
+# --no-loadscope-reorder keeps), so the two workers end the phase together.
 # The order make test hands the chapters to its two workers (--no-loadscope-reorder keeps it; each
 # chapter goes to whichever worker is free next). Chosen from the chapters' times under nbval with
 # one thread, two at a time, in the clean-clone runs of 00d48d0 and fcd6f59 (docs/make-test.md),
@@ -123,7 +125,7 @@ course: notebooks site
 	@echo "The course is built: open site/index.html in a browser (or run: $(BIN)/mkdocs serve)"
 
 test: setup browser
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(WORKER_THREADS)} $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile \
 	  --no-loadscope-reorder --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg --durations=15 \
 	  $(ORDERED_NOTEBOOKS)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import worker_threads
+from conftest import SLOWEST_FILES, worker_threads
 
 
 @pytest.mark.parametrize("cores,workers,expected", [(2, 2, 1), (16, 2, 8), (3, 2, 1), (1, 2, 1), (8, 4, 2)])
@@ -49,3 +49,18 @@ def test_make_test_runs_every_chapter_once_in_the_planned_order():
     dry = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
     planned = re.findall(r"notebooks/(\d\d)_\w+\.ipynb", dry[dry.index("--no-loadscope-reorder"):])
     assert planned == order
+
+
+def test_the_slowest_test_files_are_handed_out_first(request):
+    """tests/conftest.py puts the files of SLOWEST_FILES first in the collection, in that order,
+    and make test's unit-test run keeps the collection's order (--no-loadscope-reorder)."""
+    root = Path(__file__).resolve().parents[1]
+    assert all((root / "tests" / name).is_file() for name in SLOWEST_FILES), "SLOWEST_FILES names a missing file"
+    files = list(dict.fromkeys(item.path.name for item in request.session.items))
+    present = [name for name in SLOWEST_FILES if name in files]
+    assert files[: len(present)] == present
+    if shutil.which("make") is None:
+        pytest.skip("no make here to dry-run `make test` (the collection order itself was checked above)")
+    dry = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
+    unit = next(line for line in dry.splitlines() if "pytest tests " in line)
+    assert "--dist loadfile" in unit and "--no-loadscope-reorder" in unit

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from course_lib import instruct
-from course_lib.models import tiny_llama
+from course_lib.models import set_gradient_checkpointing, tiny_llama
 
 
 def test_exact_match_normalisation():
@@ -282,7 +282,7 @@ def test_no_shared_prefix_or_checkpointing_scores_the_whole_rows():
     assert torch.equal(instruct.answer_nll(model, tokenizer, instructions, answers),
                        instruct.answer_nll(model, tokenizer, instructions, answers, share_prefix=False))
     long_rows = [{"instruction": "find the name of " + x, "answer": "ab"} for x in ("x", "yy")]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_gradient_checkpointing(model, True)     # transformers 5's name; the old one warns
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

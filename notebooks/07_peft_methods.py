@@ -496,7 +496,8 @@ out = Path(tempfile.mkdtemp(prefix="course07-"))
 with socket.socket() as sock:   # a free port for the two processes' rendezvous
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+# TMPDIR: the launcher (torch.distributed.run underneath) keeps its log folders there, removed with `out`
+env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "TMPDIR": str(out)}
 launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
           "-m", "course_lib.tooling.ddp_demo", "--out", str(out / "two")]

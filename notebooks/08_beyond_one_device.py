@@ -33,6 +33,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 
 import matplotlib.pyplot as plt
 import torch
@@ -416,12 +417,13 @@ with socket.socket() as sock:   # a free port for the rendezvous
     port = sock.getsockname()[1]
 env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 env.pop("ACCELERATE_USE_CPU", None)
-probe = subprocess.run(
-    [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "--use_fsdp",
-     "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-     "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "-m", "course_lib.tooling.fsdp_demo"],
-    capture_output=True, text=True, env=env, timeout=300, check=False)
+with tempfile.TemporaryDirectory() as launcher_tmp:   # TMPDIR: the launcher keeps its log folders there
+    probe = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "--use_fsdp",
+         "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+         "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "-m", "course_lib.tooling.fsdp_demo"],
+        capture_output=True, text=True, env={**env, "TMPDIR": launcher_tmp}, timeout=300, check=False)
 seen = [json.loads(found) for found in re.findall(r"\{[^{}]*\}", probe.stdout)]   # one flat object per process
 for s in seen:
     print(s)

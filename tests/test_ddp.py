@@ -39,7 +39,8 @@ def test_two_processes_train_like_one(tmp_path):
     processes moves the weights by 4e-2 (SGD) and 6e-3 (AdamW) away from single-process training.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TMPDIR": str(tmp_path)}   # the launcher (torch.distributed.run) keeps its log folders there
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), "-m", "course_lib.tooling.ddp_demo", "--out", str(tmp_path),

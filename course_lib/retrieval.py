@@ -85,31 +85,34 @@ def embed(model, tokenizer, texts: Sequence[str], batch_size: int = 32,
           progress: bool | str = False) -> torch.Tensor:
     """Embed texts in batches without gradients; returns a float32 CPU tensor (len(texts), dim).
 
-    Texts are batched in order of length, so each batch pads little (about 2x faster on CPU
-    for code of mixed lengths), and the result is put back in the input order. Batches of 32,
-    sentence-transformers' default, pad less than 64: MiniLM embedded chapter 04's 1,506
-    documents in 39 s instead of 45 s on one idle CPU thread, 41 s instead of 44 s (4 runs each)
-    beside another such run, and within noise on two threads.
+    Texts are batched in order of their token count (`length_groups`), so each batch pads little
+    (about 2x faster on CPU for code of mixed lengths), and the result is put back in the input
+    order. Batches of 32, sentence-transformers' default, pad less than 64: MiniLM embedded
+    chapter 04's 1,506 documents in 39 s instead of 45 s on one idle CPU thread, 41 s instead of
+    44 s (4 runs each) beside another such run, and within noise on two threads. Sorted by token
+    count rather than by characters, chapter 04's 506 queries and 1,506 documents pad to 119,496
+    tokens instead of 140,486 and took 34-35 s instead of 40-42 s on one idle thread (two runs
+    each, alternating), with the same top-10 documents for every query.
     """
     if isinstance(texts, str):
         raise TypeError("embed() takes a list of texts, not a single string: wrap it in [ ... ]")
     positive_int("batch_size", batch_size)
+    texts = list(texts)
+    if not texts:
+        return torch.empty(0, model.config.hidden_size)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    batches = length_groups(lengths, batch_size)
     was_training = model.training
     model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     chunks = []
-    steps = range(0, len(order), batch_size)
     desc = progress if isinstance(progress, str) else "embedding"
-    for start in _progress(steps, desc, disable=not progress):
-        idx = order[start:start + batch_size]
+    for idx in _progress(batches, desc, disable=not progress):
         chunks.append(encode_batch(model, tokenizer, [texts[i] for i in idx], max_length,
                                    normalize).float().cpu())
     model.train(was_training)
-    if not chunks:
-        return torch.empty(0, model.config.hidden_size)
     stacked = torch.cat(chunks)
     result = torch.empty_like(stacked)
-    result[torch.tensor(order)] = stacked
+    result[torch.tensor([i for idx in batches for i in idx])] = stacked
     return result
 
 

@@ -56,6 +56,29 @@ def test_embed_restores_input_order(minilm):
     torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-4)
 
 
+def test_embed_batches_texts_of_similar_token_counts(minilm):
+    """embed() batches by token count, not by characters: on real code, whose characters per token
+    vary, each batch is padded to its longest member's token count and the batches of a token
+    sort pad fewer tokens than those of a character sort would."""
+    model, tokenizer = minilm
+    texts = [r["document"] for r in load_code_search("train")[:32]]
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=retrieval.DOC_MAX_TOKENS)["input_ids"]]
+    by_tokens = retrieval.length_groups(lengths, 4)
+    by_chars = [[i for i in sorted(range(len(texts)), key=lambda i: -len(texts[i]))[start:start + 4]]
+                for start in range(0, len(texts), 4)]
+    padded = [sum(len(g) * max(lengths[i] for i in g) for g in groups) for groups in (by_tokens, by_chars)]
+    assert padded[0] < padded[1]                 # the sample tells the two sorts apart
+    widths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["attention_mask"].shape),
+                                           with_kwargs=True)
+    try:
+        retrieval.embed(model, tokenizer, texts, batch_size=4)
+    finally:
+        hook.remove()
+    assert widths == [(len(g), max(lengths[i] for i in g)) for g in by_tokens]
+    assert retrieval.embed(model, tokenizer, []).shape == (0, model.config.hidden_size)
+
+
 def test_length_groups_by_hand():
     # sorted longest first (128, 60, 7, 5 at positions 3, 1, 2, 0), then cut in twos
     assert retrieval.length_groups([5, 60, 7, 128], 2) == [[3, 1], [2, 0]]

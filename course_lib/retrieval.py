@@ -106,10 +106,12 @@ def embed(model, tokenizer, texts: Sequence[str], batch_size: int = 32,
     model.eval()
     chunks = []
     desc = progress if isinstance(progress, str) else "embedding"
-    for idx in _progress(batches, desc, disable=not progress):
-        chunks.append(encode_batch(model, tokenizer, [texts[i] for i in idx], max_length,
-                                   normalize).float().cpu())
-    model.train(was_training)
+    try:
+        for idx in _progress(batches, desc, disable=not progress):
+            chunks.append(encode_batch(model, tokenizer, [texts[i] for i in idx], max_length,
+                                       normalize).float().cpu())
+    finally:
+        model.train(was_training)               # also when a batch fails: the model keeps its mode
     stacked = torch.cat(chunks)
     result = torch.empty_like(stacked)
     result[torch.tensor([i for idx in batches for i in idx])] = stacked

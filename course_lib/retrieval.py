@@ -38,6 +38,11 @@ def model_device(model) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def token_counts(tokenizer, texts: Sequence[str], max_length: int) -> list[int]:
+    """How many tokens each text becomes, truncated to ``max_length`` (special tokens included)."""
+    return [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+
+
 def length_groups(lengths: Sequence[int], group_size: int) -> list[list[int]]:
     """Positions of ``lengths`` sorted longest first, cut into groups of ``group_size``.
 
@@ -70,7 +75,7 @@ def encode_batch(model, tokenizer, texts: Sequence[str], max_length: int = DOC_M
         out = model(**batch)
         emb = mean_pool(out.last_hidden_state, batch["attention_mask"])
         return F.normalize(emb, dim=-1) if normalize else emb
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    lengths = token_counts(tokenizer, texts, max_length)
     groups = length_groups(lengths, group_size)
     parts = [encode_batch(model, tokenizer, [texts[i] for i in group], max_length, normalize)
              for group in groups]
@@ -100,7 +105,7 @@ def embed(model, tokenizer, texts: Sequence[str], batch_size: int = 32,
     texts = list(texts)
     if not texts:
         return torch.empty(0, model.config.hidden_size)
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    lengths = token_counts(tokenizer, texts, max_length)
     batches = length_groups(lengths, batch_size)
     was_training = model.training
     model.eval()

@@ -96,6 +96,13 @@ def test_embed_keeps_the_model_mode_when_a_batch_fails(minilm):
     assert retrieval.embed(model, tokenizer, []).shape == (0, model.config.hidden_size)
 
 
+def test_token_counts_include_the_special_tokens_and_truncate(minilm):
+    _, tokenizer = minilm
+    # MiniLM's WordPiece: [CLS] hello world [SEP]; truncated, the last kept token is [SEP] again
+    assert retrieval.token_counts(tokenizer, ["hello world", "hello"], max_length=64) == [4, 3]
+    assert retrieval.token_counts(tokenizer, ("hello world",), max_length=3) == [3]
+
+
 def test_length_groups_by_hand():
     # sorted longest first (128, 60, 7, 5 at positions 3, 1, 2, 0), then cut in twos
     assert retrieval.length_groups([5, 60, 7, 128], 2) == [[3, 1], [2, 0]]

@@ -64,8 +64,8 @@ def test_embed_batches_texts_of_similar_token_counts(minilm):
     texts = [r["document"] for r in load_code_search("train")[:32]]
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=retrieval.DOC_MAX_TOKENS)["input_ids"]]
     by_tokens = retrieval.length_groups(lengths, 4)
-    by_characters = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    by_chars = [by_characters[start:start + 4] for start in range(0, len(texts), 4)]
+    char_order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    by_chars = [char_order[start:start + 4] for start in range(0, len(texts), 4)]
     padded = [sum(len(g) * max(lengths[i] for i in g) for g in groups) for groups in (by_tokens, by_chars)]
     assert padded[0] < padded[1]                 # the sample tells the two sorts apart
     widths = []
@@ -77,10 +77,12 @@ def test_embed_batches_texts_of_similar_token_counts(minilm):
         hook.remove()
     assert widths == [(len(g), max(lengths[i] for i in g)) for g in by_tokens]
     assert not model.training
+    assert retrieval.embed(model, tokenizer, []).shape == (0, model.config.hidden_size)
 
 
 def test_embed_keeps_the_model_mode_when_a_batch_fails(minilm):
     model, tokenizer = minilm
+
     def fail(module, args):
         raise RuntimeError("out of memory")
 
@@ -93,7 +95,6 @@ def test_embed_keeps_the_model_mode_when_a_batch_fails(minilm):
     finally:
         hook.remove()
         model.eval()
-    assert retrieval.embed(model, tokenizer, []).shape == (0, model.config.hidden_size)
 
 
 def test_token_counts_include_the_special_tokens_and_truncate(minilm):

@@ -120,7 +120,7 @@ assert abs(mrl_loss(q, d).item() - sum(per_dim.values())) < 1e-4
 # %%
 def tokens_run(texts, max_length, group_size):
     """Tokens the encoder runs, padding included, when the texts go in groups of group_size."""
-    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
+    lengths = retrieval.token_counts(tok, texts, max_length)   # per text, truncated, special tokens included
     return sum(len(g) * max(lengths[i] for i in g) for g in retrieval.length_groups(lengths, group_size))
 
 counts = {"text": 0, BATCH: 0, GROUP_SIZE: 0}
